@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Build the default vmsandbox guest: the kernel from Debian's cloud kernel package and a
+# small initramfs (busybox, the virtio modules, our init, dropbear and the agent).
+# Usage: images/build.sh OUT_DIR   (writes vmlinuz, initramfs.img, manifest.json)
+# Env: VMSANDBOX_KERNEL_PACKAGE (default: what linux-image-cloud-<arch> depends on).
+set -euo pipefail
+out=${1:?usage: build.sh OUT_DIR}
+here=$(cd "$(dirname "$0")" && pwd)
+step() { printf 'image: %s\n' "$*" >&2; }
+
+arch=$(dpkg --print-architecture)
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+chmod 755 "$work"
+
+pkg=${VMSANDBOX_KERNEL_PACKAGE:-}
+if [ -z "$pkg" ]; then
+  pkg=$(apt-cache depends "linux-image-cloud-$arch" 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}')
+  if [ -z "$pkg" ]; then apt-get update -qq; pkg=$(apt-cache depends "linux-image-cloud-$arch" | awk '/Depends: linux-image-/{print $2; exit}'); fi
+fi
+[ -n "$pkg" ] || { echo "image: cannot resolve the kernel package for linux-image-cloud-$arch" >&2; exit 1; }
+step "downloading kernel package $pkg"
+(cd "$work" && apt-get download -q "$pkg" >/dev/null 2>&1) ||
+  { apt-get update -qq && (cd "$work" && apt-get download -q "$pkg" >/dev/null); }
+dpkg-deb -x "$work"/"$pkg"_*.deb "$work/kernel"
+kver=$(ls "$work/kernel/lib/modules")
+
+step "assembling initramfs for kernel $kver"
+root=$work/root
+mkdir -p "$root"/{bin,sbin,etc,proc,sys,dev,run,tmp,root,rootfs,lib/modules,usr/bin,usr/sbin,var/log}
+cp /bin/busybox "$root/bin/busybox"
+for applet in $(/bin/busybox --list); do
+  [ "$applet" = busybox ] || ln -sf busybox "$root/bin/$applet"
+done
+while read -r m; do
+  ko=$(find "$work/kernel/lib/modules/$kver" -name "$m.ko" | head -n1)
+  [ -n "$ko" ] || { echo "image: module $m not found in $pkg" >&2; exit 1; }
+  cp "$ko" "$root/lib/modules/"
+done < "$here/modules"
+cp "$here/modules" "$root/etc/modules"
+
+cp /usr/sbin/dropbear "$root/usr/sbin/dropbear"
+for lib in $(ldd /usr/sbin/dropbear | grep -o '/[^ ]*'); do
+  mkdir -p "$root$(dirname "$lib")"
+  cp -L "$lib" "$root$lib"
+done
+
+gcc -static -O2 -o "$root/sbin/vsbx-agent" "$here/agent/agent.c"
+ln -sf vsbx-agent "$root/sbin/vsbx-exec"
+install -m 755 "$here/init" "$root/init"
+install -m 755 "$here/vsbx-poweroff" "$root/sbin/vsbx-poweroff"
+echo 'root:x:0:0:root:/root:/sbin/vsbx-exec' > "$root/etc/passwd"
+echo 'root:x:0:' > "$root/etc/group"
+echo '/sbin/vsbx-exec' > "$root/etc/shells"
+printf 'os=linux\n' > "$root/etc/vmsandbox-release"
+
+(cd "$root" && find . -print0 | cpio --null -o -H newc --quiet | gzip -1) > "$work/initramfs.img"
+cp "$work/kernel/boot/vmlinuz-$kver" "$work/vmlinuz"
+
+case $arch in
+  amd64) oci_arch=amd64; variant= ;;
+  arm64) oci_arch=arm64; variant=v8 ;;
+  *) oci_arch=$arch; variant= ;;
+esac
+busybox_version=$(/bin/busybox | head -n1 | awk '{print $2}')
+dropbear_version=$(dropbear -V 2>&1 | awk '{print $2}' | head -n1)
+mkdir -p "$out"
+cp "$work/vmlinuz" "$work/initramfs.img" "$out/"
+cat > "$out/manifest.json" <<JSON
+{
+  "name": "default",
+  "os": "linux",
+  "architecture": "$oci_arch",
+  "variant": "$variant",
+  "kernel_version": "$kver",
+  "kernel_package": "$pkg",
+  "busybox_version": "$busybox_version",
+  "dropbear_version": "$dropbear_version",
+  "built_at": "$(date -u +%Y-%m-%dT%H:%M:%SZ)",
+  "files": {
+    "vmlinuz": "$(sha256sum "$out/vmlinuz" | cut -d' ' -f1)",
+    "initramfs.img": "$(sha256sum "$out/initramfs.img" | cut -d' ' -f1)"
+  }
+}
+JSON
+step "built $(du -h "$out/initramfs.img" | cut -f1) initramfs and kernel $kver in $out"
