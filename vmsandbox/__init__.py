@@ -1,1 +1,72 @@
-"""vmsandbox."""
+"""vmsandbox: containerd sandboxes as lightweight libvirt (KVM or QEMU) guests.
+
+The public API is what ``__all__`` lists; everything else is private.
+"""
+
+from __future__ import annotations
+
+from .config import Config, VirtType
+from .controller import Controller
+from .errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    Unimplemented,
+    VmSandboxError,
+)
+from .model import (
+    Any,
+    ControllerInstance,
+    ControllerStatus,
+    CreateOptions,
+    ExecResult,
+    ExitStatus,
+    Metric,
+    Mount,
+    Phase,
+    Platform,
+    Runtime,
+    Sandbox,
+    SandboxState,
+    SandboxSummary,
+    StopOptions,
+)
+from .sandbox.controller import LibvirtController
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LibvirtController",
+    "Controller",
+    "Config",
+    "VirtType",
+    "Any",
+    "Runtime",
+    "Sandbox",
+    "Mount",
+    "CreateOptions",
+    "StopOptions",
+    "ControllerInstance",
+    "ExitStatus",
+    "ControllerStatus",
+    "Platform",
+    "Metric",
+    "ExecResult",
+    "SandboxState",
+    "Phase",
+    "SandboxSummary",
+    "VmSandboxError",
+    "NotFound",
+    "AlreadyExists",
+    "InvalidArgument",
+    "FailedPrecondition",
+    "Unavailable",
+    "DeadlineExceeded",
+    "Unimplemented",
+    "Internal",
+    "__version__",
+]

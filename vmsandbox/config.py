@@ -1,0 +1,111 @@
+"""Typed configuration: one tree, defaults in one place, a short list of env overrides.
+
+Environment overrides (read only by :meth:`Config.from_env`):
+``VMSANDBOX_URI`` (libvirt URI), ``VMSANDBOX_STATE_DIR``, ``VMSANDBOX_VIRT_TYPE``
+(kvm | qemu | auto), ``VMSANDBOX_IMAGES_DIR`` (the guest recipe folder).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import platform as _platform
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .errors import InvalidArgument
+
+__all__ = ["Config", "VirtType", "detect_virt_type", "DEFAULT_STATE_DIR"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STATE_DIR = Path("/var/lib/vmsandbox")
+DEFAULT_URI = "qemu:///system"
+
+
+class VirtType(str, enum.Enum):
+    """How guests are accelerated: hardware KVM, QEMU's software emulation (TCG), or auto."""
+
+    KVM = "kvm"
+    QEMU = "qemu"
+    AUTO = "auto"
+
+
+def _kvm_usable() -> tuple[bool, str]:
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        return False, f"/dev/kvm cannot be opened ({e.strerror})"
+    os.close(fd)
+    machine = _platform.machine()
+    if machine in ("aarch64", "arm64"):
+        return True, "aarch64 with /dev/kvm"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    if " vmx" in flags or " svm" in flags:
+        return True, "/dev/kvm opens and the CPU advertises vmx/svm"
+    # A PVM guest kernel exposes /dev/kvm, but QEMU's accel=kvm aborts on it.
+    return False, "/dev/kvm opens but the CPU advertises no vmx/svm (nested PVM?)"
+
+
+def detect_virt_type(requested: VirtType = VirtType.AUTO) -> VirtType:
+    """Resolve ``auto`` to kvm when KVM is really usable, else to qemu with a warning."""
+    if requested is not VirtType.AUTO:
+        return requested
+    ok, why = _kvm_usable()
+    if ok:
+        return VirtType.KVM
+    log.warning("KVM is not usable (%s): guests run under QEMU software emulation (TCG), "
+                "which is much slower", why)
+    return VirtType.QEMU
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the controller needs to know about the host.
+
+    ``boot_timeout`` bounds start() (kernel boot to agent ready); ``stop_timeout`` is the
+    default grace period of stop() before the VM is forced off.
+    """
+
+    uri: str = DEFAULT_URI
+    state_dir: Path = DEFAULT_STATE_DIR
+    virt_type: VirtType = VirtType.AUTO
+    images_dir: Path = field(default_factory=lambda: Path(__file__).resolve().parent.parent / "images")
+    image_name: str = "default"
+    default_vcpus: int = 1
+    default_memory_mib: int = 256
+    max_vcpus: int = 64
+    max_memory_mib: int = 1024 * 1024
+    boot_timeout: float = 120.0
+    stop_timeout: float = 10.0
+    kernel_cmdline: str = "console=ttyS0 panic=-1 quiet loglevel=3 i8042.noaux i8042.nokbd"
+
+    def __post_init__(self) -> None:
+        if self.boot_timeout <= 0 or self.stop_timeout < 0:
+            raise InvalidArgument("boot_timeout must be > 0 and stop_timeout >= 0")
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Config:
+        """Defaults, then environment overrides, then explicit keyword overrides."""
+        env: dict[str, object] = {}
+        if v := os.environ.get("VMSANDBOX_URI"):
+            env["uri"] = v
+        if v := os.environ.get("VMSANDBOX_STATE_DIR"):
+            env["state_dir"] = Path(v)
+        if v := os.environ.get("VMSANDBOX_VIRT_TYPE"):
+            env["virt_type"] = parse_virt_type(v)
+        if v := os.environ.get("VMSANDBOX_IMAGES_DIR"):
+            env["images_dir"] = Path(v)
+        env.update({k: v for k, v in overrides.items() if v is not None})
+        return replace(cls(), **env)  # type: ignore[arg-type]
+
+
+def parse_virt_type(value: str) -> VirtType:
+    try:
+        return VirtType(value.lower())
+    except ValueError:
+        raise InvalidArgument(f"virt type must be kvm, qemu or auto, not {value!r}") from None

@@ -1,0 +1,1 @@
+"""The control channel into the guest: SSH over virtio-serial, keys."""

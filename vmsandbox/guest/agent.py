@@ -1,0 +1,210 @@
+"""The only module that imports paramiko: the control channel into a guest.
+
+The guest's dropbear is reached over a virtio-serial port that QEMU exposes as a unix socket
+on the host (no guest network needed, works under TCG and without vhost-vsock). One SSH
+transport per sandbox, many exec channels on it; the host key is pinned at create time.
+Exec requests are encoded for the guest's ``vsbx-exec`` login shell (images/README.md):
+argv is never interpreted by a shell.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import paramiko
+
+from ..errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
+from ..model import ExecResult
+
+__all__ = ["GuestAgent", "encode_exec_request", "EXEC_TIMEOUT_EXIT"]
+
+log = logging.getLogger(__name__)
+
+EXEC_TIMEOUT_EXIT = 124
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_TRANSIENT = (paramiko.SSHException, OSError, EOFError)
+
+
+def encode_exec_request(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    timeout: float | None = None,
+    in_guest_root: bool = False,
+) -> str:
+    """The command string for ``vsbx-exec``: ``vsbx1`` then hex tokens, no shell syntax."""
+    if not argv or not all(isinstance(a, str) for a in argv):
+        raise InvalidArgument("argv must be a non-empty sequence of strings")
+    if len(argv) > 1000:
+        raise InvalidArgument("argv has more than 1000 elements")
+    environ = {"PATH": DEFAULT_PATH, "HOME": "/root", "TERM": "dumb"}
+    environ.update(env or {})
+    for k, v in environ.items():
+        if not k or "=" in k or "\0" in k or "\0" in v:
+            raise InvalidArgument(f"bad environment variable {k!r}")
+    for a in argv:
+        if "\0" in a:
+            raise InvalidArgument("argv elements must not contain NUL")
+    if cwd is not None and (not cwd.startswith("/") or "\0" in cwd):
+        raise InvalidArgument(f"cwd must be an absolute path, not {cwd!r}")
+    tokens = ["vsbx1"]
+    tokens += ["a" + a.encode().hex() for a in argv]
+    tokens += ["e" + f"{k}={v}".encode().hex() for k, v in environ.items()]
+    if cwd:
+        tokens.append("c" + cwd.encode().hex())
+    if timeout is not None:
+        tokens.append("t" + str(max(1, int(timeout * 1000))).encode().hex())
+    if in_guest_root:
+        tokens.append("r")
+    return " ".join(tokens)
+
+
+class GuestAgent:
+    """SSH over the sandbox's agent socket, with a pinned host key.
+
+    Thread-safe: many threads may exec at once on the one transport.
+    """
+
+    def __init__(self, socket_path: str, client_key_pem: bytes, host_key_line: str, *, sandbox_id: str) -> None:
+        self.socket_path = socket_path
+        self.sandbox_id = sandbox_id
+        self._key = paramiko.Ed25519Key.from_private_key(io.StringIO(client_key_pem.decode()))
+        kind, b64 = host_key_line.split()[:2]
+        self._host_key = paramiko.Ed25519Key(data=base64.b64decode(b64))
+        self._lock = threading.Lock()
+        self._transport: paramiko.Transport | None = None
+
+    # ------------------------------------------------------------------ connect
+    def _connect_once(self, timeout: float) -> paramiko.Transport:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(self.socket_path)
+            t = paramiko.Transport(sock)
+            t.banner_timeout = timeout
+            t.handshake_timeout = timeout
+            t.auth_timeout = timeout
+            t.start_client(timeout=timeout)
+            key = t.get_remote_server_key()
+            if key.get_name() != self._host_key.get_name() or key.asbytes() != self._host_key.asbytes():
+                t.close()
+                raise Unavailable("guest presented an unexpected host key", sandbox_id=self.sandbox_id)
+            t.auth_publickey("root", self._key)
+            t.set_keepalive(15)
+            sock.settimeout(None)
+            return t
+        except BaseException:
+            sock.close()
+            raise
+
+    def connect(self, deadline: float, alive: Callable[[], bool] | None = None) -> None:
+        """Connect (or keep the live transport) before ``deadline`` (time.monotonic()).
+
+        Retries while the guest boots; ``alive()`` returning False (the VM died) ends the
+        wait early with FailedPrecondition. Raises DeadlineExceeded when time runs out.
+        """
+        with self._lock:
+            if self._transport is not None and self._transport.is_authenticated():
+                return
+            self._close_locked()
+            attempt = 0
+            last: BaseException | None = None
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise DeadlineExceeded(
+                        f"guest agent did not answer in time (last error: {last})", sandbox_id=self.sandbox_id
+                    )
+                if alive is not None and not alive():
+                    raise FailedPrecondition("the VM stopped while booting", sandbox_id=self.sandbox_id)
+                attempt += 1
+                try:
+                    self._transport = self._connect_once(min(remaining, 10.0))
+                    log.debug("sandbox %s: agent connected after %d attempt(s)", self.sandbox_id, attempt)
+                    return
+                except Unavailable:
+                    raise
+                except _TRANSIENT as e:
+                    last = e
+                    time.sleep(min(0.05 * attempt, 0.5, max(0.0, deadline - time.monotonic())))
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_locked()
+
+    def _close_locked(self) -> None:
+        t, self._transport = self._transport, None
+        if t is not None:
+            t.close()
+
+    @property
+    def connected(self) -> bool:
+        t = self._transport
+        return t is not None and t.is_active() and t.is_authenticated()
+
+    # ------------------------------------------------------------------ exec
+    def exec(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+        in_guest_root: bool = False,
+    ) -> ExecResult:
+        """Run argv in the guest and collect its output.
+
+        Raises Unavailable when there is no live transport, DeadlineExceeded when
+        ``timeout`` passes (the process is killed in the guest).
+        """
+        if timeout is not None and timeout <= 0:
+            raise InvalidArgument("timeout must be positive")
+        cmd = encode_exec_request(argv, env=env, cwd=cwd, timeout=timeout, in_guest_root=in_guest_root)
+        t = self._transport
+        if t is None or not t.is_active():
+            raise Unavailable("no connection to the guest agent", sandbox_id=self.sandbox_id)
+        started = time.monotonic()
+        host_deadline = None if timeout is None else started + timeout + 10.0
+        try:
+            chan = t.open_session(timeout=30)
+        except _TRANSIENT as e:
+            raise Unavailable(f"cannot open a channel to the guest: {e}", sandbox_id=self.sandbox_id) from e
+        try:
+            chan.exec_command(cmd)
+            if stdin:
+                chan.sendall(stdin)
+            chan.shutdown_write()
+            out, err = bytearray(), bytearray()
+            while True:
+                select.select([chan], [], [], 0.2)
+                while chan.recv_ready():
+                    out += chan.recv(65536)
+                while chan.recv_stderr_ready():
+                    err += chan.recv_stderr(65536)
+                if chan.exit_status_ready() and chan.eof_received and not chan.recv_ready() and not chan.recv_stderr_ready():
+                    break
+                if chan.closed and not chan.recv_ready() and not chan.recv_stderr_ready():
+                    break
+                if host_deadline is not None and time.monotonic() > host_deadline:
+                    raise DeadlineExceeded(f"exec of {argv[0]!r} exceeded {timeout}s", sandbox_id=self.sandbox_id)
+                if not t.is_active():
+                    raise Unavailable("the guest agent connection dropped during exec", sandbox_id=self.sandbox_id)
+            if not chan.exit_status_ready():
+                raise Unavailable("the guest closed the exec channel without an exit status", sandbox_id=self.sandbox_id)
+            code = chan.recv_exit_status()
+        except _TRANSIENT as e:
+            raise Unavailable(f"exec failed on the guest connection: {e}", sandbox_id=self.sandbox_id) from e
+        finally:
+            chan.close()
+        if timeout is not None and code == EXEC_TIMEOUT_EXIT and time.monotonic() - started >= timeout:
+            raise DeadlineExceeded(f"exec of {argv[0]!r} exceeded {timeout}s", sandbox_id=self.sandbox_id)
+        return ExecResult(code, bytes(out), bytes(err))

@@ -1,0 +1,1 @@
+"""Domain XML (pure) and the libvirt adapter."""

@@ -1,0 +1,355 @@
+"""The only module that imports libvirt: define/start/stop domains, stats, lifecycle events.
+
+libvirt errors are translated once, here, into vmsandbox errors. One process-wide thread
+runs libvirt's default event loop (needed for lifecycle events and keepalive); the
+connection is reopened transparently after libvirtd restarts, and ``on_reconnect`` lets the
+controller reconcile what happened while it was gone.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any as _Any
+
+import libvirt
+from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from ..errors import FailedPrecondition, Internal, NotFound, Unavailable, VmSandboxError
+from .domain import METADATA_NS, parse_metadata
+
+__all__ = ["LibvirtHypervisor", "DomainState", "StopReason", "DomainInfo"]
+
+log = logging.getLogger(__name__)
+
+# libvirt prints every error to stderr by default; we translate and log them ourselves.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+class StopReason(str, enum.Enum):
+    """Why a domain stopped, from libvirt's lifecycle event detail or shutoff reason."""
+
+    SHUTDOWN = "shutdown"  # the guest powered itself off
+    DESTROYED = "destroyed"  # forced off by us or someone else
+    CRASHED = "crashed"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+
+
+class DomainState(str, enum.Enum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTOFF = "shutoff"
+    OTHER = "other"
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    name: str
+    state: DomainState
+    stop_reason: StopReason
+    metadata: dict[str, str]
+
+
+_EVENT_STOP_DETAIL = {
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN: StopReason.SHUTDOWN,
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED: StopReason.DESTROYED,
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED: StopReason.CRASHED,
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED: StopReason.FAILED,
+}
+_SHUTOFF_REASON = {
+    libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN: StopReason.SHUTDOWN,
+    libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED: StopReason.DESTROYED,
+    libvirt.VIR_DOMAIN_SHUTOFF_CRASHED: StopReason.CRASHED,
+    libvirt.VIR_DOMAIN_SHUTOFF_FAILED: StopReason.FAILED,
+}
+_STATE = {
+    libvirt.VIR_DOMAIN_RUNNING: DomainState.RUNNING,
+    libvirt.VIR_DOMAIN_PAUSED: DomainState.PAUSED,
+    libvirt.VIR_DOMAIN_SHUTOFF: DomainState.SHUTOFF,
+}
+_UNAVAILABLE_CODES = {
+    libvirt.VIR_ERR_NO_CONNECT,
+    libvirt.VIR_ERR_SYSTEM_ERROR,
+    libvirt.VIR_ERR_RPC,
+    libvirt.VIR_ERR_AUTH_FAILED,
+    libvirt.VIR_ERR_OPERATION_TIMEOUT,
+    libvirt.VIR_ERR_AGENT_UNRESPONSIVE,
+}
+_INVALID_STATE_CODES = {libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_ERR_OPERATION_FAILED}
+
+
+def translate(e: libvirt.libvirtError, what: str) -> VmSandboxError:
+    """Map a libvirt error to our hierarchy (the one table for this adapter)."""
+    code = e.get_error_code()
+    msg = f"{what}: {e.get_error_message() or e}"
+    if code == libvirt.VIR_ERR_NO_DOMAIN:
+        return NotFound(msg)
+    if code in _UNAVAILABLE_CODES:
+        return Unavailable(msg)
+    if code in _INVALID_STATE_CODES:
+        return FailedPrecondition(msg)
+    return Internal(msg)
+
+
+_loop_lock = threading.Lock()
+_loop_started = False
+
+
+def _ensure_event_loop() -> None:
+    """Register libvirt's default event implementation and run it on one daemon thread.
+
+    Must happen before the first connection is opened; it is process-wide by design of
+    libvirt-python (one event loop per process).
+    """
+    global _loop_started
+    with _loop_lock:
+        if _loop_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                try:
+                    libvirt.virEventRunDefaultImpl()
+                except Exception:  # pragma: no cover - keep the loop alive
+                    log.exception("libvirt event loop iteration failed")
+
+        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        _loop_started = True
+
+
+class LibvirtHypervisor:
+    """A libvirt connection with lifecycle events, translated errors and reconnection.
+
+    ``on_stop(name, reason)`` runs on the event thread when a domain stops;
+    ``on_reconnect()`` runs (on the caller's thread) after the connection was reopened.
+    Both must be quick and must not call back into blocking libvirt operations.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        on_stop: Callable[[str, StopReason], None] | None = None,
+        on_reconnect: Callable[[], None] | None = None,
+        connect_timeout: float = 15.0,
+    ) -> None:
+        self.uri = uri
+        self._on_stop = on_stop
+        self._on_reconnect = on_reconnect
+        self._connect_timeout = connect_timeout
+        self._lock = threading.RLock()
+        self._conn: _Any = None
+        self._callback_id: int | None = None
+        self._closed = False
+        _ensure_event_loop()
+        self._connection()
+
+    # ------------------------------------------------------------------ connection
+    def _open(self) -> _Any:
+        @retry(
+            retry=retry_if_exception_type(Unavailable),
+            wait=wait_exponential(multiplier=0.1, max=2),
+            stop=stop_after_delay(self._connect_timeout),
+            reraise=True,
+        )
+        def attempt() -> _Any:
+            try:
+                return libvirt.open(self.uri)
+            except libvirt.libvirtError as e:
+                raise translate(e, f"connecting to libvirt at {self.uri}") from e
+
+        conn = attempt()
+        try:
+            conn.setKeepAlive(5, 3)
+        except libvirt.libvirtError:  # test:///default has no keepalive
+            pass
+        self._callback_id = conn.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None
+        )
+        return conn
+
+    def _connection(self) -> _Any:
+        with self._lock:
+            if self._closed:
+                raise FailedPrecondition("the libvirt connection was closed")
+            if self._conn is not None:
+                try:
+                    if self._conn.isAlive():
+                        return self._conn
+                except libvirt.libvirtError:
+                    pass
+                log.warning("libvirt connection to %s lost; reconnecting", self.uri)
+                self._drop()
+                self._conn = self._open()
+                if self._on_reconnect is not None:
+                    self._on_reconnect()
+                return self._conn
+            self._conn = self._open()
+            return self._conn
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            if self._callback_id is not None:
+                conn.domainEventDeregisterAny(self._callback_id)
+        except libvirt.libvirtError:
+            pass
+        try:
+            conn.close()
+        except libvirt.libvirtError:
+            pass
+        self._callback_id = None
+
+    def close(self) -> None:
+        """Close the connection (idempotent). The process-wide event thread stays."""
+        with self._lock:
+            self._drop()
+            self._closed = True
+
+    @contextmanager
+    def _call(self, what: str) -> Iterator[_Any]:
+        conn = self._connection()
+        try:
+            yield conn
+        except libvirt.libvirtError as e:
+            err = translate(e, what)
+            if isinstance(err, Unavailable):
+                with self._lock:
+                    if self._conn is conn:
+                        self._drop()
+            raise err from e
+
+    def _lifecycle(self, _conn: _Any, dom: _Any, event: int, detail: int, _opaque: _Any) -> None:
+        if event != libvirt.VIR_DOMAIN_EVENT_STOPPED or self._on_stop is None:
+            return
+        try:
+            self._on_stop(dom.name(), _EVENT_STOP_DETAIL.get(detail, StopReason.UNKNOWN))
+        except Exception:
+            log.exception("stop handler failed for domain %s", dom.name())
+
+    # ------------------------------------------------------------------ domains
+    def host_info(self) -> dict[str, str]:
+        with self._call("reading host information") as conn:
+            lib = conn.getLibVersion()
+            hv = conn.getVersion()
+            return {
+                "libvirt_version": _version(lib),
+                "hypervisor_version": _version(hv),
+                "hypervisor": conn.getType(),
+            }
+
+    def define(self, xml: str) -> None:
+        with self._call("defining domain") as conn:
+            conn.defineXML(xml)
+
+    def start(self, name: str) -> None:
+        with self._call(f"starting domain {name}") as conn:
+            conn.lookupByName(name).create()
+
+    def destroy(self, name: str) -> None:
+        """Force the domain off; succeeds when it is missing or already off."""
+        with self._call(f"destroying domain {name}") as conn:
+            try:
+                dom = conn.lookupByName(name)
+                if dom.isActive():
+                    dom.destroyFlags(libvirt.VIR_DOMAIN_DESTROY_DEFAULT)
+            except libvirt.libvirtError as e:
+                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return
+                if e.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID:  # raced to off
+                    return
+                raise
+
+    def undefine(self, name: str) -> None:
+        """Remove the domain definition; succeeds when it is missing."""
+        with self._call(f"undefining domain {name}") as conn:
+            try:
+                conn.lookupByName(name).undefineFlags(
+                    libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+                )
+            except libvirt.libvirtError as e:
+                if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise
+
+    def info(self, name: str) -> DomainInfo | None:
+        """State, stop reason and our metadata of ``name``; None when it does not exist."""
+        with self._call(f"reading domain {name}") as conn:
+            try:
+                dom = conn.lookupByName(name)
+                return self._info(dom)
+            except libvirt.libvirtError as e:
+                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return None
+                raise
+
+    def _info(self, dom: _Any) -> DomainInfo:
+        state, reason = dom.state()
+        st = _STATE.get(state, DomainState.OTHER)
+        stop = _SHUTOFF_REASON.get(reason, StopReason.UNKNOWN) if st is DomainState.SHUTOFF else StopReason.UNKNOWN
+        try:
+            meta = parse_metadata(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS))
+        except libvirt.libvirtError:
+            meta = {}
+        return DomainInfo(dom.name(), st, stop, meta)
+
+    def list_tagged(self) -> list[DomainInfo]:
+        """Every domain (running or not) that carries our metadata element."""
+        with self._call("listing domains") as conn:
+            out = []
+            for dom in conn.listAllDomains(0):
+                try:
+                    info = self._info(dom)
+                except libvirt.libvirtError:
+                    continue  # vanished while we looked
+                if info.metadata:
+                    out.append(info)
+            return out
+
+    def xml(self, name: str) -> str:
+        with self._call(f"reading XML of domain {name}") as conn:
+            return str(conn.lookupByName(name).XMLDesc(0))
+
+    def pid(self, name: str) -> int:
+        """The QEMU process id of a running domain, 0 when unknown or not running."""
+        for run_dir in ("/run/libvirt/qemu", "/var/run/libvirt/qemu"):
+            try:
+                return int(Path(run_dir, f"{name}.pid").read_text().strip())
+            except (OSError, ValueError):
+                continue
+        return 0
+
+    def stats(self, names: list[str]) -> dict[str, dict[str, _Any]]:
+        """Bulk domain stats (one libvirt call) for the named running domains."""
+        with self._call("reading domain stats") as conn:
+            doms = []
+            for n in names:
+                try:
+                    doms.append(conn.lookupByName(n))
+                except libvirt.libvirtError as e:
+                    if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                        raise
+            if not doms:
+                return {}
+            flags = libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE
+            return {dom.name(): dict(st) for dom, st in conn.domainListGetStats(doms, 0, flags)}
+
+    def set_memory(self, name: str, mib: int) -> None:
+        with self._call(f"setting memory of domain {name}") as conn:
+            conn.lookupByName(name).setMemoryFlags(mib * 1024, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+    def set_vcpus(self, name: str, count: int) -> None:
+        with self._call(f"setting vCPUs of domain {name}") as conn:
+            conn.lookupByName(name).setVcpusFlags(count, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+
+def _version(v: int) -> str:
+    return f"{v // 1000000}.{v // 1000 % 1000}.{v % 1000}"

@@ -1,0 +1,1 @@
+"""Sandbox orchestration: lifecycle, records, mounts, validation."""

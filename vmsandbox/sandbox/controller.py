@@ -1,0 +1,656 @@
+"""LibvirtController: containerd's sandbox Controller on libvirt guests.
+
+The only code that knows the sandbox lifecycle (created -> running -> stopped -> removed).
+Each operation takes the sandbox's own lock (never a global one across sandboxes); exits are
+observed through libvirt lifecycle events and wake ``wait()``. Every state change is saved
+to the sandbox's record, so a new controller on the same state dir recovers all sandboxes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import tarfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any as _Any
+
+from ..config import Config, VirtType, detect_virt_type
+from ..errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    VmSandboxError,
+)
+from ..guest.agent import GuestAgent
+from ..guest.keys import dropbear_private_key, generate_keypair, write_private
+from ..hypervisor.domain import DiskSpec, DomainSpec, build_domain_xml
+from ..hypervisor.libvirt_driver import DomainState, LibvirtHypervisor, StopReason
+from ..image import GuestImage, ensure_image
+from ..model import (
+    Any,
+    ControllerInstance,
+    ControllerStatus,
+    ExecResult,
+    ExitStatus,
+    Metric,
+    Mount,
+    Phase,
+    Platform,
+    Sandbox,
+    SandboxState,
+    SandboxSummary,
+    utcnow,
+)
+from . import mounts as mountplan
+from .store import SandboxRecord, Store
+from .validate import check_sandbox_id, resources_from_annotations
+
+__all__ = ["LibvirtController", "EXIT_CLEAN", "EXIT_KILLED", "EXIT_FAILED"]
+
+log = logging.getLogger(__name__)
+
+EXIT_CLEAN = 0
+EXIT_KILLED = 137  # 128 + SIGKILL: the VM was forced off
+EXIT_FAILED = 255  # crashed, failed, or the end was not observed
+_EXIT_FOR_REASON = {
+    StopReason.SHUTDOWN: EXIT_CLEAN,
+    StopReason.DESTROYED: EXIT_KILLED,
+    StopReason.CRASHED: EXIT_FAILED,
+    StopReason.FAILED: EXIT_FAILED,
+    StopReason.UNKNOWN: EXIT_FAILED,
+}
+DOMAIN_PREFIX = "vmsandbox-"
+UPDATABLE_FIELDS = frozenset({"labels", "extensions", "spec", "annotations", "runtime", "sandboxer"})
+
+
+@dataclass
+class _Entry:
+    """In-memory companion of a record: locks, the exit condition, the agent connection."""
+
+    record: SandboxRecord
+    op_lock: threading.RLock = field(default_factory=threading.RLock)
+    state_lock: threading.Lock = field(default_factory=threading.Lock)
+    agent: GuestAgent | None = None
+    removed: bool = False
+
+    def __post_init__(self) -> None:
+        self.exited = threading.Condition(self.state_lock)
+
+
+class LibvirtController:
+    """containerd's sandbox Controller where each sandbox is a libvirt domain.
+
+    ``LibvirtController(uri="qemu:///system", state_dir="/var/lib/vmsandbox")``. The guest
+    image is built on first use (or by ``vmsandbox image build``). Use as a context
+    manager, or call :meth:`close`; running sandboxes keep running after close and are
+    recovered by the next controller on the same state dir.
+    """
+
+    def __init__(
+        self,
+        uri: str | None = None,
+        state_dir: str | os.PathLike[str] | None = None,
+        *,
+        virt_type: str | VirtType | None = None,
+        config: Config | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
+        if config is None:
+            config = Config.from_env(
+                uri=uri,
+                state_dir=Path(state_dir) if state_dir is not None else None,
+                virt_type=VirtType(virt_type) if virt_type is not None else None,
+            )
+        self.config = config
+        self.virt_type = detect_virt_type(config.virt_type)
+        self._progress = progress
+        self._store = Store(config.state_dir)
+        self._entries: dict[str, _Entry] = {}
+        self._entries_lock = threading.Lock()
+        self._image: GuestImage | None = None
+        self._image_lock = threading.Lock()
+        self._closed = False
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(config.state_dir, 0o711)
+        for sub in ("sandboxes", "sock"):
+            (config.state_dir / sub).mkdir(exist_ok=True)
+        os.chmod(config.state_dir / "sock", 0o711)
+        self._hv = LibvirtHypervisor(config.uri, on_stop=self._on_domain_stop, on_reconnect=self._reconcile)
+        self._recover()
+
+    # ------------------------------------------------------------------ plumbing
+    def __enter__(self) -> LibvirtController:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Drop agent connections and the libvirt connection. Sandboxes keep running."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._entries_lock:
+            entries = list(self._entries.values())
+        for e in entries:
+            if e.agent is not None:
+                e.agent.close()
+        self._hv.close()
+
+    def _entry(self, sandbox_id: str) -> _Entry:
+        check_sandbox_id(sandbox_id)
+        with self._entries_lock:
+            e = self._entries.get(sandbox_id)
+        if e is None or e.removed:
+            raise NotFound(f"sandbox {sandbox_id} not found", sandbox_id=sandbox_id)
+        return e
+
+    def _save(self, e: _Entry, **changes: _Any) -> SandboxRecord:
+        """Apply changes to the record and persist them (caller holds e.state_lock)."""
+        rec = e.record.evolve(**changes)
+        self._store.save(rec)
+        e.record = rec
+        return rec
+
+    def image(self) -> GuestImage:
+        """The guest image for this controller, built on first use."""
+        with self._image_lock:
+            if self._image is None:
+                self._image = ensure_image(
+                    self.config.state_dir, self.config.images_dir, self.config.image_name, progress=self._progress
+                )
+            return self._image
+
+    def _socket_path(self, sandbox_id: str) -> str:
+        # Unix socket paths are limited to 107 bytes; ids may be 128 characters long.
+        h = hashlib.sha256(sandbox_id.encode()).hexdigest()[:20]
+        return str(self.config.state_dir / "sock" / f"{h}.sock")
+
+    # ------------------------------------------------------------------ create
+    def create(
+        self,
+        sandbox: Sandbox,
+        *,
+        rootfs: Iterable[Mount] = (),
+        options: Any | None = None,
+        netns_path: str = "",
+        annotations: Mapping[str, str] | None = None,
+    ) -> None:
+        """Prepare a sandbox: disks, keys, config disk and the libvirt domain definition.
+
+        Nothing boots yet. Raises InvalidArgument for a bad id, mount or annotation and
+        AlreadyExists for a taken id; on any failure nothing is left behind.
+        """
+        if not isinstance(sandbox, Sandbox):
+            raise InvalidArgument("sandbox must be a vmsandbox.Sandbox")
+        sid = check_sandbox_id(sandbox.id)
+        annotations = dict(annotations or {})
+        mounts = tuple(rootfs)
+        vcpus, mem = resources_from_annotations(
+            annotations, max_vcpus=self.config.max_vcpus, max_memory_mib=self.config.max_memory_mib
+        )
+        vcpus = vcpus or self.config.default_vcpus
+        mem = mem or self.config.default_memory_mib
+        if netns_path:
+            raise InvalidArgument(f"network namespaces are not supported yet (netns_path={netns_path!r})")
+        sdir = self._store.dir(sid)
+        plans = mountplan.plan_mounts(mounts, sdir)
+
+        entry = _Entry(record=None)  # type: ignore[arg-type]  # filled below, before anyone sees it
+        with self._entries_lock:
+            if sid in self._entries or self._store.exists(sid):
+                raise AlreadyExists(f"sandbox {sid} already exists", sandbox_id=sid)
+            self._entries[sid] = entry
+            entry.op_lock.acquire()
+        try:
+            with ExitStack() as undo:
+                undo.callback(self._forget, sid)
+                image = self.image()
+                sdir.mkdir(parents=True)
+                undo.callback(self._store.remove, sid)
+                os.chmod(sdir, 0o711)
+                client, hostkey = generate_keypair(), generate_keypair()
+                write_private(sdir / "id_ed25519", client.openssh_private())
+                for plan in plans:
+                    mountplan.materialize(plan)
+                self._write_config_disk(sdir / "config.tar", sandbox, client.public_line, dropbear_private_key(hostkey), plans)
+                domain = DOMAIN_PREFIX + sid
+                now = utcnow()
+                spec = DomainSpec(
+                    name=domain,
+                    sandbox_id=sid,
+                    state_dir=str(self.config.state_dir),
+                    virt_type=self.virt_type.value,
+                    arch=os.uname().machine,
+                    machine="q35" if os.uname().machine == "x86_64" else "virt",
+                    vcpus=vcpus,
+                    max_vcpus=vcpus,
+                    memory_mib=mem,
+                    max_memory_mib=mem,
+                    kernel=str(image.kernel),
+                    initrd=str(image.initrd),
+                    cmdline=self.config.kernel_cmdline,
+                    console_log=str(sdir / "console.log"),
+                    agent_socket=self._socket_path(sid),
+                    disks=(DiskSpec(str(sdir / "config.tar"), "vsbx-config", readonly=True),)
+                    + tuple(DiskSpec(p.source, p.serial, p.format, p.block, p.readonly) for p in plans),
+                )
+                self._hv.define(build_domain_xml(spec))
+                undo.callback(self._hv.undefine, domain)
+                record = SandboxRecord(
+                    id=sid,
+                    domain=domain,
+                    phase=Phase.CREATED,
+                    created_at=now,
+                    sandbox=sandbox,
+                    vcpus=vcpus,
+                    memory_mib=mem,
+                    image_dir=str(image.directory),
+                    agent_socket=spec.agent_socket,
+                    host_key=hostkey.public_line,
+                    rootfs=mounts,
+                    options=options,
+                    netns_path=netns_path,
+                    annotations=annotations,
+                )
+                self._store.save(record)
+                entry.record = record
+                undo.pop_all()
+            log.info("sandbox %s: created (%d vCPU, %d MiB, %d disk(s))", sid, vcpus, mem, len(plans))
+        finally:
+            entry.op_lock.release()
+
+    def _forget(self, sid: str) -> None:
+        with self._entries_lock:
+            self._entries.pop(sid, None)
+
+    def _write_config_disk(
+        self, path: Path, sandbox: Sandbox, authorized_key: str, hostkey: bytes, plans: Sequence[mountplan.DiskPlan]
+    ) -> None:
+        files: dict[str, bytes] = {
+            "authorized_keys": (authorized_key + "\n").encode(),
+            "hostkey": hostkey,
+            "hostname": (_hostname_for(sandbox) + "\n").encode(),
+        }
+        if plans:
+            files["mounts"] = "".join(p.mounts_line() for p in plans).encode()
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for name, data in sorted(files.items()):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                info.mode = 0o600
+                tar.addfile(info, io.BytesIO(data))
+        data = buf.getvalue()
+        data += b"\0" * (-len(data) % 4096)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+
+    # ------------------------------------------------------------------ start
+    def start(self, sandbox_id: str) -> ControllerInstance:
+        """Boot the guest and return once its agent answers (see Controller.start)."""
+        e = self._entry(sandbox_id)
+        with e.op_lock:
+            rec = e.record
+            if rec.phase is Phase.RUNNING:
+                return self._instance(rec)
+            if rec.phase is Phase.STOPPED:
+                raise FailedPrecondition("sandbox is stopped; a stopped sandbox cannot be restarted", sandbox_id=sandbox_id)
+            deadline = time.monotonic() + self.config.boot_timeout
+            info = self._hv.info(rec.domain)
+            if info is None:
+                raise NotFound(f"domain {rec.domain} of sandbox {sandbox_id} is gone", sandbox_id=sandbox_id)
+            if info.state is not DomainState.RUNNING:
+                try:
+                    os.unlink(rec.agent_socket)
+                except FileNotFoundError:
+                    pass
+                self._hv.start(rec.domain)
+            started = utcnow()
+            agent = self._agent(e)
+            try:
+                agent.connect(deadline, alive=lambda: self._domain_running(rec.domain))
+            except VmSandboxError:
+                agent.close()
+                self._hv.destroy(rec.domain)
+                raise
+            with e.state_lock:
+                rec = self._save(e, phase=Phase.RUNNING, started_at=started, pid=self._hv.pid(rec.domain))
+            log.info("sandbox %s: running (pid %d) after %.2fs", sandbox_id, rec.pid, (utcnow() - started).total_seconds())
+            return self._instance(rec)
+
+    def _instance(self, rec: SandboxRecord) -> ControllerInstance:
+        return ControllerInstance(
+            sandbox_id=rec.id,
+            pid=rec.pid,
+            created_at=rec.started_at or rec.created_at,
+            address="",
+            version=0,
+            labels={"vmsandbox.io/domain": rec.domain},
+        )
+
+    def _agent(self, e: _Entry) -> GuestAgent:
+        if e.agent is None:
+            key = (self._store.dir(e.record.id) / "id_ed25519").read_bytes()
+            e.agent = GuestAgent(e.record.agent_socket, key, e.record.host_key, sandbox_id=e.record.id)
+        return e.agent
+
+    def _domain_running(self, domain: str) -> bool:
+        info = self._hv.info(domain)
+        return info is not None and info.state is DomainState.RUNNING
+
+    # ------------------------------------------------------------------ exit tracking
+    def _on_domain_stop(self, domain: str, reason: StopReason) -> None:
+        if not domain.startswith(DOMAIN_PREFIX):
+            return
+        with self._entries_lock:
+            e = self._entries.get(domain[len(DOMAIN_PREFIX):])
+        if e is not None and e.record is not None:
+            self._record_exit(e, reason)
+
+    def _record_exit(self, e: _Entry, reason: StopReason, at: datetime | None = None) -> None:
+        """Mark a running sandbox stopped (once) and wake every waiter."""
+        with e.state_lock:
+            if e.record.phase is not Phase.RUNNING:
+                return
+            self._save(
+                e, phase=Phase.STOPPED, exit_status=_EXIT_FOR_REASON[reason], exited_at=at or utcnow(), pid=0
+            )
+            e.exited.notify_all()
+        log.info("sandbox %s: stopped (%s, exit status %s)", e.record.id, reason.value, e.record.exit_status)
+
+    def _check_exit(self, e: _Entry) -> None:
+        """Catch an exit whose event we missed (libvirtd restarted, or we were down)."""
+        if e.record.phase is not Phase.RUNNING:
+            return
+        info = self._hv.info(e.record.domain)
+        if info is None or info.state is DomainState.SHUTOFF:
+            reason = info.stop_reason if info is not None else StopReason.UNKNOWN
+            self._record_exit(e, reason, at=_console_mtime(self._store.dir(e.record.id)))
+
+    # ------------------------------------------------------------------ stop / wait
+    def stop(self, sandbox_id: str, *, timeout: float | None = None) -> None:
+        """Power the guest off cleanly; force it off after ``timeout`` seconds.
+
+        ``timeout=None`` uses the configured grace period; 0 forces at once. Succeeds for
+        unknown, created and stopped sandboxes. Afterwards wait() returns.
+        """
+        if timeout is not None and timeout < 0:
+            raise InvalidArgument("stop timeout must not be negative")
+        try:
+            e = self._entry(sandbox_id)
+        except NotFound:
+            return
+        grace = self.config.stop_timeout if timeout is None else timeout
+        with e.op_lock:
+            self._stop_locked(e, grace)
+
+    def _stop_locked(self, e: _Entry, grace: float) -> None:
+        rec = e.record
+        if rec.phase is Phase.CREATED:
+            self._hv.destroy(rec.domain)  # a boot may have been interrupted
+            with e.state_lock:
+                self._save(e, phase=Phase.STOPPED, exit_status=EXIT_CLEAN, exited_at=utcnow(), pid=0)
+                e.exited.notify_all()
+            return
+        if rec.phase is Phase.STOPPED:
+            self._hv.destroy(rec.domain)
+            return
+        deadline = time.monotonic() + grace
+        if grace > 0:
+            self._request_poweroff(e, deadline)
+            with e.state_lock:
+                while e.record.phase is Phase.RUNNING and time.monotonic() < deadline:
+                    e.exited.wait(min(0.25, max(0.0, deadline - time.monotonic())))
+                    if e.record.phase is Phase.RUNNING:
+                        e.state_lock.release()
+                        try:
+                            self._check_exit(e)
+                        finally:
+                            e.state_lock.acquire()
+        if e.record.phase is Phase.RUNNING:
+            log.info("sandbox %s: forcing the VM off after %.1fs", rec.id, grace)
+            self._hv.destroy(rec.domain)
+            self._record_exit(e, StopReason.DESTROYED)
+        if e.agent is not None:
+            e.agent.close()
+
+    def _request_poweroff(self, e: _Entry, deadline: float) -> None:
+        """Ask the guest to power itself off; failures just mean we force it later."""
+        try:
+            agent = self._agent(e)
+            if not agent.connected:
+                agent.connect(min(deadline, time.monotonic() + 5.0), alive=lambda: self._domain_running(e.record.domain))
+            agent.exec(["/sbin/vsbx-poweroff"], in_guest_root=True, timeout=max(1.0, min(5.0, deadline - time.monotonic())))
+        except VmSandboxError as err:
+            log.info("sandbox %s: clean power-off request failed (%s); will force", e.record.id, err)
+
+    def wait(self, sandbox_id: str, timeout: float | None = None) -> ExitStatus:
+        """Block until the guest is gone (see Controller.wait)."""
+        e = self._entry(sandbox_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last_check = time.monotonic()
+        with e.state_lock:
+            while e.record.phase is not Phase.STOPPED:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise DeadlineExceeded(f"sandbox {sandbox_id} still running after {timeout}s", sandbox_id=sandbox_id)
+                e.exited.wait(1.0 if remaining is None else min(1.0, remaining))
+                if e.record.phase is Phase.RUNNING and time.monotonic() - last_check > 5.0:
+                    last_check = time.monotonic()
+                    e.state_lock.release()
+                    try:
+                        self._check_exit(e)  # in case a lifecycle event was lost
+                    except Unavailable:
+                        pass
+                    finally:
+                        e.state_lock.acquire()
+            rec = e.record
+        assert rec.exited_at is not None and rec.exit_status is not None
+        return ExitStatus(rec.exit_status, rec.exited_at)
+
+    # ------------------------------------------------------------------ status & co
+    def status(self, sandbox_id: str, *, verbose: bool = False) -> ControllerStatus:
+        """State, VMM pid and times of the sandbox (see Controller.status)."""
+        e = self._entry(sandbox_id)
+        self._check_exit(e)
+        rec = e.record
+        ready = rec.phase is Phase.RUNNING
+        info: dict[str, str] = {"phase": rec.phase.value, "domain": rec.domain, "virt_type": self.virt_type.value}
+        if verbose:
+            info.update(self._verbose_info(rec))
+        return ControllerStatus(
+            sandbox_id=rec.id,
+            pid=rec.pid if ready else 0,
+            state=(SandboxState.READY if ready else SandboxState.NOTREADY).value,
+            info=info,
+            created_at=rec.started_at or rec.created_at,
+            exited_at=rec.exited_at,
+        )
+
+    def _verbose_info(self, rec: SandboxRecord) -> dict[str, str]:
+        sdir = self._store.dir(rec.id)
+        out = {
+            "console_log": str(sdir / "console.log"),
+            "image": rec.image_dir,
+            "vcpus": str(rec.vcpus),
+            "memory_mib": str(rec.memory_mib),
+        }
+        info = self._hv.info(rec.domain)
+        if info is not None:
+            out["libvirt_state"] = info.state.value
+        return out
+
+    def platform(self, sandbox_id: str) -> Platform:
+        """The guest's OS/architecture in OCI names, from the image manifest."""
+        e = self._entry(sandbox_id)
+        import json
+
+        manifest = json.loads((Path(e.record.image_dir) / "manifest.json").read_text())
+        return GuestImage("", Path(e.record.image_dir), manifest).platform
+
+    def metrics(self, sandbox_id: str) -> Metric:
+        """A first version: raw libvirt stats as JSON; see the metrics issue."""
+        e = self._entry(sandbox_id)
+        import json
+
+        stats = self._hv.stats([e.record.domain]).get(e.record.domain, {})
+        return Metric(utcnow(), sandbox_id, Any("vmsandbox.io/libvirt-stats+json", json.dumps(stats).encode()))
+
+    def update(self, sandbox_id: str, sandbox: Sandbox, *fields: str) -> None:
+        """Store changed metadata of the sandbox (labels, extensions, spec, ...)."""
+        e = self._entry(sandbox_id)
+        unknown = set(fields) - UPDATABLE_FIELDS
+        if unknown:
+            raise InvalidArgument(f"cannot update field(s) {', '.join(sorted(unknown))}", sandbox_id=sandbox_id)
+        with e.op_lock, e.state_lock:
+            cur = e.record.sandbox
+            names = set(fields) or UPDATABLE_FIELDS - {"annotations"}
+            changes = {n: getattr(sandbox, n) for n in names if n != "annotations"}
+            from dataclasses import replace
+
+            self._save(e, sandbox=replace(cur, **changes, updated_at=utcnow()))
+
+    # ------------------------------------------------------------------ shutdown
+    def shutdown(self, sandbox_id: str) -> None:
+        """Stop the sandbox if needed and remove everything it owns. Idempotent."""
+        try:
+            e = self._entry(sandbox_id)
+        except NotFound:
+            return
+        with e.op_lock:
+            if e.removed:
+                return
+            self._stop_locked(e, self.config.stop_timeout)
+            self._remove_locked(e)
+
+    def _remove_locked(self, e: _Entry) -> None:
+        rec = e.record
+        self._hv.destroy(rec.domain)
+        self._hv.undefine(rec.domain)
+        if e.agent is not None:
+            e.agent.close()
+        try:
+            os.unlink(rec.agent_socket)
+        except FileNotFoundError:
+            pass
+        self._store.remove(rec.id)
+        e.removed = True
+        self._forget(rec.id)
+        log.info("sandbox %s: removed", rec.id)
+
+    # ------------------------------------------------------------------ extras
+    def exec(
+        self,
+        sandbox_id: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+    ) -> ExecResult:
+        """Run ``argv`` (no shell) inside the sandbox's rootfs and return its result.
+
+        Without rootfs mounts it runs in the guest's own root. Raises FailedPrecondition
+        when the sandbox is not running, DeadlineExceeded after ``timeout`` seconds.
+        """
+        if isinstance(argv, str):
+            raise InvalidArgument("argv must be a sequence of strings, not one string")
+        e = self._entry(sandbox_id)
+        if e.record.phase is not Phase.RUNNING:
+            raise FailedPrecondition(f"sandbox is {e.record.phase.value}, not running", sandbox_id=sandbox_id)
+        agent = self._agent(e)
+        if not agent.connected:
+            agent.connect(time.monotonic() + 15.0, alive=lambda: self._domain_running(e.record.domain))
+        return agent.exec(argv, env=env, cwd=cwd, stdin=stdin, timeout=timeout)
+
+    def list(self) -> list[SandboxSummary]:
+        """Every sandbox this controller knows, sorted by id."""
+        with self._entries_lock:
+            entries = [e for e in self._entries.values() if e.record is not None and not e.removed]
+        out = []
+        for e in sorted(entries, key=lambda e: e.record.id):
+            r = e.record
+            out.append(SandboxSummary(
+                id=r.id,
+                phase=r.phase,
+                state=SandboxState.READY if r.phase is Phase.RUNNING else SandboxState.NOTREADY,
+                pid=r.pid,
+                created_at=r.created_at,
+                exited_at=r.exited_at,
+            ))
+        return out
+
+    def console_log(self, sandbox_id: str) -> Path:
+        """The file the guest's console is written to."""
+        return self._store.dir(self._entry(sandbox_id).record.id) / "console.log"
+
+    # ------------------------------------------------------------------ recovery
+    def _recover(self) -> None:
+        """Rebuild in-memory state from records and libvirt; clean up interrupted work."""
+        records, strays = self._store.load_all()
+        known = {r.domain for r in records}
+        for rec in records:
+            e = _Entry(record=rec)
+            with self._entries_lock:
+                self._entries[rec.id] = e
+            info = self._hv.info(rec.domain)
+            if rec.phase is Phase.CREATED and info is not None and info.state is DomainState.RUNNING:
+                log.warning("sandbox %s: a boot was interrupted; powering the VM off", rec.id)
+                self._hv.destroy(rec.domain)
+            elif rec.phase is Phase.CREATED and info is None:
+                log.warning("sandbox %s: its domain vanished; marking it stopped", rec.id)
+                with e.state_lock:
+                    self._save(e, phase=Phase.STOPPED, exit_status=EXIT_FAILED, exited_at=utcnow())
+            elif rec.phase is Phase.RUNNING:
+                self._check_exit(e)
+        for d in strays:
+            log.warning("removing %s: left by an interrupted create", d)
+            self._hv.destroy(DOMAIN_PREFIX + d.name)
+            self._hv.undefine(DOMAIN_PREFIX + d.name)
+            self._store.remove(d.name)
+        for info in self._hv.list_tagged():
+            if info.metadata.get("state-dir") == str(self.config.state_dir) and info.name not in known:
+                log.warning("removing domain %s: ours, but it has no record", info.name)
+                self._hv.destroy(info.name)
+                self._hv.undefine(info.name)
+
+    def _reconcile(self) -> None:
+        """After libvirtd came back: notice sandboxes that stopped while it was away."""
+        with self._entries_lock:
+            entries = list(self._entries.values())
+        for e in entries:
+            if e.record is not None and e.record.phase is Phase.RUNNING:
+                threading.Thread(target=self._safe_check_exit, args=(e,), daemon=True).start()
+
+    def _safe_check_exit(self, e: _Entry) -> None:
+        try:
+            self._check_exit(e)
+        except VmSandboxError as err:
+            log.warning("sandbox %s: reconciling after reconnect failed: %s", e.record.id, err)
+
+
+def _hostname_for(sandbox: Sandbox) -> str:
+    name = sandbox.labels.get("name") or sandbox.id
+    cleaned = "".join(c if c.isalnum() or c == "-" else "-" for c in name.lower()).strip("-")
+    return (cleaned or "sandbox")[:63]
+
+
+def _console_mtime(sdir: Path) -> datetime:
+    try:
+        return datetime.fromtimestamp((sdir / "console.log").stat().st_mtime, timezone.utc)
+    except OSError:
+        return utcnow()

@@ -1,0 +1,195 @@
+"""How containerd mounts become guest disks.
+
+A mount whose source is a regular file (raw or qcow2, detected) or a block device is
+attached directly as a virtio disk. A directory source (``bind``, or an ``overlay`` from a
+snapshotter) is copied into an ext4 image in the sandbox's folder: the guest sees the
+content, but its writes stay in that image (no write-back to the snapshot). The first
+mount is the sandbox root; later ones are mounted at their target inside it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import Internal, InvalidArgument
+from ..model import Mount
+
+__all__ = ["DiskPlan", "plan_mounts", "materialize", "GUEST_FILESYSTEMS"]
+
+# Filesystems the default guest kernel can mount (ext2/3 are served by the ext4 driver).
+GUEST_FILESYSTEMS = frozenset({"ext4", "ext3", "ext2"})
+DIRECTORY_TYPES = frozenset({"bind", "rbind", "overlay"})
+# Mount options the guest honours (flags) or that only matter on the host (ignored).
+GUEST_FLAGS = frozenset({"ro", "rw", "nosuid", "nodev", "noexec", "noatime", "relatime", "nodiratime",
+                         "strictatime", "sync", "async", "dirsync", "discard", "lazytime"})
+HOST_ONLY = frozenset({"bind", "rbind", "private", "rprivate", "slave", "rslave", "shared", "rshared", "loop",
+                       "suid", "dev", "exec", "defaults"})
+OVERLAY_KEYS = frozenset({"lowerdir", "upperdir", "workdir", "index", "userxattr", "redirect_dir", "metacopy",
+                          "volatile", "xino", "nfs_export"})
+_SAFE_TARGET = re.compile(r"/[A-Za-z0-9._@+=,:/-]*")
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+@dataclass(frozen=True)
+class DiskPlan:
+    """One mount turned into a disk. ``build_from`` is set when an image must be made."""
+
+    index: int
+    mount: Mount
+    serial: str
+    fstype: str
+    target: str  # "" for the root
+    readonly: bool
+    guest_options: tuple[str, ...]
+    source: str  # the disk file or device (for built images: the path to create)
+    block: bool
+    format: str
+    build_from: str = ""  # a directory to copy, or "overlay"
+
+    def mounts_line(self) -> str:
+        opts = ",".join(self.guest_options) or "-"
+        return f"{self.serial} {self.fstype} {'ro' if self.readonly else 'rw'} {self.target or '/'} {opts}\n"
+
+
+def _detect_format(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            return "qcow2" if f.read(4) == QCOW2_MAGIC else "raw"
+    except OSError as e:
+        raise InvalidArgument(f"mount source {path} cannot be read: {e.strerror}") from e
+
+
+def _split_options(m: Mount) -> tuple[bool, tuple[str, ...], dict[str, str]]:
+    readonly = False
+    flags: list[str] = []
+    kv: dict[str, str] = {}
+    for opt in m.options:
+        if not isinstance(opt, str) or not opt or any(c in opt for c in "\0\n ") or not opt.isprintable():
+            raise InvalidArgument(f"mount of {m.source}: bad option {opt!r}")
+        if "=" in opt:
+            k, v = opt.split("=", 1)
+            if m.type != "overlay" or k not in OVERLAY_KEYS:
+                raise InvalidArgument(f"mount of {m.source}: unsupported option {opt!r}")
+            kv[k] = v
+        elif opt == "ro":
+            readonly = True
+        elif opt == "rw":
+            readonly = False
+        elif opt in GUEST_FLAGS:
+            flags.append(opt)
+        elif opt not in HOST_ONLY:
+            raise InvalidArgument(f"mount of {m.source}: unsupported option {opt!r}")
+    return readonly, tuple(flags), kv
+
+
+def plan_mounts(mounts: Sequence[Mount], sandbox_dir: Path) -> list[DiskPlan]:
+    """Validate the mounts and decide how each becomes a disk. Touches nothing.
+
+    Raises InvalidArgument for a missing source, an unknown type, bad options or targets.
+    """
+    plans: list[DiskPlan] = []
+    targets: set[str] = set()
+    for i, m in enumerate(mounts):
+        if not isinstance(m, Mount):
+            raise InvalidArgument(f"rootfs[{i}] is not a Mount")
+        readonly, flags, kv = _split_options(m)
+        if i == 0:
+            if m.target not in ("", "/"):
+                raise InvalidArgument(f"the first mount is the sandbox root; its target must be empty, not {m.target!r}")
+            target = ""
+        else:
+            target = os.path.normpath(m.target) if m.target else ""
+            if not target.startswith("/") or target == "/" or not _SAFE_TARGET.fullmatch(target) or "/../" in target + "/":
+                raise InvalidArgument(f"mount target {m.target!r} must be an absolute path of safe characters below /")
+            if target in targets:
+                raise InvalidArgument(f"two mounts share the target {target}")
+            targets.add(target)
+        serial = f"vsbx-m{i}"
+        if m.type == "overlay":
+            if "lowerdir" not in kv:
+                raise InvalidArgument("overlay mount without lowerdir")
+            dirs = kv["lowerdir"].split(":") + [kv[k] for k in ("upperdir", "workdir") if k in kv]
+            for d in dirs:
+                if not os.path.isdir(d):
+                    raise InvalidArgument(f"overlay directory {d} does not exist")
+            plans.append(DiskPlan(i, m, serial, "ext4", target, readonly, flags,
+                                  str(sandbox_dir / "disks" / f"m{i}.img"), False, "raw", "overlay"))
+            continue
+        try:
+            st = os.stat(m.source)
+        except OSError as e:
+            raise InvalidArgument(f"mount source {m.source!r} does not exist or cannot be read ({e.strerror})") from e
+        if stat.S_ISDIR(st.st_mode):
+            if m.type not in ("bind", "rbind"):
+                raise InvalidArgument(f"mount of directory {m.source} needs type bind, rbind or overlay, not {m.type!r}")
+            plans.append(DiskPlan(i, m, serial, "ext4", target, readonly, flags,
+                                  str(sandbox_dir / "disks" / f"m{i}.img"), False, "raw", m.source))
+        elif stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            if m.type not in GUEST_FILESYSTEMS:
+                raise InvalidArgument(
+                    f"mount type {m.type!r} of {m.source} is not supported (guest filesystems: "
+                    f"{', '.join(sorted(GUEST_FILESYSTEMS))}; directories: bind, overlay)"
+                )
+            block = stat.S_ISBLK(st.st_mode)
+            fmt = "raw" if block else _detect_format(m.source)
+            if not os.access(m.source, os.R_OK if readonly else os.R_OK | os.W_OK):
+                raise InvalidArgument(f"mount source {m.source} is not {'readable' if readonly else 'writable'}")
+            plans.append(DiskPlan(i, m, serial, m.type, target, readonly, flags, m.source, block, fmt))
+        else:
+            raise InvalidArgument(f"mount source {m.source} is neither a file, a block device nor a directory")
+    return plans
+
+
+def _tree_size(root: str) -> int:
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames + dirnames:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size + 4096
+            except OSError:
+                pass
+    return total
+
+
+def _mkfs_from(directory: str, image: str) -> None:
+    size = max(64 << 20, int(_tree_size(directory) * 1.3) + (32 << 20))
+    with open(image, "wb") as f:
+        f.truncate(size)
+    r = subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=1", "-d", directory, image],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise Internal(f"making a disk image from {directory} failed: {r.stderr.strip()}")
+
+
+def materialize(plan: DiskPlan) -> None:
+    """Create the image of a directory-backed mount (no-op for file/device mounts)."""
+    if not plan.build_from:
+        return
+    os.makedirs(os.path.dirname(plan.source), exist_ok=True)
+    if plan.build_from != "overlay":
+        _mkfs_from(plan.build_from, plan.source)
+        return
+    # Merge the overlay exactly as the kernel would (whiteouts, opaque dirs) by mounting it
+    # read-only on a private temporary mountpoint, then copy the merged view.
+    _, _, kv = _split_options(plan.mount)
+    mnt = tempfile.mkdtemp(prefix="vsbx-overlay-")
+    try:
+        opts = f"lowerdir={kv['lowerdir']}" if "upperdir" not in kv else \
+            f"lowerdir={kv['upperdir']}:{kv['lowerdir']}"
+        r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"ro,{opts}", mnt], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise Internal(f"mounting the overlay to copy it failed: {r.stderr.strip()}")
+        try:
+            _mkfs_from(mnt, plan.source)
+        finally:
+            subprocess.run(["umount", mnt], capture_output=True)
+    finally:
+        shutil.rmtree(mnt, ignore_errors=True)

@@ -1,0 +1,203 @@
+"""One JSON record per sandbox, written atomically after every state change.
+
+Layout: ``<state_dir>/sandboxes/<id>/record.json``. A record is what a new controller needs
+to find, stop, wait for and remove a sandbox that an earlier controller made.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any as _Any
+
+from ..errors import Internal
+from ..model import Any, Mount, Phase, Runtime, Sandbox
+
+__all__ = ["SandboxRecord", "Store"]
+
+log = logging.getLogger(__name__)
+RECORD = "record.json"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class SandboxRecord:
+    """Everything persisted about one sandbox."""
+
+    id: str
+    domain: str
+    phase: Phase
+    created_at: datetime
+    sandbox: Sandbox
+    vcpus: int
+    memory_mib: int
+    image_dir: str
+    agent_socket: str
+    host_key: str
+    rootfs: tuple[Mount, ...] = ()
+    options: Any | None = None
+    netns_path: str = ""
+    annotations: dict[str, str] = field(default_factory=dict)
+    started_at: datetime | None = None
+    exited_at: datetime | None = None
+    exit_status: int | None = None
+    pid: int = 0
+    taps: tuple[str, ...] = ()
+    network: dict[str, _Any] | None = None
+
+    def evolve(self, **changes: _Any) -> SandboxRecord:
+        return replace(self, **changes)
+
+
+def _any_to(a: Any | None) -> dict[str, str] | None:
+    return None if a is None else {"type_url": a.type_url, "value": base64.b64encode(a.value).decode()}
+
+
+def _any_from(d: dict[str, str] | None) -> Any | None:
+    return None if d is None else Any(d["type_url"], base64.b64decode(d["value"]))
+
+
+def _dt_to(t: datetime | None) -> str | None:
+    return None if t is None else t.isoformat()
+
+
+def _dt_from(s: str | None) -> datetime | None:
+    return None if s is None else datetime.fromisoformat(s)
+
+
+def _sandbox_to(s: Sandbox) -> dict[str, _Any]:
+    return {
+        "id": s.id,
+        "runtime": {"name": s.runtime.name, "options": _any_to(s.runtime.options)},
+        "spec": _any_to(s.spec),
+        "labels": dict(s.labels),
+        "extensions": {k: _any_to(v) for k, v in s.extensions.items()},
+        "sandboxer": s.sandboxer,
+        "created_at": _dt_to(s.created_at),
+        "updated_at": _dt_to(s.updated_at),
+    }
+
+
+def _sandbox_from(d: dict[str, _Any]) -> Sandbox:
+    return Sandbox(
+        id=d["id"],
+        runtime=Runtime(d["runtime"]["name"], _any_from(d["runtime"]["options"])),
+        spec=_any_from(d["spec"]),
+        labels=dict(d["labels"]),
+        extensions={k: a for k, v in d["extensions"].items() if (a := _any_from(v)) is not None},
+        sandboxer=d["sandboxer"],
+        created_at=_dt_from(d["created_at"]),
+        updated_at=_dt_from(d["updated_at"]),
+    )
+
+
+def record_to_json(r: SandboxRecord) -> dict[str, _Any]:
+    return {
+        "version": VERSION,
+        "id": r.id,
+        "domain": r.domain,
+        "phase": r.phase.value,
+        "created_at": _dt_to(r.created_at),
+        "sandbox": _sandbox_to(r.sandbox),
+        "vcpus": r.vcpus,
+        "memory_mib": r.memory_mib,
+        "image_dir": r.image_dir,
+        "agent_socket": r.agent_socket,
+        "host_key": r.host_key,
+        "rootfs": [{"type": m.type, "source": m.source, "target": m.target, "options": list(m.options)} for m in r.rootfs],
+        "options": _any_to(r.options),
+        "netns_path": r.netns_path,
+        "annotations": dict(r.annotations),
+        "started_at": _dt_to(r.started_at),
+        "exited_at": _dt_to(r.exited_at),
+        "exit_status": r.exit_status,
+        "pid": r.pid,
+        "taps": list(r.taps),
+        "network": r.network,
+    }
+
+
+def record_from_json(d: dict[str, _Any]) -> SandboxRecord:
+    created = _dt_from(d["created_at"])
+    assert created is not None
+    return SandboxRecord(
+        id=d["id"],
+        domain=d["domain"],
+        phase=Phase(d["phase"]),
+        created_at=created,
+        sandbox=_sandbox_from(d["sandbox"]),
+        vcpus=int(d["vcpus"]),
+        memory_mib=int(d["memory_mib"]),
+        image_dir=d["image_dir"],
+        agent_socket=d["agent_socket"],
+        host_key=d["host_key"],
+        rootfs=tuple(Mount(m["type"], m["source"], m["target"], tuple(m["options"])) for m in d["rootfs"]),
+        options=_any_from(d["options"]),
+        netns_path=d["netns_path"],
+        annotations=dict(d["annotations"]),
+        started_at=_dt_from(d["started_at"]),
+        exited_at=_dt_from(d["exited_at"]),
+        exit_status=d["exit_status"],
+        pid=int(d["pid"]),
+        taps=tuple(d["taps"]),
+        network=d["network"],
+    )
+
+
+class Store:
+    """The sandbox folders and records under ``<state_dir>/sandboxes``."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.root = state_dir / "sandboxes"
+
+    def dir(self, sandbox_id: str) -> Path:
+        return self.root / sandbox_id
+
+    def exists(self, sandbox_id: str) -> bool:
+        return self.dir(sandbox_id).exists()
+
+    def save(self, record: SandboxRecord) -> None:
+        """Atomically replace the record (temp file, fsync, rename)."""
+        d = self.dir(record.id)
+        data = json.dumps(record_to_json(record), indent=1, sort_keys=True).encode()
+        fd, tmp = tempfile.mkstemp(prefix=".record-", dir=d)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, d / RECORD)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    def load_all(self) -> tuple[list[SandboxRecord], list[Path]]:
+        """(records, folders without a readable record: leftovers of an interrupted create)."""
+        records: list[SandboxRecord] = []
+        strays: list[Path] = []
+        if not self.root.is_dir():
+            return records, strays
+        for d in sorted(self.root.iterdir()):
+            if not d.is_dir():
+                continue
+            try:
+                records.append(record_from_json(json.loads((d / RECORD).read_text())))
+            except FileNotFoundError:
+                strays.append(d)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise Internal(f"sandbox record {d / RECORD} is unreadable: {e}") from e
+        return records, strays
+
+    def remove(self, sandbox_id: str) -> None:
+        """Delete the sandbox's folder and everything in it (idempotent)."""
+        shutil.rmtree(self.dir(sandbox_id), ignore_errors=True)
