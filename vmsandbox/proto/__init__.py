@@ -1,0 +1,6 @@
+"""Generated protobuf/gRPC code (``hack/gen-proto.sh``) for containerd's wire types; do not edit.
+
+The .proto sources sit beside the generated modules. Wire package names equal containerd's
+(``containerd.types``, ``containerd.services.sandbox.v1``, ``io.containerd.cgroups.v2``,
+``runtime.v1``); only the Python module paths live under ``vmsandbox.proto``.
+"""
