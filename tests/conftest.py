@@ -11,6 +11,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,9 +61,28 @@ def unique(name: str = "") -> str:
 
 
 @pytest.fixture(scope="session")
-def state_dir(prereqs: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def test_root(prereqs: None) -> Iterator[Path]:
+    """A folder QEMU (running as libvirt-qemu) can traverse; pytest's tmp dirs are 0700."""
+    d = Path(tempfile.mkdtemp(prefix=f"{TEST_PREFIX}-", dir="/var/tmp"))
+    os.chmod(d, 0o711)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def qemu_tmp(test_root: Path) -> Iterator[Path]:
+    """A per-test folder under :func:`test_root` for disk images QEMU must open."""
+    d = Path(tempfile.mkdtemp(dir=test_root))
+    os.chmod(d, 0o711)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def state_dir(test_root: Path) -> Iterator[Path]:
     """One state dir for the whole session (the guest image is built once into it)."""
-    d = tmp_path_factory.mktemp("vsbx-state")
+    d = test_root / "state"
+    d.mkdir()
     yield d
 
 
@@ -111,17 +131,16 @@ def sandbox_ids(controller: object) -> Iterator[list[str]]:
 
 
 @pytest.fixture(scope="session")
-def rootfs_image(prereqs: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def rootfs_image(test_root: Path) -> Path:
     """A busybox ext4 image made by hack/mkrootfs.sh (a template: copy before writing)."""
-    out = tmp_path_factory.mktemp("rootfs") / "rootfs.img"
+    out = test_root / "rootfs-template.img"
     subprocess.run(["bash", str(REPO / "hack" / "mkrootfs.sh"), str(out)], check=True, capture_output=True)
     return out
 
 
 @pytest.fixture
-def rootfs_copy(rootfs_image: Path, tmp_path: Path) -> Path:
-    """A private writable copy of the busybox rootfs image."""
-    dst = tmp_path / "rootfs.img"
+def rootfs_copy(rootfs_image: Path, qemu_tmp: Path) -> Path:
+    """A private writable copy of the busybox rootfs image (in a QEMU-reachable folder)."""
+    dst = qemu_tmp / "rootfs.img"
     shutil.copyfile(rootfs_image, dst)
-    os.chmod(tmp_path, 0o755)
     return dst

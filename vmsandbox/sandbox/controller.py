@@ -9,10 +9,8 @@ to the sandbox's record, so a new controller on the same state dir recovers all 
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
-import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -34,7 +32,8 @@ from ..errors import (
 )
 from ..guest.agent import GuestAgent
 from ..guest.keys import dropbear_private_key, generate_keypair, write_private
-from ..hypervisor.domain import DiskSpec, DomainSpec, build_domain_xml
+from .. import network
+from ..hypervisor.domain import DiskSpec, DomainSpec, NicSpec, build_domain_xml
 from ..hypervisor.libvirt_driver import DomainState, LibvirtHypervisor, StopReason
 from ..image import GuestImage, ensure_image
 from ..model import (
@@ -52,7 +51,9 @@ from ..model import (
     SandboxSummary,
     utcnow,
 )
+from ..podconfig import memory_mib_from, parse_pod_config, vcpus_from
 from . import mounts as mountplan
+from .guestconfig import config_archive, guest_settings
 from .store import SandboxRecord, Store
 from .validate import check_sandbox_id, resources_from_annotations
 
@@ -126,6 +127,7 @@ class LibvirtController:
         for sub in ("sandboxes", "sock"):
             (config.state_dir / sub).mkdir(exist_ok=True)
         os.chmod(config.state_dir / "sock", 0o711)
+        _warn_if_unreachable(config.state_dir)
         self._hv = LibvirtHypervisor(config.uri, on_stop=self._on_domain_stop, on_reconnect=self._reconcile)
         self._recover()
 
@@ -197,13 +199,17 @@ class LibvirtController:
         sid = check_sandbox_id(sandbox.id)
         annotations = dict(annotations or {})
         mounts = tuple(rootfs)
+        pod = parse_pod_config(options)
         vcpus, mem = resources_from_annotations(
             annotations, max_vcpus=self.config.max_vcpus, max_memory_mib=self.config.max_memory_mib
         )
+        if pod is not None:
+            vcpus = vcpus or _clamp(vcpus_from(pod), 1, self.config.max_vcpus)
+            mem = mem or _clamp(memory_mib_from(pod), self.config.default_memory_mib, self.config.max_memory_mib)
         vcpus = vcpus or self.config.default_vcpus
         mem = mem or self.config.default_memory_mib
-        if netns_path:
-            raise InvalidArgument(f"network namespaces are not supported yet (netns_path={netns_path!r})")
+        settings = guest_settings(sandbox, annotations, pod)
+        netplan = network.inspect_netns(netns_path) if netns_path else None
         sdir = self._store.dir(sid)
         plans = mountplan.plan_mounts(mounts, sdir)
 
@@ -224,7 +230,19 @@ class LibvirtController:
                 write_private(sdir / "id_ed25519", client.openssh_private())
                 for plan in plans:
                     mountplan.materialize(plan)
-                self._write_config_disk(sdir / "config.tar", sandbox, client.public_line, dropbear_private_key(hostkey), plans)
+                taps: list[str] = []
+                if netplan is not None:
+                    taps = network.tap_names(sid, len(netplan.interfaces))
+                    undo.callback(network.detach, netns_path, taps, None)
+                    network.create_taps(taps)
+                config = config_archive(
+                    settings=settings,
+                    authorized_key=client.public_line,
+                    hostkey=dropbear_private_key(hostkey),
+                    disks=plans,
+                    network=netplan,
+                )
+                write_private(sdir / "config.tar", config)
                 domain = DOMAIN_PREFIX + sid
                 now = utcnow()
                 spec = DomainSpec(
@@ -245,6 +263,7 @@ class LibvirtController:
                     agent_socket=self._socket_path(sid),
                     disks=(DiskSpec(str(sdir / "config.tar"), "vsbx-config", readonly=True),)
                     + tuple(DiskSpec(p.source, p.serial, p.format, p.block, p.readonly) for p in plans),
+                    nics=tuple(NicSpec(t, i.mac, i.mtu) for t, i in zip(taps, netplan.interfaces)) if netplan else (),
                 )
                 self._hv.define(build_domain_xml(spec))
                 undo.callback(self._hv.undefine, domain)
@@ -263,6 +282,8 @@ class LibvirtController:
                     options=options,
                     netns_path=netns_path,
                     annotations=annotations,
+                    taps=tuple(taps),
+                    network=netplan.to_json() if netplan is not None else None,
                 )
                 self._store.save(record)
                 entry.record = record
@@ -274,29 +295,6 @@ class LibvirtController:
     def _forget(self, sid: str) -> None:
         with self._entries_lock:
             self._entries.pop(sid, None)
-
-    def _write_config_disk(
-        self, path: Path, sandbox: Sandbox, authorized_key: str, hostkey: bytes, plans: Sequence[mountplan.DiskPlan]
-    ) -> None:
-        files: dict[str, bytes] = {
-            "authorized_keys": (authorized_key + "\n").encode(),
-            "hostkey": hostkey,
-            "hostname": (_hostname_for(sandbox) + "\n").encode(),
-        }
-        if plans:
-            files["mounts"] = "".join(p.mounts_line() for p in plans).encode()
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for name, data in sorted(files.items()):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                info.mode = 0o600
-                tar.addfile(info, io.BytesIO(data))
-        data = buf.getvalue()
-        data += b"\0" * (-len(data) % 4096)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
 
     # ------------------------------------------------------------------ start
     def start(self, sandbox_id: str) -> ControllerInstance:
@@ -321,15 +319,31 @@ class LibvirtController:
             started = utcnow()
             agent = self._agent(e)
             try:
+                plan = self._plan(rec)
+                if plan is not None:
+                    network.attach(plan, list(rec.taps))
                 agent.connect(deadline, alive=lambda: self._domain_running(rec.domain))
             except VmSandboxError:
                 agent.close()
                 self._hv.destroy(rec.domain)
+                self._unwire(rec)
                 raise
             with e.state_lock:
                 rec = self._save(e, phase=Phase.RUNNING, started_at=started, pid=self._hv.pid(rec.domain))
             log.info("sandbox %s: running (pid %d) after %.2fs", sandbox_id, rec.pid, (utcnow() - started).total_seconds())
             return self._instance(rec)
+
+    def _plan(self, rec: SandboxRecord) -> network.NetworkPlan | None:
+        return network.NetworkPlan.from_json(rec.network) if rec.network is not None else None
+
+    def _unwire(self, rec: SandboxRecord) -> None:
+        """Give the netns its interfaces back (addresses, no redirects); taps stay for a restart."""
+        if rec.network is None:
+            return
+        try:
+            network.detach(rec.netns_path, [], self._plan(rec))
+        except VmSandboxError as err:
+            log.warning("sandbox %s: restoring its network namespace failed: %s", rec.id, err)
 
     def _instance(self, rec: SandboxRecord) -> ControllerInstance:
         return ControllerInstance(
@@ -426,6 +440,7 @@ class LibvirtController:
             self._record_exit(e, StopReason.DESTROYED)
         if e.agent is not None:
             e.agent.close()
+        self._unwire(rec)
 
     def _request_poweroff(self, e: _Entry, deadline: float) -> None:
         """Ask the guest to power itself off; failures just mean we force it later."""
@@ -540,6 +555,8 @@ class LibvirtController:
         rec = e.record
         self._hv.destroy(rec.domain)
         self._hv.undefine(rec.domain)
+        if rec.taps or rec.network is not None:
+            network.detach(rec.netns_path, list(rec.taps), self._plan(rec))
         if e.agent is not None:
             e.agent.close()
         try:
@@ -643,10 +660,22 @@ class LibvirtController:
             log.warning("sandbox %s: reconciling after reconnect failed: %s", e.record.id, err)
 
 
-def _hostname_for(sandbox: Sandbox) -> str:
-    name = sandbox.labels.get("name") or sandbox.id
-    cleaned = "".join(c if c.isalnum() or c == "-" else "-" for c in name.lower()).strip("-")
-    return (cleaned or "sandbox")[:63]
+def _warn_if_unreachable(path: Path) -> None:
+    """QEMU usually runs unprivileged (libvirt-qemu): it must traverse every parent folder."""
+    for parent in path.resolve().parents:
+        try:
+            mode = parent.stat().st_mode
+        except OSError:
+            continue
+        if not mode & 0o001:
+            log.warning("state dir %s: %s is mode %o, which an unprivileged QEMU user cannot traverse; "
+                        "guests will fail to open their disks (use a folder like /var/lib/vmsandbox)",
+                        path, parent, mode & 0o7777)
+            return
+
+
+def _clamp(v: int | None, lo: int, hi: int) -> int | None:
+    return None if v is None else max(lo, min(hi, v))
 
 
 def _console_mtime(sdir: Path) -> datetime:
