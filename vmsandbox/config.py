@@ -80,6 +80,7 @@ class Config:
     default_memory_mib: int = 256
     max_vcpus: int = 64
     max_memory_mib: int = 1024 * 1024
+    memory_headroom: int = 2  # a guest may grow to this multiple of its memory (balloon)
     boot_timeout: float = 120.0
     stop_timeout: float = 10.0
     kernel_cmdline: str = "console=ttyS0 panic=-1 quiet loglevel=3 i8042.noaux i8042.nokbd"

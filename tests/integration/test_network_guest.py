@@ -137,6 +137,13 @@ def test_peer_and_guest_reach_each_other(controller, sandbox_ids, podnet):  # ty
                     f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=20).read().decode())")
         assert got.stdout.strip() == "hello-from-guest"
 
+    # Metrics carry the guest's interface counters, read inside the netns.
+    from vmsandbox.cgroupsv2 import from_any
+
+    net = {n.name: n for n in from_any(controller.metrics(sid).data).network}
+    assert net["eth0"].rx_packets >= 5 and net["eth0"].tx_packets >= 5
+    assert net["eth0"].rx_bytes > 0 and net["eth0"].tx_bytes > 0
+
     assert len(taps_in(podnet.pod)) == 1
     controller.shutdown(sid)
     # Nothing of ours remains: no tap anywhere, no ingress qdisc, and eth0 has its address back.

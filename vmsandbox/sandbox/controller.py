@@ -9,13 +9,14 @@ to the sandbox's record, so a new controller on the same state dir recovers all 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any as _Any
@@ -51,7 +52,10 @@ from ..model import (
     SandboxSummary,
     utcnow,
 )
+from ..cgroupsv2 import CgroupV2Metrics, to_any
 from ..podconfig import memory_mib_from, parse_pod_config, vcpus_from
+from .metrics import from_domain_stats
+from .resources import ResourceChange, resources_from_update
 from . import mounts as mountplan
 from .guestconfig import config_archive, guest_settings
 from .store import SandboxRecord, Store
@@ -121,6 +125,7 @@ class LibvirtController:
         self._entries_lock = threading.Lock()
         self._image: GuestImage | None = None
         self._image_lock = threading.Lock()
+        self._manifests: dict[str, dict[str, _Any]] = {}
         self._closed = False
         config.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(config.state_dir, 0o711)
@@ -255,7 +260,7 @@ class LibvirtController:
                     vcpus=vcpus,
                     max_vcpus=vcpus,
                     memory_mib=mem,
-                    max_memory_mib=mem,
+                    max_memory_mib=max(mem, min(self.config.max_memory_mib, mem * self.config.memory_headroom)),
                     kernel=str(image.kernel),
                     initrd=str(image.initrd),
                     cmdline=self.config.kernel_cmdline,
@@ -500,43 +505,139 @@ class LibvirtController:
         out = {
             "console_log": str(sdir / "console.log"),
             "image": rec.image_dir,
+            "kernel_version": self._manifest(rec.image_dir).get("kernel_version", ""),
             "vcpus": str(rec.vcpus),
             "memory_mib": str(rec.memory_mib),
+            "netns_path": rec.netns_path,
+            "taps": ",".join(rec.taps),
+            "labels": json.dumps(rec.sandbox.labels, sort_keys=True),
+            "annotations": json.dumps(rec.annotations, sort_keys=True),
+            "extensions": ",".join(sorted(rec.sandbox.extensions)),
         }
+        if rec.exit_status is not None:
+            out["exit_status"] = str(rec.exit_status)
         info = self._hv.info(rec.domain)
         if info is not None:
             out["libvirt_state"] = info.state.value
+            if info.state is DomainState.SHUTOFF:
+                out["libvirt_reason"] = info.stop_reason.value
+            try:
+                out["domain_xml"] = self._hv.xml(rec.domain)
+            except NotFound:
+                pass
+        # CRI parses info["info"] as JSON (its SandboxInfo shape; unknown keys are ignored).
+        out["info"] = json.dumps({"pid": rec.pid, "vmsandbox": {k: v for k, v in out.items() if k != "domain_xml"}})
         return out
 
-    def platform(self, sandbox_id: str) -> Platform:
-        """The guest's OS/architecture in OCI names, from the image manifest."""
-        e = self._entry(sandbox_id)
-        import json
+    def _manifest(self, image_dir: str) -> dict[str, _Any]:
+        with self._image_lock:
+            m = self._manifests.get(image_dir)
+        if m is None:
+            try:
+                m = json.loads((Path(image_dir) / "manifest.json").read_text())
+            except (OSError, ValueError) as err:
+                raise FailedPrecondition(f"guest image manifest in {image_dir} is unreadable: {err}") from err
+            with self._image_lock:
+                self._manifests[image_dir] = m
+        return m
 
-        manifest = json.loads((Path(e.record.image_dir) / "manifest.json").read_text())
-        return GuestImage("", Path(e.record.image_dir), manifest).platform
+    def platform(self, sandbox_id: str) -> Platform:
+        """The guest's OS/architecture in OCI names, from the image manifest (cached)."""
+        e = self._entry(sandbox_id)
+        return GuestImage("", Path(e.record.image_dir), self._manifest(e.record.image_dir)).platform
+
+    def resource_metrics(self, sandbox_id: str) -> CgroupV2Metrics:
+        """The sandbox's figures as a typed object (what :meth:`metrics` encodes).
+
+        One libvirt stats call plus netns counters; no guest round trip. A sandbox that is
+        not running reports zeros.
+        """
+        e = self._entry(sandbox_id)
+        rec = e.record
+        stats = self._hv.stats([rec.domain]).get(rec.domain, {}) if rec.phase is Phase.RUNNING else {}
+        limit = rec.memory_mib * 1024 * 1024 if stats else 0
+        return from_domain_stats(stats, self._tap_counters(rec), limit_bytes=limit)
+
+    def _tap_counters(self, rec: SandboxRecord) -> list[tuple[str, network.InterfaceCounters]]:
+        if rec.phase is not Phase.RUNNING or not rec.taps or rec.network is None:
+            return []
+        plan = self._plan(rec)
+        assert plan is not None
+        try:
+            counters = network.read_counters(rec.netns_path, list(rec.taps))
+        except VmSandboxError as err:
+            log.warning("sandbox %s: reading interface counters failed: %s", rec.id, err)
+            return []
+        return [(i.name, counters[t]) for t, i in zip(rec.taps, plan.interfaces) if t in counters]
 
     def metrics(self, sandbox_id: str) -> Metric:
-        """A first version: raw libvirt stats as JSON; see the metrics issue."""
-        e = self._entry(sandbox_id)
-        import json
-
-        stats = self._hv.stats([e.record.domain]).get(e.record.domain, {})
-        return Metric(utcnow(), sandbox_id, Any("vmsandbox.io/libvirt-stats+json", json.dumps(stats).encode()))
+        """containerd's Metric: an Any of ``io.containerd.cgroups.v2.Metrics`` (bare URL)."""
+        return Metric(utcnow(), sandbox_id, to_any(self.resource_metrics(sandbox_id)))
 
     def update(self, sandbox_id: str, sandbox: Sandbox, *fields: str) -> None:
-        """Store changed metadata of the sandbox (labels, extensions, spec, ...)."""
+        """Apply the named fields of ``sandbox`` (all updatable ones when none are named).
+
+        labels, extensions, spec, runtime and sandboxer are stored (and shown by verbose
+        status); the OCI spec's annotations become the sandbox's annotations. Resources reach
+        the running guest: our vcpus/memory-mib annotations or labels, and CRI's
+        ``updated-resources`` extension; memory through the balloon (up to the boot-time
+        maximum), vCPUs only to the count the guest booted with, else FailedPrecondition.
+        Unknown fields raise InvalidArgument. Nothing is changed when any part fails.
+        """
         e = self._entry(sandbox_id)
+        if not isinstance(sandbox, Sandbox):
+            raise InvalidArgument("sandbox must be a vmsandbox.Sandbox")
         unknown = set(fields) - UPDATABLE_FIELDS
         if unknown:
-            raise InvalidArgument(f"cannot update field(s) {', '.join(sorted(unknown))}", sandbox_id=sandbox_id)
-        with e.op_lock, e.state_lock:
-            cur = e.record.sandbox
-            names = set(fields) or UPDATABLE_FIELDS - {"annotations"}
-            changes = {n: getattr(sandbox, n) for n in names if n != "annotations"}
-            from dataclasses import replace
+            raise InvalidArgument(
+                f"cannot update field(s) {', '.join(sorted(unknown))}; updatable: {', '.join(sorted(UPDATABLE_FIELDS))}",
+                sandbox_id=sandbox_id,
+            )
+        names = set(fields) or set(UPDATABLE_FIELDS)
+        with e.op_lock:
+            rec = e.record
+            attrs = {n: getattr(sandbox, n) for n in names if n != "annotations"}
+            new_sandbox = replace(rec.sandbox, **attrs, updated_at=utcnow())
+            annotations = dict(rec.annotations)
+            if names & {"spec", "annotations"}:
+                annotations.update(_spec_annotations(sandbox.spec))
+            change = resources_from_update(
+                new_sandbox, annotations, names,
+                max_vcpus=self.config.max_vcpus, max_memory_mib=self.config.max_memory_mib,
+            )
+            self._apply_resources(e, change)
+            with e.state_lock:
+                self._save(
+                    e, sandbox=new_sandbox, annotations=annotations,
+                    vcpus=change.vcpus or rec.vcpus, memory_mib=change.memory_mib or rec.memory_mib,
+                )
 
-            self._save(e, sandbox=replace(cur, **changes, updated_at=utcnow()))
+    def _apply_resources(self, e: _Entry, change: ResourceChange) -> None:
+        rec = e.record
+        if change.vcpus is not None and change.vcpus != rec.vcpus:
+            raise FailedPrecondition(
+                f"cannot change vCPUs from {rec.vcpus} to {change.vcpus}: vCPU hot-plug is not supported; "
+                "set vmsandbox.io/vcpus at create", sandbox_id=rec.id)
+        if change.memory_mib is None or change.memory_mib == rec.memory_mib:
+            return
+        if rec.phase is Phase.RUNNING:
+            xml_max = self._max_memory_mib(rec)
+            if change.memory_mib > xml_max:
+                raise FailedPrecondition(
+                    f"cannot grow memory to {change.memory_mib} MiB: the guest booted with at most {xml_max} MiB "
+                    "(the balloon cannot go past it)", sandbox_id=rec.id)
+            self._hv.set_memory(rec.domain, change.memory_mib)
+        else:
+            raise FailedPrecondition(f"sandbox is {rec.phase.value}: memory can only change while it runs",
+                                     sandbox_id=rec.id)
+
+    def _max_memory_mib(self, rec: SandboxRecord) -> int:
+        import xml.etree.ElementTree as ET
+
+        el = ET.fromstring(self._hv.xml(rec.domain)).find("memory")
+        assert el is not None and el.text is not None
+        unit = el.get("unit", "KiB")
+        return int(el.text) // (1024 if unit == "KiB" else 1)
 
     # ------------------------------------------------------------------ shutdown
     def shutdown(self, sandbox_id: str) -> None:
@@ -658,6 +759,18 @@ class LibvirtController:
             self._check_exit(e)
         except VmSandboxError as err:
             log.warning("sandbox %s: reconciling after reconnect failed: %s", e.record.id, err)
+
+
+def _spec_annotations(spec: Any | None) -> dict[str, str]:
+    """The annotations of an OCI runtime spec held in an Any (JSON, as containerd writes it)."""
+    if spec is None:
+        return {}
+    try:
+        doc = json.loads(spec.value)
+    except ValueError:
+        return {}
+    ann = doc.get("annotations") if isinstance(doc, dict) else None
+    return {str(k): str(v) for k, v in ann.items()} if isinstance(ann, dict) else {}
 
 
 def _warn_if_unreachable(path: Path) -> None:
