@@ -62,7 +62,7 @@ case $arch in
   arm64) oci_arch=arm64; variant=v8 ;;
   *) oci_arch=$arch; variant= ;;
 esac
-busybox_version=$(/bin/busybox | head -n1 | awk '{print $2}')
+busybox_version=$(/bin/busybox | awk 'NR == 1 {print $2}')  # awk reads all: head would SIGPIPE busybox (exit 141 under pipefail)
 dropbear_version=$(dropbear -V 2>&1 | awk '{print $2}' | head -n1)
 mkdir -p "$out"
 cp "$work/vmlinuz" "$work/initramfs.img" "$out/"

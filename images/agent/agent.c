@@ -95,7 +95,7 @@ static void session(int port, const char *hostkey) {
     fcntl(sv[0], F_SETFL, O_NONBLOCK);
     static struct pipebuf up, down; /* up: dropbear -> host, down: host -> dropbear */
     up.len = down.len = 0;
-    int alive = 1;
+    int alive = 1, host_gone = 0;
     while (alive) {
         struct pollfd p[2] = {
             {port, (short)((down.len < BUF ? POLLIN : 0) | (up.len ? POLLOUT : 0)), 0},
@@ -106,15 +106,19 @@ static void session(int port, const char *hostkey) {
             continue;
         }
         reap();
-        if (p[0].revents & (POLLHUP | POLLERR)) break; /* host disconnected */
+        if (p[0].revents & (POLLHUP | POLLERR)) { /* host disconnected */
+            host_gone = 1;
+            break;
+        }
         if ((p[0].revents & POLLIN) && !fill(port, &down)) break;
         if ((p[1].revents & POLLIN) && !fill(sv[0], &up)) alive = 0;
         if ((p[0].revents & POLLOUT) && up.len && !drain(port, &up)) break;
         if ((p[1].revents & POLLOUT) && down.len && !drain(sv[0], &down)) alive = 0;
         if (p[1].revents & (POLLHUP | POLLERR)) alive = 0;
     }
-    /* Flush what dropbear said last (e.g. the exit status), then end the session. */
-    for (int i = 0; i < 50 && up.len; i++) {
+    /* Dropbear ended while the host is still there: flush what it said last (the exit
+     * status, say). Never write to a disconnected port: nobody would read it. */
+    for (int i = 0; i < 50 && up.len && !host_gone; i++) {
         struct pollfd p = {port, POLLOUT, 0};
         if (poll(&p, 1, 100) > 0 && (p.revents & POLLOUT)) drain(port, &up);
         if (p.revents & (POLLHUP | POLLERR)) break;
@@ -122,13 +126,17 @@ static void session(int port, const char *hostkey) {
     kill(-pid, SIGKILL);
     kill(pid, SIGKILL);
     close(sv[0]);
-    /* The session is over: wait for the host end to disconnect, dropping its bytes. */
+    /* Wait for the host end to disconnect. Once it has, every byte still readable in the
+     * port came from that dead connection and would corrupt the next handshake: drop it. */
     for (;;) {
         struct pollfd p = {port, POLLIN, 0};
         poll(&p, 1, 200);
         reap();
-        if (p.revents & POLLHUP) break;
         if (p.revents & POLLIN) discard_input(port);
+        if (p.revents & POLLHUP) {
+            discard_input(port);
+            break;
+        }
     }
 }
 
@@ -152,7 +160,8 @@ static int agent_main(int argc, char **argv) {
         int r = poll(&p, 1, 1000);
         reap();
         if (r > 0 && (p.revents & POLLHUP)) {
-            sleep_ms(10); /* no host connected yet */
+            discard_input(port); /* leftovers of a connection that is gone */
+            sleep_ms(10);        /* no host connected yet */
             continue;
         }
         if (r > 0) session(port, argv[2]);

@@ -85,6 +85,7 @@ class GuestAgent:
     # ------------------------------------------------------------------ connect
     def _connect_once(self, timeout: float) -> paramiko.Transport:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        t: paramiko.Transport | None = None
         try:
             sock.settimeout(timeout)
             sock.connect(self.socket_path)
@@ -95,13 +96,16 @@ class GuestAgent:
             t.start_client(timeout=timeout)
             key = t.get_remote_server_key()
             if key.get_name() != self._host_key.get_name() or key.asbytes() != self._host_key.asbytes():
-                t.close()
                 raise Unavailable("guest presented an unexpected host key", sandbox_id=self.sandbox_id)
             t.auth_publickey("root", self._key)
             t.set_keepalive(15)
             sock.settimeout(None)
             return t
         except BaseException:
+            # Stop the transport's reader thread before the fd is closed: otherwise it may
+            # read from the next attempt's socket once the kernel reuses the fd number.
+            if t is not None:
+                t.close()
             sock.close()
             raise
 
@@ -143,6 +147,14 @@ class GuestAgent:
     def _close_locked(self) -> None:
         t, self._transport = self._transport, None
         if t is not None:
+            # Half-close first. QEMU 7.2's char-socket can lose its HUP watch once the
+            # guest has consumed host data (a race re-arming the handler from a vCPU
+            # thread); it then never notices a plain close and refuses every later
+            # connection. EOF on its read path is always seen.
+            try:
+                t.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
             t.close()
 
     @property

@@ -59,7 +59,7 @@ from .resources import ResourceChange, resources_from_update
 from . import mounts as mountplan
 from .guestconfig import config_archive, guest_settings
 from .store import SandboxRecord, Store
-from .validate import check_sandbox_id, resources_from_annotations
+from .validate import MIN_MEMORY_MIB, check_sandbox_id, resources_from_annotations
 
 __all__ = ["LibvirtController", "EXIT_CLEAN", "EXIT_KILLED", "EXIT_FAILED"]
 
@@ -210,7 +210,7 @@ class LibvirtController:
         )
         if pod is not None:
             vcpus = vcpus or _clamp(vcpus_from(pod), 1, self.config.max_vcpus)
-            mem = mem or _clamp(memory_mib_from(pod), self.config.default_memory_mib, self.config.max_memory_mib)
+            mem = mem or _clamp(memory_mib_from(pod), MIN_MEMORY_MIB, self.config.max_memory_mib)
         vcpus = vcpus or self.config.default_vcpus
         mem = mem or self.config.default_memory_mib
         settings = guest_settings(sandbox, annotations, pod)
