@@ -58,6 +58,6 @@ if [ ! -x .venv/bin/python ]; then
   say "created .venv"
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[dev]'
+.venv/bin/python -m pip install -q -e '.[dev,bench]'
 say "Python dependencies installed in .venv"
 say "ok"
