@@ -83,11 +83,29 @@ class Config:
     memory_headroom: int = 2  # a guest may grow to this multiple of its memory (balloon)
     boot_timeout: float = 120.0
     stop_timeout: float = 10.0
-    kernel_cmdline: str = "console=ttyS0 panic=-1 quiet loglevel=3 i8042.noaux i8042.nokbd"
+    machine: str = ""  # "" = q35 on x86_64, virt on aarch64
+    firmware: str = "auto"  # auto = qboot when QEMU ships it (fast direct kernel boot), else "bios"
+    rng: bool = True
+    kernel_cmdline: str = (
+        "console=ttyS0 panic=-1 quiet loglevel=3 i8042.noaux i8042.nokbd i8042.nopnp i8042.dumbkbd "
+        "cryptomgr.notests noreplace-smp no_timer_check tsc=reliable rcupdate.rcu_expedited=1"
+    )
 
     def __post_init__(self) -> None:
         if self.boot_timeout <= 0 or self.stop_timeout < 0:
             raise InvalidArgument("boot_timeout must be > 0 and stop_timeout >= 0")
+
+    def loader(self) -> str:
+        """The firmware ROM path for domains, "" for QEMU's default BIOS."""
+        if self.firmware == "bios":
+            return ""
+        if self.firmware != "auto":
+            return self.firmware
+        qboot = Path("/usr/share/qemu/qboot.rom")
+        return str(qboot) if _platform.machine() == "x86_64" and qboot.is_file() else ""
+
+    def machine_type(self) -> str:
+        return self.machine or ("q35" if _platform.machine() == "x86_64" else "virt")
 
     @classmethod
     def from_env(cls, **overrides: object) -> Config:

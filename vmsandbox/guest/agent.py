@@ -104,6 +104,10 @@ class GuestAgent:
         except BaseException:
             # Stop the transport's reader thread before the fd is closed: otherwise it may
             # read from the next attempt's socket once the kernel reuses the fd number.
+            try:
+                sock.shutdown(socket.SHUT_WR)  # see _close_locked: QEMU must see EOF
+            except OSError:
+                pass
             if t is not None:
                 t.close()
             sock.close()

@@ -56,6 +56,8 @@ class DomainSpec:
     nics: tuple[NicSpec, ...] = ()
     balloon_period: int = 2
     agent_channel: str = "vmsandbox.agent"
+    loader: str = ""  # firmware ROM (e.g. qboot) instead of the default BIOS
+    rng: bool = True  # virtio-rng fed from the host: the guest's RNG is ready at once
     extra_metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -83,6 +85,8 @@ def build_domain_xml(spec: DomainSpec) -> str:
     _sub(dom, "vcpu", str(spec.max_vcpus), placement="static", current=str(spec.vcpus))
     os_ = _sub(dom, "os")
     _sub(os_, "type", "hvm", arch=spec.arch, machine=spec.machine)
+    if spec.loader:
+        _sub(os_, "loader", spec.loader, type="rom", readonly="yes")
     _sub(os_, "kernel", spec.kernel)
     _sub(os_, "initrd", spec.initrd)
     _sub(os_, "cmdline", spec.cmdline)
@@ -120,6 +124,9 @@ def build_domain_xml(spec: DomainSpec) -> str:
     _sub(video, "model", type="none")
     balloon = _sub(devices, "memballoon", model="virtio")
     _sub(balloon, "stats", period=str(spec.balloon_period))
+    if spec.rng:
+        rng = _sub(devices, "rng", model="virtio")
+        _sub(rng, "backend", "/dev/urandom", model="random")
     ET.register_namespace(METADATA_PREFIX, METADATA_NS)
     ET.indent(dom)
     return ET.tostring(dom, encoding="unicode") + "\n"

@@ -256,7 +256,9 @@ class LibvirtController:
                     state_dir=str(self.config.state_dir),
                     virt_type=self.virt_type.value,
                     arch=os.uname().machine,
-                    machine="q35" if os.uname().machine == "x86_64" else "virt",
+                    machine=self.config.machine_type(),
+                    loader=self.config.loader(),
+                    rng=self.config.rng,
                     vcpus=vcpus,
                     max_vcpus=vcpus,
                     memory_mib=mem,
@@ -270,6 +272,9 @@ class LibvirtController:
                     + tuple(DiskSpec(p.source, p.serial, p.format, p.block, p.readonly) for p in plans),
                     nics=tuple(NicSpec(t, i.mac, i.mtu) for t, i in zip(taps, netplan.interfaces)) if netplan else (),
                 )
+                # Domain names are host-wide: the name may belong to another state dir's sandbox.
+                if self._hv.info(domain) is not None:
+                    raise AlreadyExists(f"a libvirt domain named {domain} already exists", sandbox_id=sid)
                 self._hv.define(build_domain_xml(spec))
                 undo.callback(self._hv.undefine, domain)
                 record = SandboxRecord(
