@@ -57,6 +57,7 @@ from ..podconfig import memory_mib_from, parse_pod_config, vcpus_from
 from .metrics import from_domain_stats
 from .resources import ResourceChange, resources_from_update
 from . import mounts as mountplan
+from .cgroups import cgroup_relpath, place_process
 from .guestconfig import config_archive, guest_settings
 from .store import SandboxRecord, Store
 from .validate import MIN_MEMORY_MIB, check_sandbox_id, resources_from_annotations
@@ -214,6 +215,8 @@ class LibvirtController:
         vcpus = vcpus or self.config.default_vcpus
         mem = mem or self.config.default_memory_mib
         settings = guest_settings(sandbox, annotations, pod)
+        if pod is not None and pod.cgroup_parent:
+            cgroup_relpath(pod.cgroup_parent)  # validate now; placement happens at start
         netplan = network.inspect_netns(netns_path) if netns_path else None
         sdir = self._store.dir(sid)
         plans = mountplan.plan_mounts(mounts, sdir)
@@ -338,8 +341,12 @@ class LibvirtController:
                 self._hv.destroy(rec.domain)
                 self._unwire(rec)
                 raise
+            pid = self._hv.pid(rec.domain)
+            pod = parse_pod_config(rec.options)
+            if pod is not None and pod.cgroup_parent and pid:
+                place_process(pid, pod.cgroup_parent)
             with e.state_lock:
-                rec = self._save(e, phase=Phase.RUNNING, started_at=started, pid=self._hv.pid(rec.domain))
+                rec = self._save(e, phase=Phase.RUNNING, started_at=started, pid=pid)
             log.info("sandbox %s: running (pid %d) after %.2fs", sandbox_id, rec.pid, (utcnow() - started).total_seconds())
             return self._instance(rec)
 
