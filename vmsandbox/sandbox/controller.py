@@ -160,7 +160,7 @@ class LibvirtController:
         check_sandbox_id(sandbox_id)
         with self._entries_lock:
             e = self._entries.get(sandbox_id)
-        if e is None or e.removed:
+        if e is None or e.removed or e.record is None:  # record is None while being created
             raise NotFound(f"sandbox {sandbox_id} not found", sandbox_id=sandbox_id)
         return e
 
@@ -497,7 +497,10 @@ class LibvirtController:
     def status(self, sandbox_id: str, *, verbose: bool = False) -> ControllerStatus:
         """State, VMM pid and times of the sandbox (see Controller.status)."""
         e = self._entry(sandbox_id)
-        self._check_exit(e)
+        try:
+            self._check_exit(e)
+        except Unavailable as err:  # libvirtd away: the record is still the best answer
+            log.warning("sandbox %s: status from the record only: %s", sandbox_id, err)
         rec = e.record
         ready = rec.phase is Phase.RUNNING
         info: dict[str, str] = {"phase": rec.phase.value, "domain": rec.domain, "virt_type": self.virt_type.value}
@@ -528,14 +531,18 @@ class LibvirtController:
         }
         if rec.exit_status is not None:
             out["exit_status"] = str(rec.exit_status)
-        info = self._hv.info(rec.domain)
+        try:
+            info = self._hv.info(rec.domain)
+        except Unavailable:
+            info = None
+            out["libvirt_state"] = "unreachable"
         if info is not None:
             out["libvirt_state"] = info.state.value
             if info.state is DomainState.SHUTOFF:
                 out["libvirt_reason"] = info.stop_reason.value
             try:
                 out["domain_xml"] = self._hv.xml(rec.domain)
-            except NotFound:
+            except (NotFound, Unavailable):
                 pass
         # CRI parses info["info"] as JSON (its SandboxInfo shape; unknown keys are ignored).
         out["info"] = json.dumps({"pid": rec.pid, "vmsandbox": {k: v for k, v in out.items() if k != "domain_xml"}})
