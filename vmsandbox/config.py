@@ -105,6 +105,7 @@ class Config:
         return str(qboot) if _platform.machine() == "x86_64" and qboot.is_file() else ""
 
     def machine_type(self) -> str:
+        """The libvirt machine type for domains (``machine``, or the architecture's default)."""
         return self.machine or ("q35" if _platform.machine() == "x86_64" else "virt")
 
     @classmethod

@@ -148,7 +148,12 @@ def parse_metadata(xml: str) -> dict[str, str]:
         root = ET.fromstring(xml)
     except ET.ParseError:
         return {}
-    el = root if root.tag == f"{{{METADATA_NS}}}sandbox" else root.find(f".//{{{METADATA_NS}}}sandbox")
+    # libvirt returns the element it stores under our namespace *without* the namespace
+    # (libvirt 9.0: "<sandbox><id>..."), while the full domain XML keeps it.
+    if root.tag in (f"{{{METADATA_NS}}}sandbox", "sandbox"):
+        el: ET.Element | None = root
+    else:
+        el = root.find(f".//{{{METADATA_NS}}}sandbox")
     if el is None:
         return {}
     return {child.tag.split("}", 1)[-1]: child.text or "" for child in el}

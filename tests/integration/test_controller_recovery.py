@@ -1,0 +1,211 @@
+"""A new LibvirtController on the same state dir takes over what an earlier one left.
+
+Each test makes its own "first" controller, closes it (as a restart of the service would),
+then checks what a "second" controller reports and can do. The session ``controller``
+provides the state dir and the prerequisites; a finalizer with yet another controller
+removes whatever a failing test left.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import unique
+from tests.integration.test_controller_lifecycle import (
+    _libvirt,
+    _no_domain,
+    agent_socket,
+    assert_left_nothing,
+    domain_name,
+    domain_xml,
+    footprint,
+    qemu_pids,
+    wait_until,
+)
+from vmsandbox import ExitStatus, FailedPrecondition, LibvirtController, NotFound, Phase, Sandbox, SandboxState
+from vmsandbox.model import utcnow
+
+pytestmark = pytest.mark.integration
+
+READY = SandboxState.READY.value
+NOTREADY = SandboxState.NOTREADY.value
+
+
+@pytest.fixture
+def fresh(controller: LibvirtController) -> Iterator[tuple[list[str], object]]:
+    """(ids to clean up, a factory of new controllers on the session's state dir)."""
+    ids: list[str] = []
+    made: list[LibvirtController] = []
+
+    def new() -> LibvirtController:
+        c = LibvirtController(config=controller.config)
+        made.append(c)
+        return c
+
+    yield ids, new
+    for c in made:
+        c.close()
+    with LibvirtController(config=controller.config) as cleaner:
+        for sid in ids:
+            cleaner.shutdown(sid)
+    for sid in ids:
+        assert_left_nothing(controller.config.state_dir, sid)
+
+
+def test_a_running_sandbox_is_taken_over(fresh: tuple[list[str], object]) -> None:
+    ids, new = fresh
+    first: LibvirtController = new()  # type: ignore[operator]
+    sid = unique("takeover")
+    ids.append(sid)
+    first.create(Sandbox(sid, labels={"app": "kept"}))
+    pid = first.start(sid).pid
+    assert first.exec(sid, ["sh", "-c", "echo before-restart > /tmp/marker"]).exit_code == 0
+    sock = agent_socket(sid)
+    first.close()
+    assert qemu_pids(sid) == [pid], "closing a controller must not stop its sandboxes"
+
+    second: LibvirtController = new()  # type: ignore[operator]
+    st = second.status(sid)
+    assert (st.state, st.pid, st.exited_at) == (READY, pid, None)
+    assert [(r.id, r.phase) for r in second.list() if r.id == sid] == [(sid, Phase.RUNNING)]
+    r = second.exec(sid, ["cat", "/tmp/marker"])
+    assert (r.exit_code, r.stdout) == (0, b"before-restart\n")
+    assert second.start(sid).pid == pid  # still idempotent after the takeover
+
+    waited: list[ExitStatus] = []
+    waiter = threading.Thread(target=lambda: waited.append(second.wait(sid)), daemon=True)
+    waiter.start()
+    time.sleep(0.3)
+    assert waiter.is_alive()
+    before = utcnow()
+    second.stop(sid, timeout=30)
+    after = utcnow()
+    waiter.join(30)
+    assert waited and waited[0].exit_status == 0
+    assert before <= waited[0].exited_at <= after
+    assert second.status(sid).state == NOTREADY
+    second.shutdown(sid)
+    second.shutdown(sid)
+    with pytest.raises(NotFound):
+        second.status(sid)
+    assert_left_nothing(second.config.state_dir, sid, sock)
+
+
+@pytest.mark.parametrize(("how", "expected_exit"), [("destroyed", 137), ("powered-off", 0)])
+def test_a_sandbox_that_stopped_while_no_controller_ran(
+    fresh: tuple[list[str], object], how: str, expected_exit: int
+) -> None:
+    ids, new = fresh
+    first: LibvirtController = new()  # type: ignore[operator]
+    sid = unique("whiledown")
+    ids.append(sid)
+    first.create(Sandbox(sid))
+    started = first.start(sid).created_at
+    before = utcnow()
+    if how == "powered-off":
+        # The guest powers itself off a moment after the exec returned.
+        r = first.exec(sid, ["sh", "-c", "(sleep 1; poweroff -f) </dev/null >/dev/null 2>&1 &"])
+        assert r.exit_code == 0
+    first.close()
+    if how == "destroyed":
+        conn = _libvirt()  # someone else (an operator, the OOM killer) ends the VM
+        try:
+            conn.lookupByName(domain_name(sid)).destroy()
+        finally:
+            conn.close()
+    wait_until(lambda: not qemu_pids(sid), 60, "the VM to end")
+
+    second: LibvirtController = new()  # type: ignore[operator]
+    st = second.status(sid)
+    assert (st.state, st.pid) == (NOTREADY, 0)
+    assert st.exited_at is not None
+    ex = second.wait(sid, timeout=5)
+    assert ex.exit_status == expected_exit
+    assert ex.exited_at == st.exited_at
+    # The exact moment is unknown to a controller that was not running: it is the guest's
+    # last console output (a silently killed guest: the end of its boot) or, when libvirt
+    # had not yet noticed, the moment the new controller saw it end.
+    assert started <= ex.exited_at <= utcnow()
+    if how == "powered-off":
+        assert ex.exited_at >= before
+    with pytest.raises(FailedPrecondition):
+        second.start(sid)
+    second.shutdown(sid)
+    assert_left_nothing(second.config.state_dir, sid)
+
+
+def test_a_created_sandbox_stays_created_and_can_be_removed(fresh: tuple[list[str], object]) -> None:
+    ids, new = fresh
+    first: LibvirtController = new()  # type: ignore[operator]
+    sid = unique("created")
+    ids.append(sid)
+    first.create(Sandbox(sid))
+    first.close()
+    second: LibvirtController = new()  # type: ignore[operator]
+    st = second.status(sid)
+    assert (st.state, st.pid, st.exited_at, st.info["phase"]) == (NOTREADY, 0, None, "created")
+    assert domain_xml(sid) is not None
+    second.shutdown(sid)
+    assert_left_nothing(second.config.state_dir, sid)
+
+
+def test_a_folder_left_by_an_interrupted_create_is_removed(
+    fresh: tuple[list[str], object], controller: LibvirtController
+) -> None:
+    ids, new = fresh
+    sid = unique("stray")
+    ids.append(sid)
+    stray = controller.config.state_dir / "sandboxes" / sid
+    (stray / "disks").mkdir(parents=True)
+    (stray / "id_ed25519").write_text("half-made")
+    new()  # type: ignore[operator]
+    assert not stray.exists()
+
+
+def test_a_domain_of_ours_without_a_record_is_removed(fresh: tuple[list[str], object]) -> None:
+    ids, new = fresh
+    first: LibvirtController = new()  # type: ignore[operator]
+    sid = unique("orphan")
+    first.create(Sandbox(sid))
+    first.close()
+    # The sandbox's folder is lost (e.g. wiped by hand); only the libvirt domain remains.
+    shutil.rmtree(first.config.state_dir / "sandboxes" / sid)
+    try:
+        new()  # type: ignore[operator]
+        assert domain_xml(sid) is None, "the orphan domain is still defined"
+    finally:
+        conn = _libvirt()
+        try:
+            conn.lookupByName(domain_name(sid)).undefine()
+        except Exception as e:
+            if not _no_domain(e):  # already gone is fine
+                raise
+        finally:
+            conn.close()
+
+
+def test_nothing_is_left_behind(controller: LibvirtController) -> None:
+    """After the tests above: no folder, socket, domain or QEMU process beyond the sandboxes
+    the session controller still knows (normally none)."""
+    sd: Path = controller.config.state_dir
+    known = {r.id for r in controller.list()}
+    folders, sockets, domains = footprint(controller)
+    assert set(folders) <= known
+    assert len(sockets) <= len(known)
+    assert set(domains) <= {domain_name(k) for k in known}
+    needle = str(sd / "sandboxes").encode()
+    qemus = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if needle in Path("/proc", d, "cmdline").read_bytes():
+                qemus.append(int(d))
+        except OSError:
+            continue
+    assert len(qemus) <= len(known), f"QEMU processes still using {sd}: {qemus}"
