@@ -82,6 +82,10 @@ def test_metrics_follow_cpu_and_disk_work(controller, running):  # type: ignore[
     guest_sectors = int(controller.exec(sid, ["cat", "/sys/block/vdb/stat"]).stdout.split()[6])
     assert root.wbytes >= guest_sectors * 512 * 0.9
 
+    # The bulk call (one libvirt request for many sandboxes) gives the same figures.
+    bulk = controller.resource_metrics_many([sid])[sid]
+    assert bulk.memory.usage_limit == after.memory.usage_limit and bulk.cpu.usage_usec >= after.cpu.usage_usec
+
     # Memory: what the guest uses, within what it has.
     assert 0 < after.memory.usage <= after.memory.usage_limit
     assert after.memory.usage_limit == 256 * 1024 * 1024

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 import paramiko
+from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
 from ..errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
 from ..model import ExecResult
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 EXEC_TIMEOUT_EXIT = 124
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _TRANSIENT = (paramiko.SSHException, OSError, EOFError)
+# Readiness: retry transient connection failures while the guest boots, backing off from
+# 50 ms to 0.5 s, until the caller's deadline (the stop condition is set per call).
+READINESS_WAIT = wait_exponential(multiplier=0.05, max=0.5)
 
 
 def encode_exec_request(
@@ -116,33 +120,33 @@ class GuestAgent:
     def connect(self, deadline: float, alive: Callable[[], bool] | None = None) -> None:
         """Connect (or keep the live transport) before ``deadline`` (time.monotonic()).
 
-        Retries while the guest boots; ``alive()`` returning False (the VM died) ends the
-        wait early with FailedPrecondition. Raises DeadlineExceeded when time runs out.
+        Retries while the guest boots (the READINESS policy); ``alive()`` returning False
+        (the VM died) ends the wait early with FailedPrecondition. Raises DeadlineExceeded
+        when time runs out, Unavailable when the guest presents the wrong host key.
         """
         with self._lock:
-            if self._transport is not None and self._transport.is_authenticated():
+            t = self._transport
+            if t is not None and t.is_active() and t.is_authenticated():
                 return
             self._close_locked()
-            attempt = 0
-            last: BaseException | None = None
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise DeadlineExceeded(
-                        f"guest agent did not answer in time (last error: {last})", sandbox_id=self.sandbox_id
-                    )
+
+            def attempt() -> paramiko.Transport:
                 if alive is not None and not alive():
                     raise FailedPrecondition("the VM stopped while booting", sandbox_id=self.sandbox_id)
-                attempt += 1
-                try:
-                    self._transport = self._connect_once(min(remaining, 10.0))
-                    log.debug("sandbox %s: agent connected after %d attempt(s)", self.sandbox_id, attempt)
-                    return
-                except Unavailable:
-                    raise
-                except _TRANSIENT as e:
-                    last = e
-                    time.sleep(min(0.05 * attempt, 0.5, max(0.0, deadline - time.monotonic())))
+                return self._connect_once(max(0.5, min(deadline - time.monotonic(), 10.0)))
+
+            retrying = Retrying(
+                retry=retry_if_exception_type(_TRANSIENT),
+                wait=READINESS_WAIT,
+                stop=lambda state: time.monotonic() >= deadline,
+                reraise=True,
+            )
+            try:
+                self._transport = retrying(attempt)
+            except _TRANSIENT as e:
+                raise DeadlineExceeded(
+                    f"guest agent did not answer in time (last error: {e})", sandbox_id=self.sandbox_id
+                ) from e
 
     def close(self) -> None:
         with self._lock:

@@ -203,9 +203,10 @@ class LibvirtController:
         if not isinstance(sandbox, Sandbox):
             raise InvalidArgument("sandbox must be a vmsandbox.Sandbox")
         sid = check_sandbox_id(sandbox.id)
-        annotations = dict(annotations or {})
         mounts = tuple(rootfs)
         pod = parse_pod_config(options)
+        # CRI passes pod annotations inside the PodSandboxConfig; explicit ones win.
+        annotations = {**(pod.annotations if pod is not None else {}), **dict(annotations or {})}
         vcpus, mem = resources_from_annotations(
             annotations, max_vcpus=self.config.max_vcpus, max_memory_mib=self.config.max_memory_mib
         )
@@ -571,11 +572,19 @@ class LibvirtController:
         One libvirt stats call plus netns counters; no guest round trip. A sandbox that is
         not running reports zeros.
         """
-        e = self._entry(sandbox_id)
-        rec = e.record
-        stats = self._hv.stats([rec.domain]).get(rec.domain, {}) if rec.phase is Phase.RUNNING else {}
-        limit = rec.memory_mib * 1024 * 1024 if stats else 0
-        return from_domain_stats(stats, self._tap_counters(rec), limit_bytes=limit)
+        return self.resource_metrics_many([sandbox_id])[sandbox_id]
+
+    def resource_metrics_many(self, sandbox_ids: Iterable[str]) -> dict[str, CgroupV2Metrics]:
+        """Figures of many sandboxes with one bulk libvirt stats call. Raises NotFound."""
+        recs = [self._entry(sid).record for sid in sandbox_ids]
+        running = [r.domain for r in recs if r.phase is Phase.RUNNING]
+        stats = self._hv.stats(running) if running else {}
+        out = {}
+        for rec in recs:
+            st = stats.get(rec.domain, {})
+            limit = rec.memory_mib * 1024 * 1024 if st else 0
+            out[rec.id] = from_domain_stats(st, self._tap_counters(rec), limit_bytes=limit)
+        return out
 
     def _tap_counters(self, rec: SandboxRecord) -> list[tuple[str, network.InterfaceCounters]]:
         if rec.phase is not Phase.RUNNING or not rec.taps or rec.network is None:
