@@ -1,10 +1,12 @@
-"""hack/bench: how fast a sandbox is ready, how many fit on a host, what the controller costs.
+"""hack/bench: how fast a sandbox is ready, how many fit on a host, what the controller costs,
+and how fast its network is.
 
-Run as root from anywhere: ``hack/bench [--quick] [--out FILE] [--parallel 1,5,10]``. It prints
-a table, writes JSON (default ``bench-results/bench-<UTC time>.json``) and one PNG per series
-next to it. Everything it makes carries the unique prefix ``bench-<random>``: sandbox ids,
-libvirt domains and (unless ``--state-dir``) a temporary state dir; all of it is removed at
-the end, also after an error or Ctrl-C. Other domains and sandboxes are never touched.
+Run as root from anywhere: ``hack/bench [--quick] [--out FILE] [--parallel 1,5,10] [--no-network]``.
+It prints a table, writes JSON (default ``bench-results/bench-<UTC time>.json``) and one PNG per
+series next to it. Everything it makes carries the unique prefix ``bench-<random>``: sandbox ids,
+libvirt domains, network namespaces and (unless ``--state-dir``) a temporary state dir; all of it
+is removed at the end, also after an error or Ctrl-C. Other domains, sandboxes and namespaces are
+never touched.
 
 How the numbers are taken (host ``time.monotonic()`` throughout):
 
@@ -33,6 +35,19 @@ How the numbers are taken (host ``time.monotonic()`` throughout):
   sandbox (``/proc/<pid>/smaps_rollup``) and this process's RSS (it is the controller).
   Then stop (clean power-off) and shutdown are timed one sandbox at a time on up to
   ``--stop-samples`` of them; the rest are forced off together.
+* Network (unless ``--no-network``): a CNI-style pod netns ``<prefix>-pod`` whose eth0 is a veth
+  (MTU 1500, 10.199.0.2/24) with its other end in a peer netns ``<prefix>-peer`` (10.199.0.1/24),
+  and one sandbox created with that netns (the guest takes eth0 over: tap + tc redirect). All
+  traffic is between the peer netns and the guest, nothing else. Round trip: busybox ``ping
+  -i 0.2`` from the peer to the guest and from the guest (exec) to the peer, after one warm-up
+  ping each way (ARP); per-reply times give min/avg/p50/p90/max. TCP: the peer (a small Python
+  client run by ``ip netns exec``) sends ``--net-mib`` MiB to busybox ``nc -l`` in the guest and
+  the clock stops when the guest's FIN arrives (nc sends it only after reading our EOF, so all
+  data was read); the guest sends ``dd | nc`` to a Python receiver in the peer netns that counts
+  the bytes; and the guest's busybox ``httpd`` serves a sparse file of the same size (sendfile)
+  to a Python client in the peer netns. busybox nc moves the data in small writes, which under
+  TCG makes the guest's CPU, not the network path, the limit of ``dd | nc``; the httpd figure
+  shows the path itself.
 * Noise: each start records how many other guests were running on the host (a warning is
   printed when there were any), and SSH connection attempts that timed out while a guest
   booted are counted (paramiko's tracebacks for them are kept off the terminal).
@@ -97,8 +112,8 @@ PHASES = (
     ("agent_ready", "agent ready (SSH handshake, start())", "ready"),
     ("first_exec", "first exec answered", "exec_done"),
 )
-QUICK = {"serial": 3, "warmup": 1, "ops_repeat": 20, "stop_samples": 2}
-FULL = {"serial": 20, "warmup": 2, "ops_repeat": 100, "stop_samples": 5}
+QUICK = {"serial": 3, "warmup": 1, "ops_repeat": 20, "stop_samples": 2, "pings": 20, "net_mib": 32}
+FULL = {"serial": 20, "warmup": 2, "ops_repeat": 100, "stop_samples": 5, "pings": 100, "net_mib": 256}
 PARALLEL_DEFAULT = {"tcg": "1,5,10", "kvm": "1,10,50"}
 
 
@@ -299,6 +314,60 @@ def bare_domain_xml(xml: str, *, name: str, console: str, agent_socket: str, con
     return ET.tostring(root, encoding="unicode")
 
 
+_PING_REPLY = re.compile(r"bytes from .*\btime[=<]\s*([\d.]+)\s*ms")
+_PING_COUNTS = re.compile(r"(\d+) packets transmitted, (\d+) (?:packets )?received")
+
+
+def parse_ping(text: bytes | str) -> dict[str, Any]:
+    """Per-reply round trips (ms) and packet counts from ``ping`` output (busybox or iputils).
+
+    Duplicate replies (``(DUP!)``) are skipped; counts are None when the summary is missing
+    (ping was killed).
+    """
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    rtts = []
+    for line in text.splitlines():
+        m = _PING_REPLY.search(line)
+        if m and "DUP!" not in line:
+            rtts.append(float(m.group(1)))
+    c = _PING_COUNTS.search(text)
+    return {"rtt_ms": rtts, "transmitted": int(c.group(1)) if c else None,
+            "received": int(c.group(2)) if c else None}
+
+
+def rtt_summary(ping: Mapping[str, Any]) -> dict[str, Any] | None:
+    """min/avg/p50/p90/max of a :func:`parse_ping` result, with counts and loss; None if no reply."""
+    s = summarize(ping["rtt_ms"])
+    if s is None:
+        return None
+    sent, got = ping.get("transmitted"), ping.get("received")
+    return {
+        "n": s["n"], "min": s["min"], "avg": s["mean"], "p50": s["p50"], "p90": s["p90"], "max": s["max"],
+        "sent": sent, "received": got,
+        "loss_pct": None if not sent or got is None else 100.0 * (sent - got) / sent,
+    }
+
+
+def tcp_listening(proc_net_tcp: bytes | str, port: int) -> bool:
+    """Whether /proc/net/tcp{,6} text shows a socket listening (state 0A) on ``port``."""
+    if isinstance(proc_net_tcp, bytes):
+        proc_net_tcp = proc_net_tcp.decode(errors="replace")
+    for line in proc_net_tcp.splitlines():
+        f = line.split()
+        if len(f) > 3 and ":" in f[1] and f[3] == "0A":
+            try:
+                if int(f[1].rsplit(":", 1)[1], 16) == port:
+                    return True
+            except ValueError:
+                continue
+    return False
+
+
+def mib_per_s(nbytes: int | float, seconds: float) -> float | None:
+    return None if seconds <= 0 else nbytes / 1048576 / seconds
+
+
 def fmt_ms(v: float | None) -> str:
     if v is None:
         return "n/a"
@@ -403,6 +472,84 @@ class ConsoleWatcher:
         w["tail"] = text[-256:]
 
 
+# ---------------------------------------------------------------------- network
+NET_GUEST, NET_PEER, NET_PREFIX_LEN, NET_MTU = "10.199.0.2", "10.199.0.1", 24, 1500
+SINK_PORT, RECV_PORT, HTTP_PORT = 5001, 5002, 5003  # guest nc -l, peer receiver, guest httpd
+PING_INTERVAL_S = 0.2
+
+# Run in the peer netns (``ip netns exec PEER python -c PEER_TCP MODE ...``); prints one JSON line.
+#   send HOST PORT BYTES TIMEOUT: connect, send, half-close; the clock stops at the server's EOF.
+#   recv HOST PORT BYTES TIMEOUT: listen, print "ready", accept one, count bytes until EOF (or all
+#        expected bytes) and close.
+#   get HOST PORT PATH TIMEOUT: HTTP/1.0 GET, count the body until EOF.
+PEER_TCP = r"""
+import json, socket, sys, time
+mode, host, port, arg, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], float(sys.argv[5])
+out = {}
+if mode == "send":
+    n, buf = int(arg), bytes(1 << 16)
+    s = socket.create_connection((host, port), timeout=timeout)
+    t = time.monotonic()
+    left = n
+    while left > 0:
+        left -= s.send(buf[:min(left, len(buf))])
+    out["send_returned_s"] = time.monotonic() - t
+    s.shutdown(socket.SHUT_WR)
+    while s.recv(1 << 16):
+        pass
+    out.update(bytes=n, seconds=time.monotonic() - t)
+elif mode == "recv":
+    want = int(arg)
+    ls = socket.socket()
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind((host, port))
+    ls.listen(1)
+    ls.settimeout(timeout)
+    print("ready", flush=True)
+    c, _ = ls.accept()
+    c.settimeout(timeout)
+    t, n = time.monotonic(), 0
+    while n < want:
+        d = c.recv(1 << 20)
+        if not d:
+            break
+        n += len(d)
+    out.update(bytes=n, seconds=time.monotonic() - t)
+    c.close()
+elif mode == "get":
+    s = socket.create_connection((host, port), timeout=timeout)
+    t = time.monotonic()
+    s.sendall(b"GET " + arg.encode() + b" HTTP/1.0\r\n\r\n")
+    data, n = b"", 0
+    while b"\r\n\r\n" not in data:
+        d = s.recv(1 << 16)
+        if not d:
+            break
+        data += d
+    head, _, body = data.partition(b"\r\n\r\n")
+    out["status"] = head.split(b"\r\n", 1)[0].decode(errors="replace")
+    n = len(body)
+    while True:
+        d = s.recv(1 << 20)
+        if not d:
+            break
+        n += len(d)
+    out.update(bytes=n, seconds=time.monotonic() - t)
+print(json.dumps(out), flush=True)
+"""
+
+
+def _run(argv: Sequence[str], timeout: float) -> str:
+    """Run a host command, return its stdout; raise with its stderr if it failed."""
+    import subprocess
+
+    r = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        cmd = " ".join(a if len(a) <= 80 else "<script>" for a in argv)
+        raise RuntimeError(f"{cmd} exited {r.returncode}: {(r.stderr or r.stdout).strip()[-500:]}")
+    return r.stdout
+
+
 # ---------------------------------------------------------------------- the benchmark
 class SSHFailures(logging.Handler):
     """Counts failed SSH connection attempts that paramiko logs (banner timeouts while a
@@ -461,6 +608,7 @@ class Bench:
         self.bare_dir: Path | None = None
         self._hv_stamps: dict[str, tuple[float, float]] = {}
         self._hv_lock = threading.Lock()
+        self.netns: list[str] = []  # network namespaces this run made, removed in cleanup
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -816,6 +964,190 @@ class Bench:
             with ThreadPoolExecutor(max_workers=min(8, len(rest))) as pool:
                 list(pool.map(self.remove, rest))
 
+    # ------------------------------------------------------------------ network
+    def run_network(self) -> None:
+        """Round trip and TCP throughput between a peer netns and a guest that took over the
+        pod netns's eth0 (see the module docstring)."""
+        from vmsandbox import Sandbox
+
+        if shutil.which("busybox") is None:
+            raise RuntimeError("the network section needs busybox on the host (ping); or use --no-network")
+        begin = time.monotonic()
+        pod, peer, host_end = f"{self.prefix}-pod", f"{self.prefix}-peer", f"{self.prefix}-v"
+        assert len(host_end) <= 15
+        guest, peer_ip, plen, mtu = NET_GUEST, NET_PEER, NET_PREFIX_LEN, str(NET_MTU)
+        sid = f"{self.prefix}-net"
+        out: dict[str, Any] = {
+            "guest_addr": guest, "peer_addr": peer_ip, "mtu": NET_MTU, "netns": {"pod": pod, "peer": peer},
+            "sandbox": sid, "pings": self.args.pings, "ping_interval_s": PING_INTERVAL_S,
+            "mib": self.args.net_mib, "other_domains_running": self.others(),
+        }
+        self.results["network"] = out
+        say(f"network: netns {pod} + {peer}, sandbox {sid}")
+        try:
+            for ns in (pod, peer):
+                self.netns.append(ns)
+                _run(["ip", "netns", "add", ns], 30)
+            _run(["ip", "link", "add", "eth0", "netns", pod, "mtu", mtu, "type", "veth",
+                  "peer", "name", host_end, "netns", peer, "mtu", mtu], 30)
+            _run(["ip", "-n", pod, "addr", "add", f"{guest}/{plen}", "dev", "eth0"], 30)
+            _run(["ip", "-n", pod, "link", "set", "eth0", "up"], 30)
+            _run(["ip", "-n", peer, "addr", "add", f"{peer_ip}/{plen}", "dev", host_end], 30)
+            _run(["ip", "-n", peer, "link", "set", host_end, "up"], 30)
+            _run(["ip", "-n", peer, "link", "set", "lo", "up"], 30)
+
+            self.sids.add(sid)
+            t = time.monotonic()
+            self.ctl.create(Sandbox(id=sid), netns_path=f"/var/run/netns/{pod}")
+            self.ctl.start(sid)
+            out["boot_s"] = time.monotonic() - t
+
+            self._warm_up_ping(peer, sid)
+            # Filled as they are measured, so an error or Ctrl-C keeps what was.
+            rtt: dict[str, Any] = out.setdefault("rtt_ms", {})
+            rtt["peer_to_guest"] = self._ping_from_peer(peer)
+            rtt["guest_to_peer"] = self._ping_from_guest(sid)
+            tcp: dict[str, Any] = out.setdefault("tcp", {})
+            mib_s: dict[str, Any] = out.setdefault("tcp_mib_s", {})
+            for key, measure in (("peer_to_guest", self._tcp_peer_to_guest),
+                                 ("guest_to_peer", self._tcp_guest_to_peer),
+                                 ("guest_to_peer_httpd", self._tcp_guest_httpd)):
+                tcp[key] = measure(peer, sid)
+                mib_s[key] = tcp[key]["mib_s"]
+        finally:
+            if sid in self.sids:
+                try:
+                    self.remove(sid)
+                except Exception as e:  # noqa: BLE001 - cleanup() tries again
+                    say(f"network: removing {sid} failed: {e}")
+            self._delete_netns()
+            out["duration_s"] = time.monotonic() - begin
+
+    def _delete_netns(self) -> None:
+        import subprocess
+
+        for ns in list(self.netns):
+            r = subprocess.run(["ip", "netns", "del", ns], capture_output=True, text=True, timeout=30)
+            if r.returncode != 0 and os.path.exists(f"/var/run/netns/{ns}"):
+                say(f"cleanup: ip netns del {ns}: {r.stderr.strip()}")
+            else:
+                self.netns.remove(ns)
+
+    def _gexec(self, sid: str, argv: Sequence[str], timeout: float) -> Any:
+        r = self.ctl.exec(sid, list(argv), timeout=timeout)
+        if r.exit_code != 0:
+            raise RuntimeError(f"guest: {' '.join(argv)} exited {r.exit_code}: "
+                               f"{(r.stderr or r.stdout).decode(errors='replace').strip()[-500:]}")
+        return r
+
+    def _warm_up_ping(self, peer: str, sid: str) -> None:
+        """One ping each way first (ARP, and the guest's interface may still be coming up)."""
+        import subprocess
+
+        deadline = time.monotonic() + 20
+        while True:
+            r = subprocess.run(["ip", "netns", "exec", peer, "busybox", "ping", "-c", "1", "-W", "2", NET_GUEST],
+                               capture_output=True, text=True, timeout=30)
+            if r.returncode == 0:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the guest does not answer ping from the peer netns: {r.stdout.strip()[-300:]}")
+        self._gexec(sid, ["ping", "-c", "1", "-W", "5", NET_PEER], timeout=30)
+
+    def _ping_args(self) -> list[str]:
+        return ["ping", "-c", str(self.args.pings), "-i", str(PING_INTERVAL_S), "-W", "2"]
+
+    def _ping_timeout(self) -> float:
+        return float(self.args.pings * PING_INTERVAL_S + 30)
+
+    def _ping_from_peer(self, peer: str) -> dict[str, Any] | None:
+        say(f"network: {self.args.pings} pings peer -> guest")
+        text = _run(["ip", "netns", "exec", peer, "busybox", *self._ping_args(), NET_GUEST], self._ping_timeout())
+        return rtt_summary(parse_ping(text))
+
+    def _ping_from_guest(self, sid: str) -> dict[str, Any] | None:
+        say(f"network: {self.args.pings} pings guest -> peer")
+        r = self._gexec(sid, [*self._ping_args(), NET_PEER], timeout=self._ping_timeout())
+        return rtt_summary(parse_ping(r.stdout))
+
+    def _transfer_timeout(self) -> float:
+        return float(60 + 2 * self.args.net_mib)  # as slow as 0.5 MiB/s
+
+    def _peer_tcp(self, peer: str, *args: str) -> list[str]:
+        return ["ip", "netns", "exec", peer, sys.executable, "-c", PEER_TCP, *args, str(self._transfer_timeout())]
+
+    @staticmethod
+    def _tcp_result(got: Mapping[str, Any], want: int, how: str) -> dict[str, Any]:
+        if got.get("bytes") != want:
+            raise RuntimeError(f"TCP {how}: {got.get('bytes')} of {want} bytes arrived ({got})")
+        return {**got, "mib_s": mib_per_s(got["bytes"], got["seconds"]), "how": how}
+
+    def _tcp_peer_to_guest(self, peer: str, sid: str) -> dict[str, Any]:
+        """Peer sends to busybox ``nc -l`` in the guest. nc's stdin is a pipe that stays open
+        (``sleep |``): on stdin EOF busybox nc half-closes at once, which would end the
+        client's wait before the data was read."""
+        n, port = self.args.net_mib << 20, SINK_PORT
+        say(f"network: TCP peer -> guest, {self.args.net_mib} MiB")
+        sink = f"(sleep {int(self._transfer_timeout())} | nc -l -p {port} >/dev/null) </dev/null >/dev/null 2>&1 &"
+        self._gexec(sid, ["sh", "-c", sink], timeout=30)
+        self._wait_guest_listening(sid, port)
+        got = json.loads(_run(self._peer_tcp(peer, "send", NET_GUEST, str(port), str(n)),
+                              self._transfer_timeout() + 30).strip().splitlines()[-1])
+        return self._tcp_result(got, n, "python sender (peer) -> busybox nc -l (guest)")
+
+    def _wait_guest_listening(self, sid: str, port: int) -> None:
+        deadline = time.monotonic() + 15
+        while True:
+            r = self.ctl.exec(sid, ["sh", "-c", "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null"], timeout=30)
+            if tcp_listening(r.stdout, port):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listens on port {port} in the guest")
+            time.sleep(0.1)
+
+    def _tcp_guest_to_peer(self, peer: str, sid: str) -> dict[str, Any]:
+        """``dd | nc`` in the guest to a Python receiver in the peer netns."""
+        import select
+        import subprocess
+
+        mib, port = self.args.net_mib, RECV_PORT
+        say(f"network: TCP guest -> peer, {mib} MiB (dd | nc)")
+        recv = subprocess.Popen(self._peer_tcp(peer, "recv", NET_PEER, str(port), str(mib << 20)),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert recv.stdout is not None
+            if not select.select([recv.stdout], [], [], 30)[0] or recv.stdout.readline().strip() != "ready":
+                recv.kill()
+                why = recv.communicate()[1].strip()[-500:]
+                raise RuntimeError(f"the receiver in the peer netns did not start: {why}")
+            t = time.monotonic()
+            send = f"dd if=/dev/zero bs=64k count={mib * 16} 2>/dev/null | nc {NET_PEER} {port}"
+            self._gexec(sid, ["sh", "-c", send], timeout=self._transfer_timeout())
+            exec_s = time.monotonic() - t
+            stdout, stderr = recv.communicate(timeout=30)
+            if recv.returncode != 0:
+                raise RuntimeError(f"the receiver in the peer netns failed: {stderr.strip()[-500:]}")
+        finally:
+            if recv.poll() is None:
+                recv.kill()
+                recv.wait()
+        got = json.loads(stdout.strip().splitlines()[-1])
+        return {**self._tcp_result(got, mib << 20, "busybox dd | nc (guest) -> python receiver (peer)"),
+                "guest_exec_s": exec_s}
+
+    def _tcp_guest_httpd(self, peer: str, sid: str) -> dict[str, Any]:
+        """busybox httpd in the guest serves a sparse file (no guest memory) with sendfile."""
+        mib, port = self.args.net_mib, HTTP_PORT
+        say(f"network: TCP guest -> peer, {mib} MiB (httpd)")
+        self._gexec(sid, ["sh", "-c", f"mkdir -p /tmp/bench-www && truncate -s {mib}M /tmp/bench-www/zero"
+                                      f" && httpd -p {port} -h /tmp/bench-www"], timeout=30)
+        self._wait_guest_listening(sid, port)
+        got = json.loads(_run(self._peer_tcp(peer, "get", NET_GUEST, str(port), "/zero"),
+                              self._transfer_timeout() + 30).strip().splitlines()[-1])
+        if not str(got.get("status", "")).split()[1:2] == ["200"]:
+            raise RuntimeError(f"guest httpd answered {got.get('status')!r}")
+        return self._tcp_result(got, mib << 20, "busybox httpd sendfile (guest) -> python client (peer)")
+
     # ------------------------------------------------------------------ cleanup
     def cleanup(self) -> None:
         """Remove every sandbox, domain and file this run made; never anything else."""
@@ -839,6 +1171,8 @@ class Bench:
                         say(f"cleanup: removed left-over domain {name}")
                 except libvirt.libvirtError as e:
                     say(f"cleanup: {e}")
+        # After the sandboxes: shutdown gives the pod netns its eth0 addresses back first.
+        self._delete_netns()
         if self.ctl is not None:
             self.ctl.close()
         if self.conn is not None:
@@ -954,6 +1288,10 @@ def report(res: Mapping[str, Any]) -> str:
         idle = res.get("controller_rss_kib_idle")
         if idle:
             out.append(f"  controller RSS before any sandbox: {_mib(idle)} MiB")
+    net = res.get("network")
+    if net:
+        out.append("")
+        out.extend(network_lines(net))
     noise = noise_line(res)
     if noise:
         out.append("")
@@ -965,6 +1303,44 @@ def report(res: Mapping[str, Any]) -> str:
     if "duration_s" in res:
         out.append(f"total bench time {res['duration_s']:.1f}s")
     return "\n".join(out)
+
+
+def network_lines(net: Mapping[str, Any]) -> list[str]:
+    """The network section of the report: round trips, then TCP throughput."""
+    out = [f"Network (peer netns <-> guest, tap + tc redirect): {net.get('peer_addr')} <-> {net.get('guest_addr')},"
+           f" MTU {net.get('mtu')}" + (f", guest booted in {net['boot_s']:.1f}s" if net.get("boot_s") else "")]
+    rtt = net.get("rtt_ms") or {}
+    if rtt:
+        rows = []
+        for key, label in (("peer_to_guest", "ping peer -> guest"), ("guest_to_peer", "ping guest -> peer")):
+            r = rtt.get(key)
+            if key not in rtt:
+                continue
+            if r is None:
+                rows.append([label, *["n/a"] * 5, "no reply"])
+                continue
+            lost = "n/a" if r.get("loss_pct") is None else f"{r['received']}/{r['sent']}"
+            rows.append([label, *[fmt_ms(r.get(k)) for k in ("min", "avg", "p50", "p90", "max")], lost])
+        out.append(render_table([f"round trip, ms (busybox ping -i {net.get('ping_interval_s')})",
+                                 "min", "avg", "p50", "p90", "max", "replies"], rows))
+    tcp = net.get("tcp") or {}
+    if tcp:
+        rows = []
+        for key, label in (("peer_to_guest", "peer -> guest (nc -l in the guest)"),
+                           ("guest_to_peer", "guest -> peer (dd | nc in the guest)"),
+                           ("guest_to_peer_httpd", "guest -> peer (httpd sendfile in the guest)")):
+            t = tcp.get(key)
+            if t:
+                rows.append([label, f"{t['bytes'] / 1048576:.0f}", f"{t['seconds']:.2f}",
+                             "n/a" if t.get("mib_s") is None else f"{t['mib_s']:.1f}"])
+        out.append(render_table(["TCP throughput", "MiB", "s", "MiB/s"], rows))
+        if "guest_to_peer" in tcp and "guest_to_peer_httpd" in tcp:
+            out.append("  (busybox nc writes in small chunks: under TCG the guest's CPU, not the path, limits dd | nc)")
+    if net.get("other_domains_running"):
+        out.append(f"  WARNING: {net['other_domains_running']} other guest(s) were running during the network figures")
+    if "rtt_ms" not in net and "tcp" not in net:
+        out.append("  (not measured)")
+    return out
 
 
 def noise_line(res: Mapping[str, Any]) -> str | None:
@@ -1093,7 +1469,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="hack/bench",
         description="Benchmark vmsandbox: start latency (phases, vs bare libvirt), parallel start, "
-                    "operation latency and memory. Needs root and libvirtd.",
+                    "operation latency, memory and network (round trip and TCP throughput between a "
+                    "peer netns and a guest). Needs root and libvirtd.",
     )
     ap.add_argument("--quick", action="store_true",
                     help=f"few samples, for a 2-core TCG host in < 3 min ({QUICK})")
@@ -1105,6 +1482,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--ops-repeat", type=int, help="calls per operation and level (quick 20, full 100)")
     ap.add_argument("--stop-samples", type=int, help="sandboxes per level whose stop/shutdown is timed")
     ap.add_argument("--no-bare", action="store_true", help="skip the bare-libvirt baseline")
+    ap.add_argument("--no-network", action="store_true",
+                    help="skip the network section (ping and TCP between a peer netns and a guest)")
+    ap.add_argument("--pings", type=int, help=f"pings each way (quick {QUICK['pings']}, full {FULL['pings']})")
+    ap.add_argument("--net-mib", type=int,
+                    help=f"MiB per TCP transfer (quick {QUICK['net_mib']}, full {FULL['net_mib']})")
     ap.add_argument("--out", type=Path, help="JSON file (default bench-results/bench-<UTC time>.json); PNGs go beside it")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--state-dir", help="controller state dir that no other controller uses "
@@ -1123,6 +1505,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             setattr(args, k, v)
     if args.serial < 0 or args.warmup < 0 or args.ops_repeat < 1 or args.stop_samples < 0:
         ap.error("--serial/--warmup/--stop-samples must be >= 0 and --ops-repeat >= 1")
+    if args.pings < 1 or args.net_mib < 1:
+        ap.error("--pings and --net-mib must be >= 1")
     if args.out is None:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         args.out = REPO / "bench-results" / f"bench-{stamp}.json"
@@ -1142,10 +1526,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("hack/bench: must run as root (qemu:///system, guest sockets)", file=sys.stderr)
         return 2
 
-    def on_term(_sig: int, _frame: object) -> None:
+    # The controller's network code opens netlink sockets inside a netns through pyroute2,
+    # which forks a short-lived child (no exec) and stops it with SIGTERM; Ctrl-C reaches
+    # such a child too. Raising there would unwind a copy of this process through main()
+    # and clean up (delete the netns, close libvirt) under the live run's feet.
+    main_pid = os.getpid()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if os.getpid() != main_pid:
+            os._exit(128 + signum)
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     begin = time.monotonic()
     bench = Bench(args)
     status = 0
@@ -1155,6 +1548,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.serial:
             bench.run_serial()
         bench.run_parallel()
+        if not args.no_network:
+            bench.run_network()
     except KeyboardInterrupt:
         bench.results["error"] = "interrupted"
         status = 130
@@ -1163,6 +1558,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench.results["error"] = f"{type(e).__name__}: {e}"
         status = 1
     finally:
+        if os.getpid() != main_pid:  # a forked helper must never clean up or report
+            os._exit(70)
         say("cleaning up")
         bench.cleanup()
     res = bench.results

@@ -23,7 +23,7 @@ from typing import Any as _Any
 
 from . import __version__
 from .config import Config, VirtType, detect_virt_type, parse_virt_type
-from .errors import VmSandboxError
+from .errors import InvalidArgument, VmSandboxError
 from .model import Mount, Sandbox
 
 __all__ = ["main"]
@@ -115,8 +115,15 @@ def _parse_mount(spec: str, first: bool) -> Mount:
     return Mount(kind, os.path.abspath(source), "" if first else target, ("ro",) if ro else ())
 
 
+def _pairs(items: list[str], what: str) -> dict[str, str]:
+    bad = [i for i in items if "=" not in i]
+    if bad:
+        raise InvalidArgument(f"{what} must be KEY=VALUE, not {bad[0]!r}")
+    return dict(i.split("=", 1) for i in items)
+
+
 def _create_kwargs(args: argparse.Namespace) -> dict[str, _Any]:
-    annotations = dict(a.split("=", 1) for a in args.annotation)
+    annotations = _pairs(args.annotation, "--annotation")
     if args.vcpus is not None:
         annotations["vmsandbox.io/vcpus"] = str(args.vcpus)
     if args.memory_mib is not None:
@@ -190,7 +197,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_exec(args: argparse.Namespace) -> int:
     if not args.argv:
         raise VmSandboxError("exec needs a command after --")
-    env = dict(e.split("=", 1) for e in args.env)
+    env = _pairs(args.env, "--env")
     stdin = sys.stdin.buffer.read() if args.stdin else None
     with _controller(args) as c:
         res = c.exec(args.id, args.argv, env=env, cwd=args.cwd, stdin=stdin, timeout=args.timeout)

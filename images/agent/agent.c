@@ -92,6 +92,11 @@ static void session(int port, const char *hostkey) {
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) return;
     pid_t pid = spawn_dropbear(sv[1], hostkey);
     close(sv[1]);
+    if (pid < 0) { /* never kill(-1) below: that would be every process */
+        close(sv[0]);
+        sleep_ms(100);
+        return;
+    }
     fcntl(sv[0], F_SETFL, O_NONBLOCK);
     static struct pipebuf up, down; /* up: dropbear -> host, down: host -> dropbear */
     up.len = down.len = 0;

@@ -8,6 +8,7 @@ removes whatever a failing test left.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import threading
@@ -29,7 +30,7 @@ from tests.integration.test_controller_lifecycle import (
     qemu_pids,
     wait_until,
 )
-from vmsandbox import ExitStatus, FailedPrecondition, LibvirtController, NotFound, Phase, Sandbox, SandboxState
+from vmsandbox import Config, ExitStatus, FailedPrecondition, LibvirtController, NotFound, Phase, Sandbox, SandboxState
 from vmsandbox.model import utcnow
 
 pytestmark = pytest.mark.integration
@@ -38,25 +39,35 @@ READY = SandboxState.READY.value
 NOTREADY = SandboxState.NOTREADY.value
 
 
+@pytest.fixture(scope="module")
+def recovery_config(controller: LibvirtController, test_root: Path) -> Config:
+    """A state dir of this module's own (the guest image copied in): the session controller
+    owns its state dir, and a second controller there would only observe."""
+    d = test_root / "recovery-state"
+    d.mkdir()
+    shutil.copytree(controller.config.state_dir / "images", d / "images")
+    return dataclasses.replace(controller.config, state_dir=d)
+
+
 @pytest.fixture
-def fresh(controller: LibvirtController) -> Iterator[tuple[list[str], object]]:
-    """(ids to clean up, a factory of new controllers on the session's state dir)."""
+def fresh(recovery_config: Config) -> Iterator[tuple[list[str], object]]:
+    """(ids to clean up, a factory of new controllers on this module's state dir)."""
     ids: list[str] = []
     made: list[LibvirtController] = []
 
     def new() -> LibvirtController:
-        c = LibvirtController(config=controller.config)
+        c = LibvirtController(config=recovery_config)
         made.append(c)
         return c
 
     yield ids, new
     for c in made:
         c.close()
-    with LibvirtController(config=controller.config) as cleaner:
+    with LibvirtController(config=recovery_config) as cleaner:
         for sid in ids:
             cleaner.shutdown(sid)
     for sid in ids:
-        assert_left_nothing(controller.config.state_dir, sid)
+        assert_left_nothing(recovery_config.state_dir, sid)
 
 
 def test_a_running_sandbox_is_taken_over(fresh: tuple[list[str], object]) -> None:
@@ -157,12 +168,12 @@ def test_a_created_sandbox_stays_created_and_can_be_removed(fresh: tuple[list[st
 
 
 def test_a_folder_left_by_an_interrupted_create_is_removed(
-    fresh: tuple[list[str], object], controller: LibvirtController
+    fresh: tuple[list[str], object], recovery_config: Config
 ) -> None:
     ids, new = fresh
     sid = unique("stray")
     ids.append(sid)
-    stray = controller.config.state_dir / "sandboxes" / sid
+    stray = recovery_config.state_dir / "sandboxes" / sid
     (stray / "disks").mkdir(parents=True)
     (stray / "id_ed25519").write_text("half-made")
     new()  # type: ignore[operator]
@@ -189,6 +200,20 @@ def test_a_domain_of_ours_without_a_record_is_removed(fresh: tuple[list[str], ob
                 raise
         finally:
             conn.close()
+
+
+def test_a_second_controller_on_an_owned_state_dir_only_observes(controller: LibvirtController) -> None:
+    """While one controller owns a state dir (say `serve`), another (say a CLI command) must
+    not destroy what looks interrupted: it may be the owner's create or boot in flight."""
+    sid = unique("inflight")
+    half_made = controller.config.state_dir / "sandboxes" / sid
+    (half_made / "disks").mkdir(parents=True)
+    try:
+        with LibvirtController(config=controller.config) as observer:
+            assert controller.owner and not observer.owner
+            assert half_made.exists()
+    finally:
+        shutil.rmtree(half_made)
 
 
 def test_nothing_is_left_behind(controller: LibvirtController) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import io
+import json
 import random
 import statistics
 import sys
@@ -284,3 +285,191 @@ def test_noise_line_warns_when_other_guests_ran() -> None:
                        "bare": {"samples": [{"other_domains_running": 2}]}},
             "parallel": [{"other_domains_running": 1}]}
     assert "during 2 of 3 measured starts (up to 2 at once)" in bench.noise_line(busy)
+
+
+# ---------------------------------------------------------------------- network
+PING_BUSYBOX = """PING 10.199.0.1 (10.199.0.1): 56 data bytes
+64 bytes from 10.199.0.1: seq=0 ttl=64 time=17.300 ms
+64 bytes from 10.199.0.1: seq=1 ttl=64 time=1.289 ms
+64 bytes from 10.199.0.1: seq=1 ttl=64 time=9.999 ms (DUP!)
+64 bytes from 10.199.0.1: seq=3 ttl=64 time=0.957 ms
+
+--- 10.199.0.1 ping statistics ---
+4 packets transmitted, 3 packets received, 1 duplicates, 25% packet loss
+round-trip min/avg/max = 0.957/6.515/17.300 ms
+"""
+
+PING_IPUTILS = b"""PING 10.0.0.1 (10.0.0.1) 56(84) bytes of data.
+64 bytes from 10.0.0.1: icmp_seq=1 ttl=64 time=0.045 ms
+64 bytes from 10.0.0.1: icmp_seq=2 ttl=64 time<1 ms
+
+--- 10.0.0.1 ping statistics ---
+2 packets transmitted, 2 received, 0% packet loss, time 1001ms
+rtt min/avg/max/mdev = 0.045/0.050/0.055/0.005 ms
+"""
+
+
+def test_parse_ping_busybox_skips_duplicates() -> None:
+    got = bench.parse_ping(PING_BUSYBOX)
+    assert got == {"rtt_ms": [17.3, 1.289, 0.957], "transmitted": 4, "received": 3}
+
+
+def test_parse_ping_iputils_and_a_killed_ping() -> None:
+    got = bench.parse_ping(PING_IPUTILS)
+    assert got == {"rtt_ms": [0.045, 1.0], "transmitted": 2, "received": 2}
+    cut = bench.parse_ping("PING 10.0.0.1 (10.0.0.1): 56 data bytes\n64 bytes from 10.0.0.1: seq=0 ttl=64 time=2.5 ms\n")
+    assert cut == {"rtt_ms": [2.5], "transmitted": None, "received": None}
+    assert bench.parse_ping(b"") == {"rtt_ms": [], "transmitted": None, "received": None}
+
+
+def test_rtt_summary() -> None:
+    s = bench.rtt_summary(bench.parse_ping(PING_BUSYBOX))
+    assert s is not None
+    assert (s["n"], s["min"], s["p50"], s["max"]) == (3, 0.957, 1.289, 17.3)
+    assert s["avg"] == pytest.approx((17.3 + 1.289 + 0.957) / 3)
+    assert (s["sent"], s["received"], s["loss_pct"]) == (4, 3, 25.0)
+    assert bench.rtt_summary({"rtt_ms": [1.0], "transmitted": None, "received": None})["loss_pct"] is None
+    assert bench.rtt_summary({"rtt_ms": [], "transmitted": 5, "received": 0}) is None
+
+
+PROC_NET_TCP = """  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1234 1 0 100 0 0 10 0
+   1: 0200C70A:1389 0100C70A:D2F0 01 00000000:00000000 00:00000000 00000000     0        0 1235 1 0 20 4 30 10 -1
+  sl  local_address                         remote_address                        st tx_queue rx_queue
+   0: 00000000000000000000000000000000:138B 00000000000000000000000000000000:0000 0A 00000000:00000000 00:0
+"""
+
+
+def test_tcp_listening() -> None:
+    assert bench.tcp_listening(PROC_NET_TCP, 8080)  # 0x1F90, v4 listener
+    assert bench.tcp_listening(PROC_NET_TCP.encode(), 5003)  # 0x138B, v6 listener
+    assert not bench.tcp_listening(PROC_NET_TCP, 5001)  # 0x1389 is only an established connection
+    assert not bench.tcp_listening("", 5001)
+
+
+def test_mib_per_s() -> None:
+    assert bench.mib_per_s(32 << 20, 2.0) == 16.0
+    assert bench.mib_per_s(1, 0.0) is None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _peer_tcp(*args: str) -> list[str]:
+    return [sys.executable, "-c", bench.PEER_TCP, *args, "20"]
+
+
+def test_peer_tcp_send_waits_for_the_servers_eof() -> None:
+    import socket
+    import subprocess
+    import threading
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    got = []
+
+    def sink() -> None:
+        c, _ = srv.accept()
+        n = 0
+        while d := c.recv(1 << 16):
+            n += len(d)
+        got.append(n)
+        c.close()
+
+    t = threading.Thread(target=sink)
+    t.start()
+    try:
+        out = subprocess.run(_peer_tcp("send", "127.0.0.1", str(port), str(3 << 20)), capture_output=True,
+                             text=True, timeout=30, check=True).stdout
+    finally:
+        t.join(10)
+        srv.close()
+    r = json.loads(out)
+    assert got == [3 << 20] and r["bytes"] == 3 << 20 and r["seconds"] >= r["send_returned_s"] > 0
+
+
+def test_peer_tcp_recv_counts_bytes() -> None:
+    import socket
+    import subprocess
+
+    port = _free_port()
+    p = subprocess.Popen(_peer_tcp("recv", "127.0.0.1", str(port), str(1 << 20)), stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(bytes(1 << 20))
+            c.shutdown(socket.SHUT_WR)
+            assert c.recv(1) == b""  # the receiver closes once it has everything
+        out, _ = p.communicate(timeout=10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    r = json.loads(out)
+    assert r["bytes"] == 1 << 20 and r["seconds"] > 0
+
+
+def test_peer_tcp_get_counts_the_body() -> None:
+    import http.server
+    import subprocess
+    import threading
+
+    body = b"z" * 200_000
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            self.send_response(200 if self.path == "/zero" else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_a: object) -> None:
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=srv.handle_request)
+    t.start()
+    try:
+        out = subprocess.run(_peer_tcp("get", "127.0.0.1", str(srv.server_address[1]), "/zero"),
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    finally:
+        t.join(10)
+        srv.server_close()
+    r = json.loads(out)
+    assert r["status"].split()[1] == "200" and r["bytes"] == len(body)
+
+
+NETWORK = {
+    "guest_addr": "10.199.0.2", "peer_addr": "10.199.0.1", "mtu": 1500, "boot_s": 3.2, "ping_interval_s": 0.2,
+    "rtt_ms": {"peer_to_guest": bench.rtt_summary(bench.parse_ping(PING_BUSYBOX)), "guest_to_peer": None},
+    "tcp": {"peer_to_guest": {"bytes": 32 << 20, "seconds": 0.31, "mib_s": 103.2},
+            "guest_to_peer": {"bytes": 32 << 20, "seconds": 9.42, "mib_s": 3.4},
+            "guest_to_peer_httpd": {"bytes": 32 << 20, "seconds": 0.13, "mib_s": 248.2}},
+    "other_domains_running": 1,
+}
+
+
+def test_report_renders_the_network_section() -> None:
+    text = bench.report({"host": {}, "network": NETWORK})
+    assert "Network (peer netns <-> guest, tap + tc redirect): 10.199.0.1 <-> 10.199.0.2, MTU 1500" in text
+    line = next(x for x in text.splitlines() if "ping peer -> guest" in x)
+    assert line.split()[4:] == ["0.96", "6.5", "1.3", "14.1", "17.3", "3/4"]
+    assert "ping guest -> peer" in text and "no reply" in text
+    assert "248.2" in text and "103.2" in text and "dd | nc in the guest" in text
+    assert "1 other guest(s) were running" in text
+    partial = bench.network_lines({"guest_addr": "g", "peer_addr": "p", "mtu": 1500})
+    assert partial[-1] == "  (not measured)"
+
+
+def test_network_presets_and_flags() -> None:
+    quick = bench.parse_args(["--quick", "--out", "x.json"])
+    assert (quick.pings, quick.net_mib, quick.no_network) == (20, 32, False)
+    full = bench.parse_args(["--no-network", "--net-mib", "8", "--out", "x.json"])
+    assert (full.pings, full.net_mib, full.no_network) == (100, 8, True)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--pings", "0", "--out", "x.json"])
+    assert len(bench.NET_GUEST.split(".")) == 4 and bench.NET_MTU == 1500

@@ -29,6 +29,8 @@ __all__ = ["GuestAgent", "encode_exec_request", "EXEC_TIMEOUT_EXIT"]
 log = logging.getLogger(__name__)
 
 EXEC_TIMEOUT_EXIT = 124
+# dropbear drops the whole connection for a command string over 9000 bytes (MAX_STRING_LEN).
+MAX_REQUEST = 8192
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _TRANSIENT = (paramiko.SSHException, OSError, EOFError)
 # Readiness: retry transient connection failures while the guest boots, backing off from
@@ -59,16 +61,24 @@ def encode_exec_request(
             raise InvalidArgument("argv elements must not contain NUL")
     if cwd is not None and (not cwd.startswith("/") or "\0" in cwd):
         raise InvalidArgument(f"cwd must be an absolute path, not {cwd!r}")
+    def hx(text: str) -> str:
+        return text.encode("utf-8", "surrogateescape").hex()
+
     tokens = ["vsbx1"]
-    tokens += ["a" + a.encode().hex() for a in argv]
-    tokens += ["e" + f"{k}={v}".encode().hex() for k, v in environ.items()]
+    tokens += ["a" + hx(a) for a in argv]
+    tokens += ["e" + hx(f"{k}={v}") for k, v in environ.items()]
     if cwd:
-        tokens.append("c" + cwd.encode().hex())
+        tokens.append("c" + hx(cwd))
     if timeout is not None:
         tokens.append("t" + str(max(1, int(timeout * 1000))).encode().hex())
     if in_guest_root:
         tokens.append("r")
-    return " ".join(tokens)
+    cmd = " ".join(tokens)
+    if len(cmd) > MAX_REQUEST:
+        raise InvalidArgument(
+            f"exec request too large ({len(cmd)} bytes encoded, at most {MAX_REQUEST}): keep argv and env "
+            "under about 3.9 KB and pass bulk data on stdin")
+    return cmd
 
 
 class GuestAgent:
@@ -102,8 +112,8 @@ class GuestAgent:
             if key.get_name() != self._host_key.get_name() or key.asbytes() != self._host_key.asbytes():
                 raise Unavailable("guest presented an unexpected host key", sandbox_id=self.sandbox_id)
             t.auth_publickey("root", self._key)
+            # Keep paramiko's own short socket timeout: its keepalives run off it.
             t.set_keepalive(15)
-            sock.settimeout(None)
             return t
         except BaseException:
             # Stop the transport's reader thread before the fd is closed: otherwise it may

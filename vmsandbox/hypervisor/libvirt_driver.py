@@ -148,6 +148,7 @@ class LibvirtHypervisor:
         self._conn: _Any = None
         self._callback_id: int | None = None
         self._closed = False
+        self._ever_connected = False
         _ensure_event_loop()
         self._connection()
 
@@ -187,11 +188,13 @@ class LibvirtHypervisor:
                     pass
                 log.warning("libvirt connection to %s lost; reconnecting", self.uri)
                 self._drop()
-                self._conn = self._open()
-                if self._on_reconnect is not None:
-                    self._on_reconnect()
-                return self._conn
+            reopened = self._ever_connected
             self._conn = self._open()
+            self._ever_connected = True
+            if reopened and self._on_reconnect is not None:
+                # Events may have been missed while we were disconnected (however we
+                # noticed it: a dead connection here, or an RPC error that dropped it).
+                self._on_reconnect()
             return self._conn
 
     def _drop(self) -> None:

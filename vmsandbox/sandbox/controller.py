@@ -8,6 +8,7 @@ to the sandbox's record, so a new controller on the same state dir recovers all 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -89,6 +90,8 @@ class _Entry:
     state_lock: threading.Lock = field(default_factory=threading.Lock)
     agent: GuestAgent | None = None
     removed: bool = False
+    agent_lock: threading.Lock = field(default_factory=threading.Lock)
+    last_exit_check: float = 0.0
 
     def __post_init__(self) -> None:
         self.exited = threading.Condition(self.state_lock)
@@ -134,6 +137,17 @@ class LibvirtController:
             (config.state_dir / sub).mkdir(exist_ok=True)
         os.chmod(config.state_dir / "sock", 0o711)
         _warn_if_unreachable(config.state_dir)
+        # The first controller on a state dir owns it (an exclusive lock for its lifetime);
+        # others (e.g. a CLI command while `serve` runs) only observe: they never destroy or
+        # remove anything during recovery, which could be another controller's work in flight.
+        self._lock_fd = os.open(config.state_dir / "controller.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.owner = True
+        except BlockingIOError:
+            self.owner = False
+            log.info("state dir %s is owned by another controller; this one only observes during recovery",
+                     config.state_dir)
         self._hv = LibvirtHypervisor(config.uri, on_stop=self._on_domain_stop, on_reconnect=self._reconcile)
         self._recover()
 
@@ -155,6 +169,12 @@ class LibvirtController:
             if e.agent is not None:
                 e.agent.close()
         self._hv.close()
+        os.close(self._lock_fd)  # releases the ownership lock
+
+    def _locked_entry(self, e: _Entry) -> None:
+        """Call with e.op_lock held: the sandbox may have been removed while we queued."""
+        if e.removed:
+            raise NotFound(f"sandbox {e.record.id} not found", sandbox_id=e.record.id)
 
     def _entry(self, sandbox_id: str) -> _Entry:
         check_sandbox_id(sandbox_id)
@@ -239,6 +259,10 @@ class LibvirtController:
                 write_private(sdir / "id_ed25519", client.openssh_private())
                 for plan in plans:
                     mountplan.materialize(plan)
+                domain = DOMAIN_PREFIX + sid
+                # Domain names are host-wide: the name may belong to another state dir's sandbox.
+                if self._hv.info(domain) is not None:
+                    raise AlreadyExists(f"a libvirt domain named {domain} already exists", sandbox_id=sid)
                 taps: list[str] = []
                 if netplan is not None:
                     taps = network.tap_names(sid, len(netplan.interfaces))
@@ -252,7 +276,6 @@ class LibvirtController:
                     network=netplan,
                 )
                 write_private(sdir / "config.tar", config)
-                domain = DOMAIN_PREFIX + sid
                 now = utcnow()
                 spec = DomainSpec(
                     name=domain,
@@ -276,9 +299,6 @@ class LibvirtController:
                     + tuple(DiskSpec(p.source, p.serial, p.format, p.block, p.readonly) for p in plans),
                     nics=tuple(NicSpec(t, i.mac, i.mtu) for t, i in zip(taps, netplan.interfaces)) if netplan else (),
                 )
-                # Domain names are host-wide: the name may belong to another state dir's sandbox.
-                if self._hv.info(domain) is not None:
-                    raise AlreadyExists(f"a libvirt domain named {domain} already exists", sandbox_id=sid)
                 self._hv.define(build_domain_xml(spec))
                 undo.callback(self._hv.undefine, domain)
                 record = SandboxRecord(
@@ -315,6 +335,7 @@ class LibvirtController:
         """Boot the guest and return once its agent answers (see Controller.start)."""
         e = self._entry(sandbox_id)
         with e.op_lock:
+            self._locked_entry(e)
             rec = e.record
             if rec.phase is Phase.RUNNING:
                 return self._instance(rec)
@@ -337,6 +358,8 @@ class LibvirtController:
                 if plan is not None:
                     network.attach(plan, list(rec.taps))
                 agent.connect(deadline, alive=lambda: self._domain_running(rec.domain))
+                if rec.rootfs:
+                    self._check_guest_mounts(agent, rec)
             except VmSandboxError:
                 agent.close()
                 self._hv.destroy(rec.domain)
@@ -350,6 +373,16 @@ class LibvirtController:
                 rec = self._save(e, phase=Phase.RUNNING, started_at=started, pid=pid)
             log.info("sandbox %s: running (pid %d) after %.2fs", sandbox_id, rec.pid, (utcnow() - started).total_seconds())
             return self._instance(rec)
+
+    def _check_guest_mounts(self, agent: GuestAgent, rec: SandboxRecord) -> None:
+        """A disk the guest could not mount fails the start (init lists them)."""
+        r = agent.exec(["cat", "/run/vsbx/mount-errors"], in_guest_root=True, timeout=30)
+        failed = r.stdout.decode(errors="replace").split()
+        if r.exit_code == 0 and failed:
+            tail = _console_tail(self._store.dir(rec.id))
+            raise FailedPrecondition(
+                f"the guest could not mount disk(s) {', '.join(failed)} (see mounts; console: {tail})",
+                sandbox_id=rec.id)
 
     def _plan(self, rec: SandboxRecord) -> network.NetworkPlan | None:
         return network.NetworkPlan.from_json(rec.network) if rec.network is not None else None
@@ -374,10 +407,12 @@ class LibvirtController:
         )
 
     def _agent(self, e: _Entry) -> GuestAgent:
-        if e.agent is None:
-            key = (self._store.dir(e.record.id) / "id_ed25519").read_bytes()
-            e.agent = GuestAgent(e.record.agent_socket, key, e.record.host_key, sandbox_id=e.record.id)
-        return e.agent
+        # One agent object per sandbox: QEMU serves one connection on the channel at a time.
+        with e.agent_lock:
+            if e.agent is None:
+                key = (self._store.dir(e.record.id) / "id_ed25519").read_bytes()
+                e.agent = GuestAgent(e.record.agent_socket, key, e.record.host_key, sandbox_id=e.record.id)
+            return e.agent
 
     def _domain_running(self, domain: str) -> bool:
         info = self._hv.info(domain)
@@ -427,18 +462,23 @@ class LibvirtController:
             return
         grace = self.config.stop_timeout if timeout is None else timeout
         with e.op_lock:
+            if e.removed:
+                return
             self._stop_locked(e, grace)
 
     def _stop_locked(self, e: _Entry, grace: float) -> None:
         rec = e.record
-        if rec.phase is Phase.CREATED:
-            self._hv.destroy(rec.domain)  # a boot may have been interrupted
-            with e.state_lock:
-                self._save(e, phase=Phase.STOPPED, exit_status=EXIT_CLEAN, exited_at=utcnow(), pid=0)
-                e.exited.notify_all()
-            return
-        if rec.phase is Phase.STOPPED:
+        if rec.phase is not Phase.RUNNING:
+            # Never started, an interrupted boot, or the guest already ended by itself: make
+            # sure the VM is off and the namespace has its interfaces back.
             self._hv.destroy(rec.domain)
+            if rec.phase is Phase.CREATED:
+                with e.state_lock:
+                    self._save(e, phase=Phase.STOPPED, exit_status=EXIT_CLEAN, exited_at=utcnow(), pid=0)
+                    e.exited.notify_all()
+            if e.agent is not None:
+                e.agent.close()
+            self._unwire(rec)
             return
         deadline = time.monotonic() + grace
         if grace > 0:
@@ -474,15 +514,15 @@ class LibvirtController:
         """Block until the guest is gone (see Controller.wait)."""
         e = self._entry(sandbox_id)
         deadline = None if timeout is None else time.monotonic() + timeout
-        last_check = time.monotonic()
         with e.state_lock:
             while e.record.phase is not Phase.STOPPED:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise DeadlineExceeded(f"sandbox {sandbox_id} still running after {timeout}s", sandbox_id=sandbox_id)
                 e.exited.wait(1.0 if remaining is None else min(1.0, remaining))
-                if e.record.phase is Phase.RUNNING and time.monotonic() - last_check > 5.0:
-                    last_check = time.monotonic()
+                # Callers (the gRPC server) may wait in short slices: keep the clock per sandbox.
+                if e.record.phase is Phase.RUNNING and time.monotonic() - e.last_exit_check > 5.0:
+                    e.last_exit_check = time.monotonic()
                     e.state_lock.release()
                     try:
                         self._check_exit(e)  # in case a lifecycle event was lost
@@ -623,6 +663,7 @@ class LibvirtController:
             )
         names = set(fields) or set(UPDATABLE_FIELDS)
         with e.op_lock:
+            self._locked_entry(e)
             rec = e.record
             attrs = {n: getattr(sandbox, n) for n in names if n != "annotations"}
             new_sandbox = replace(rec.sandbox, **attrs, updated_at=utcnow())
@@ -746,23 +787,30 @@ class LibvirtController:
 
     # ------------------------------------------------------------------ recovery
     def _recover(self) -> None:
-        """Rebuild in-memory state from records and libvirt; clean up interrupted work."""
+        """Rebuild in-memory state from records and libvirt; the owner also cleans up
+        interrupted work (a boot cut short, a half-made folder, a domain with no record)."""
         records, strays = self._store.load_all()
         known = {r.domain for r in records}
         for rec in records:
             e = _Entry(record=rec)
             with self._entries_lock:
                 self._entries[rec.id] = e
+            if rec.phase is Phase.RUNNING:
+                self._check_exit(e)
+                continue
+            if not self.owner or rec.phase is not Phase.CREATED:
+                continue
             info = self._hv.info(rec.domain)
-            if rec.phase is Phase.CREATED and info is not None and info.state is DomainState.RUNNING:
+            if info is not None and info.state is DomainState.RUNNING:
                 log.warning("sandbox %s: a boot was interrupted; powering the VM off", rec.id)
                 self._hv.destroy(rec.domain)
-            elif rec.phase is Phase.CREATED and info is None:
+                self._unwire(rec)
+            elif info is None:
                 log.warning("sandbox %s: its domain vanished; marking it stopped", rec.id)
                 with e.state_lock:
                     self._save(e, phase=Phase.STOPPED, exit_status=EXIT_FAILED, exited_at=utcnow())
-            elif rec.phase is Phase.RUNNING:
-                self._check_exit(e)
+        if not self.owner:
+            return
         for d in strays:
             log.warning("removing %s: left by an interrupted create", d)
             self._hv.destroy(DOMAIN_PREFIX + d.name)
@@ -817,6 +865,14 @@ def _warn_if_unreachable(path: Path) -> None:
 
 def _clamp(v: int | None, lo: int, hi: int) -> int | None:
     return None if v is None else max(lo, min(hi, v))
+
+
+def _console_tail(sdir: Path, lines: int = 3) -> str:
+    try:
+        text = (sdir / "console.log").read_text(errors="replace")
+    except OSError:
+        return ""
+    return " | ".join(line.strip() for line in text.splitlines()[-lines:] if line.strip())
 
 
 def _console_mtime(sdir: Path) -> datetime:
