@@ -205,7 +205,7 @@ class GuestAgent:
         started = time.monotonic()
         host_deadline = None if timeout is None else started + timeout + 10.0
         try:
-            chan = t.open_session(timeout=30)
+            chan = t.open_session(timeout=30 if timeout is None else min(30.0, timeout))
         except _TRANSIENT as e:
             raise Unavailable(f"cannot open a channel to the guest: {e}", sandbox_id=self.sandbox_id) from e
         try:

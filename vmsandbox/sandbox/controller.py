@@ -352,25 +352,29 @@ class LibvirtController:
                     pass
                 self._hv.start(rec.domain)
             started = utcnow()
-            agent = self._agent(e)
             try:
+                agent = self._agent(e)
                 plan = self._plan(rec)
                 if plan is not None:
                     network.attach(plan, list(rec.taps))
                 agent.connect(deadline, alive=lambda: self._domain_running(rec.domain))
                 if rec.rootfs:
                     self._check_guest_mounts(agent, rec)
-            except VmSandboxError:
-                agent.close()
-                self._hv.destroy(rec.domain)
-                self._unwire(rec)
+                pid = self._hv.pid(rec.domain)
+                pod = parse_pod_config(rec.options)
+                if pod is not None and pod.cgroup_parent and pid:
+                    place_process(pid, pod.cgroup_parent)
+                with e.state_lock:
+                    rec = self._save(e, phase=Phase.RUNNING, started_at=started, pid=pid)
+            except BaseException:
+                # Whatever failed, leave no half-started VM: off, unwired, still CREATED.
+                if e.agent is not None:
+                    e.agent.close()
+                try:
+                    self._hv.destroy(rec.domain)
+                finally:
+                    self._unwire(rec)
                 raise
-            pid = self._hv.pid(rec.domain)
-            pod = parse_pod_config(rec.options)
-            if pod is not None and pod.cgroup_parent and pid:
-                place_process(pid, pod.cgroup_parent)
-            with e.state_lock:
-                rec = self._save(e, phase=Phase.RUNNING, started_at=started, pid=pid)
             log.info("sandbox %s: running (pid %d) after %.2fs", sandbox_id, rec.pid, (utcnow() - started).total_seconds())
             return self._instance(rec)
 
