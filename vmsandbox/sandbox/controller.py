@@ -677,6 +677,7 @@ class LibvirtController:
             change = resources_from_update(
                 new_sandbox, annotations, names,
                 max_vcpus=self.config.max_vcpus, max_memory_mib=self.config.max_memory_mib,
+                pod=parse_pod_config(rec.options),
             )
             self._apply_resources(e, change)
             with e.state_lock:

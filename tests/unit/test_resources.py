@@ -1,0 +1,46 @@
+"""What an update asks of the guest: our annotations/labels and CRI's updated-resources."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vmsandbox import Any, InvalidArgument, Sandbox
+from vmsandbox.podconfig import PodConfig
+from vmsandbox.sandbox.resources import ResourceChange, resources_from_update
+
+LIMITS = {"max_vcpus": 8, "max_memory_mib": 4096}
+
+
+def cri(linux: dict[str, int]) -> Sandbox:
+    ext = Any("io.containerd.cri.v1/UpdatedResources", json.dumps({"Linux": linux}).encode())
+    return Sandbox("s", extensions={"updated-resources": ext})
+
+
+def test_cri_update_is_sized_like_create_including_runtimeclass_overhead() -> None:
+    pod = PodConfig(cpu_quota=100_000, cpu_period=100_000, overhead_cpu_quota=25_000,
+                    memory_limit_bytes=256 << 20, overhead_memory_limit_bytes=64 << 20)
+    same = cri({"cpu_quota": 100_000, "cpu_period": 100_000, "memory_limit_in_bytes": 256 << 20})
+    assert resources_from_update(same, {}, {"extensions"}, pod=pod, **LIMITS) == ResourceChange(2, 320)
+    camel = cri({"cpuQuota": 300_000, "cpuPeriod": 100_000, "memoryLimitInBytes": 512 << 20})
+    assert resources_from_update(camel, {}, {"extensions"}, **LIMITS) == ResourceChange(3, 512)
+
+
+def test_only_named_fields_count_and_labels_override_annotations() -> None:
+    sb = Sandbox("s", labels={"vmsandbox.io/memory-mib": "300"})
+    ann = {"vmsandbox.io/memory-mib": "200", "vmsandbox.io/vcpus": "2"}
+    assert resources_from_update(sb, ann, {"labels"}, **LIMITS) == ResourceChange(None, 300)
+    assert resources_from_update(sb, ann, {"spec"}, **LIMITS) == ResourceChange(2, 200)
+    assert resources_from_update(sb, ann, {"labels", "spec"}, **LIMITS) == ResourceChange(2, 300)
+    assert resources_from_update(sb, ann, {"runtime"}, **LIMITS) == ResourceChange()
+
+
+def test_bad_values_are_invalid_argument() -> None:
+    with pytest.raises(InvalidArgument):
+        resources_from_update(Sandbox("s", labels={"vmsandbox.io/vcpus": "0"}), {}, {"labels"}, **LIMITS)
+    with pytest.raises(InvalidArgument):
+        resources_from_update(Sandbox(
+            "s", extensions={"updated-resources": Any("x", b"not json")}), {}, {"extensions"}, **LIMITS)
+    with pytest.raises(InvalidArgument):
+        resources_from_update(cri({"memory_limit_in_bytes": 1 << 20}), {}, {"extensions"}, **LIMITS)
