@@ -243,6 +243,15 @@ def test_exec_environment_and_working_directory(controller: LibvirtController, g
         controller.exec(guest, ["pwd"], cwd="etc")
 
 
+def test_exec_echoing_a_large_stdin_does_not_deadlock(controller: LibvirtController, guest: str) -> None:
+    """cat echoes 4 MiB back: more than the SSH windows hold, so input and output must flow together."""
+    import os as _os
+
+    data = _os.urandom(4 << 20)
+    r = controller.exec(guest, ["cat"], stdin=data, timeout=120)
+    assert r.exit_code == 0 and r.stdout == data
+
+
 def test_exec_passes_stdin(controller: LibvirtController, guest: str) -> None:
     assert controller.exec(guest, ["cat"], stdin=b"hello\0world\n").stdout == b"hello\0world\n"
     assert controller.exec(guest, ["cat"]).stdout == b""  # no stdin: EOF at once, no hang

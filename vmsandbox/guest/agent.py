@@ -81,6 +81,14 @@ def encode_exec_request(
     return cmd
 
 
+def _feed(chan: paramiko.Channel, data: bytes) -> None:
+    try:
+        chan.sendall(data)
+        chan.shutdown_write()
+    except _TRANSIENT:
+        pass  # the command exited without reading it all, or the channel closed
+
+
 class GuestAgent:
     """SSH over the sandbox's agent socket, with a pinned host key.
 
@@ -210,9 +218,15 @@ class GuestAgent:
             raise Unavailable(f"cannot open a channel to the guest: {e}", sandbox_id=self.sandbox_id) from e
         try:
             chan.exec_command(cmd)
+            feeder: threading.Thread | None = None
             if stdin:
-                chan.sendall(stdin)
-            chan.shutdown_write()
+                # Feed stdin while we drain the output: a command that echoes its input
+                # (cat, gzip -d) would otherwise fill the window and block both sides.
+                feeder = threading.Thread(target=_feed, args=(chan, stdin), daemon=True,
+                                          name=f"vsbx-stdin-{self.sandbox_id}")
+                feeder.start()
+            else:
+                chan.shutdown_write()
             out, err = bytearray(), bytearray()
             while True:
                 select.select([chan], [], [], 0.2)
@@ -231,6 +245,8 @@ class GuestAgent:
             if not chan.exit_status_ready():
                 raise Unavailable("the guest closed the exec channel without an exit status", sandbox_id=self.sandbox_id)
             code = chan.recv_exit_status()
+            if feeder is not None:
+                feeder.join(timeout=5)
         except _TRANSIENT as e:
             raise Unavailable(f"exec failed on the guest connection: {e}", sandbox_id=self.sandbox_id) from e
         finally:

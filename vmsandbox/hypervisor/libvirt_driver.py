@@ -75,7 +75,6 @@ _STATE = {
 }
 _UNAVAILABLE_CODES = {
     libvirt.VIR_ERR_NO_CONNECT,
-    libvirt.VIR_ERR_SYSTEM_ERROR,
     libvirt.VIR_ERR_RPC,
     libvirt.VIR_ERR_AUTH_FAILED,
     libvirt.VIR_ERR_OPERATION_TIMEOUT,
@@ -90,7 +89,10 @@ def translate(e: libvirt.libvirtError, what: str) -> VmSandboxError:
     msg = f"{what}: {e.get_error_message() or e}"
     if code == libvirt.VIR_ERR_NO_DOMAIN:
         return NotFound(msg)
-    if code in _UNAVAILABLE_CODES:
+    # A system error is transient only when it is about reaching libvirtd (socket, RPC);
+    # inside the daemon it is a real failure (e.g. a missing tap).
+    transport = e.get_error_domain() in (libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE)
+    if code in _UNAVAILABLE_CODES or (code == libvirt.VIR_ERR_SYSTEM_ERROR and transport):
         return Unavailable(msg)
     if code in _INVALID_STATE_CODES:
         return FailedPrecondition(msg)
@@ -227,7 +229,7 @@ class LibvirtHypervisor:
             err = translate(e, what)
             if isinstance(err, Unavailable):
                 with self._lock:
-                    if self._conn is conn:
+                    if self._conn is conn and not _alive(conn):
                         self._drop()
             raise err from e
 
@@ -352,6 +354,13 @@ class LibvirtHypervisor:
     def set_vcpus(self, name: str, count: int) -> None:
         with self._call(f"setting vCPUs of domain {name}") as conn:
             conn.lookupByName(name).setVcpusFlags(count, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+
+def _alive(conn: _Any) -> bool:
+    try:
+        return bool(conn.isAlive())
+    except libvirt.libvirtError:
+        return False
 
 
 def _version(v: int) -> str:

@@ -1,0 +1,30 @@
+"""The libvirt -> vmsandbox error table (one place, at the adapter's edge)."""
+
+from __future__ import annotations
+
+import libvirt
+import pytest
+
+from vmsandbox import FailedPrecondition, Internal, NotFound, Unavailable
+from vmsandbox.hypervisor.libvirt_driver import translate
+
+
+def err(code: int, domain: int, msg: str = "boom") -> libvirt.libvirtError:
+    e = libvirt.libvirtError(msg)
+    e.err = (code, domain, msg, libvirt.VIR_ERR_ERROR, "", "", "", 0, 0)
+    return e
+
+
+@pytest.mark.parametrize(("code", "domain", "cls"), [
+    (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_FROM_QEMU, NotFound),
+    (libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_FROM_REMOTE, Unavailable),
+    (libvirt.VIR_ERR_RPC, libvirt.VIR_FROM_RPC, Unavailable),
+    (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_FROM_RPC, Unavailable),  # socket to libvirtd
+    (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_FROM_QEMU, Internal),  # failure inside the daemon
+    (libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_FROM_DOMAIN, FailedPrecondition),
+    (libvirt.VIR_ERR_XML_ERROR, libvirt.VIR_FROM_DOMAIN, Internal),
+])
+def test_translate(code: int, domain: int, cls: type) -> None:
+    out = translate(err(code, domain, "detail"), "doing it")
+    assert type(out) is cls
+    assert "doing it" in str(out) and "detail" in str(out)
