@@ -13,12 +13,18 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 chmod 755 "$work"
 
+# Debian's cloud flavour first; Ubuntu's kvm/virtual flavours as fallbacks (untested).
+resolve() {
+  for meta in "linux-image-cloud-$arch" linux-image-kvm linux-image-virtual; do
+    apt-cache depends "$meta" 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}' | grep . && return 0
+  done
+  return 1
+}
 pkg=${VMSANDBOX_KERNEL_PACKAGE:-}
 if [ -z "$pkg" ]; then
-  pkg=$(apt-cache depends "linux-image-cloud-$arch" 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}')
-  if [ -z "$pkg" ]; then apt-get update -qq; pkg=$(apt-cache depends "linux-image-cloud-$arch" | awk '/Depends: linux-image-/{print $2; exit}'); fi
+  pkg=$(resolve) || { apt-get update -qq; pkg=$(resolve) || true; }
 fi
-[ -n "$pkg" ] || { echo "image: cannot resolve the kernel package for linux-image-cloud-$arch" >&2; exit 1; }
+[ -n "$pkg" ] || { echo "image: cannot resolve a kernel package (set VMSANDBOX_KERNEL_PACKAGE)" >&2; exit 1; }
 step "downloading kernel package $pkg"
 (cd "$work" && apt-get download -q "$pkg" >/dev/null 2>&1) ||
   { apt-get update -qq && (cd "$work" && apt-get download -q "$pkg" >/dev/null); }
@@ -32,12 +38,22 @@ cp /bin/busybox "$root/bin/busybox"
 for applet in $(/bin/busybox --list); do
   [ "$applet" = busybox ] || ln -sf busybox "$root/bin/$applet"
 done
+mods=$work/kernel/lib/modules/$kver
+: > "$root/etc/modules"
 while read -r m; do
-  ko=$(find "$work/kernel/lib/modules/$kver" -name "$m.ko" | head -n1)
-  [ -n "$ko" ] || { echo "image: module $m not found in $pkg" >&2; exit 1; }
-  cp "$ko" "$root/lib/modules/"
+  ko=$(find "$mods" \( -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" \) | head -n1)
+  if [ -z "$ko" ]; then
+    # Built into this kernel: nothing to load.
+    grep -q "/$m.ko\$" "$mods/modules.builtin" 2>/dev/null && continue
+    echo "image: module $m not found in $pkg" >&2; exit 1
+  fi
+  case $ko in
+    *.xz) xz -dc "$ko" > "$root/lib/modules/$m.ko" ;;
+    *.zst) zstd -qdc "$ko" > "$root/lib/modules/$m.ko" ;;
+    *) cp "$ko" "$root/lib/modules/" ;;
+  esac
+  echo "$m" >> "$root/etc/modules"
 done < "$here/modules"
-cp "$here/modules" "$root/etc/modules"
 
 cp /usr/sbin/dropbear "$root/usr/sbin/dropbear"
 for lib in $(ldd /usr/sbin/dropbear | grep -o '/[^ ]*'); do
