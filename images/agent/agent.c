@@ -20,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -249,6 +250,10 @@ static int exec_main(int argc, char **argv) {
     }
     if (pid == 0) {
         setpgid(0, 0);
+        /* Die with vsbx-exec: if the session is torn down (host gone, dropbear killed), the
+         * command must not run on unsupervised, past its timeout. */
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        if (getppid() == 1) _exit(126); /* the parent already died */
         signal(SIGPIPE, SIG_DFL);
         if (chrooted && (chroot("/rootfs") < 0 || chdir("/") < 0)) {
             perror("vsbx-exec: chroot /rootfs");

@@ -252,6 +252,35 @@ def test_exec_echoing_a_large_stdin_does_not_deadlock(controller: LibvirtControl
     assert r.exit_code == 0 and r.stdout == data
 
 
+def test_a_command_dies_with_its_dropped_session(controller: LibvirtController, guest: str) -> None:
+    """If the host connection goes away mid-exec, the guest command must not run on."""
+    import threading as _threading
+
+    from vmsandbox import Unavailable
+
+    errors: list[object] = []
+
+    def run() -> None:
+        try:  # what the caller sees: an error, never a made-up exit code
+            errors.append(controller.exec(guest, ["sleep", "417"]))
+        except BaseException as e:  # noqa: BLE001 - recorded for the assertion
+            errors.append(e)
+
+    t = _threading.Thread(target=run)
+    t.start()
+    deadline = time.monotonic() + 30
+    while b"sleep 417" not in controller.exec(guest, ["ps"]).stdout:
+        assert time.monotonic() < deadline, "the command never started"
+        time.sleep(0.2)
+    controller._entry(guest).agent.close()  # the host side drops the session
+    t.join(timeout=30)
+    assert not t.is_alive() and errors and isinstance(errors[0], Unavailable)
+    deadline = time.monotonic() + 10
+    while b"sleep 417" in controller.exec(guest, ["ps"]).stdout:  # reconnects
+        assert time.monotonic() < deadline, "the command outlived its session"
+        time.sleep(0.2)
+
+
 def test_exec_passes_stdin(controller: LibvirtController, guest: str) -> None:
     assert controller.exec(guest, ["cat"], stdin=b"hello\0world\n").stdout == b"hello\0world\n"
     assert controller.exec(guest, ["cat"]).stdout == b""  # no stdin: EOF at once, no hang

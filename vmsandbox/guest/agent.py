@@ -242,9 +242,10 @@ class GuestAgent:
                     raise DeadlineExceeded(f"exec of {argv[0]!r} exceeded {timeout}s", sandbox_id=self.sandbox_id)
                 if not t.is_active():
                     raise Unavailable("the guest agent connection dropped during exec", sandbox_id=self.sandbox_id)
-            if not chan.exit_status_ready():
-                raise Unavailable("the guest closed the exec channel without an exit status", sandbox_id=self.sandbox_id)
-            code = chan.recv_exit_status()
+            code = chan.recv_exit_status() if chan.exit_status_ready() else -1
+            if code < 0:  # paramiko's "closed without an exit status"
+                raise Unavailable("the connection to the guest closed before the command finished",
+                                  sandbox_id=self.sandbox_id)
             if feeder is not None:
                 feeder.join(timeout=5)
         except _TRANSIENT as e:

@@ -486,7 +486,12 @@ class LibvirtController:
             return
         deadline = time.monotonic() + grace
         if grace > 0:
-            self._request_poweroff(e, deadline)
+            # On its own thread: a guest that hangs mid-request must not hold Stop past its
+            # grace period (forcing the VM off below ends the request too).
+            asker = threading.Thread(target=self._request_poweroff, args=(e, deadline), daemon=True,
+                                     name=f"vsbx-poweroff-{rec.id}")
+            asker.start()
+            asker.join(max(0.0, deadline - time.monotonic()))
             with e.state_lock:
                 while e.record.phase is Phase.RUNNING and time.monotonic() < deadline:
                     e.exited.wait(min(0.25, max(0.0, deadline - time.monotonic())))
