@@ -58,7 +58,7 @@ class _Progress:
     """Progress on stderr for slow steps (image build, boot), silent under --json."""
 
     def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and sys.stderr.isatty() or enabled and os.environ.get("VMSANDBOX_PROGRESS") == "1"
+        self.enabled = enabled and (sys.stderr.isatty() or os.environ.get("VMSANDBOX_PROGRESS") == "1")
 
     def line(self, msg: str) -> None:
         if self.enabled:

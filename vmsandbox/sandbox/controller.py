@@ -492,15 +492,7 @@ class LibvirtController:
                                      name=f"vsbx-poweroff-{rec.id}")
             asker.start()
             asker.join(max(0.0, deadline - time.monotonic()))
-            with e.state_lock:
-                while e.record.phase is Phase.RUNNING and time.monotonic() < deadline:
-                    e.exited.wait(min(0.25, max(0.0, deadline - time.monotonic())))
-                    if e.record.phase is Phase.RUNNING:
-                        e.state_lock.release()
-                        try:
-                            self._check_exit(e)
-                        finally:
-                            e.state_lock.acquire()
+            self._await_exit(e, deadline, poll_every=0.25)
         if e.record.phase is Phase.RUNNING:
             log.info("sandbox %s: forcing the VM off after %.1fs", rec.id, grace)
             self._hv.destroy(rec.domain)
@@ -519,27 +511,38 @@ class LibvirtController:
         except VmSandboxError as err:
             log.info("sandbox %s: clean power-off request failed (%s); will force", e.record.id, err)
 
-    def wait(self, sandbox_id: str, timeout: float | None = None) -> ExitStatus:
-        """Block until the guest is gone (see Controller.wait)."""
-        e = self._entry(sandbox_id)
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def _await_exit(self, e: _Entry, deadline: float | None, *, poll_every: float) -> bool:
+        """Block until the sandbox is stopped (True) or ``deadline`` passes (False).
+
+        Lifecycle events wake us; every ``poll_every`` seconds libvirt is also asked directly,
+        in case an event was lost. The clock is per sandbox, so callers that wait in short
+        slices (the gRPC server) still poll. Call without e.state_lock held.
+        """
         with e.state_lock:
             while e.record.phase is not Phase.STOPPED:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    raise DeadlineExceeded(f"sandbox {sandbox_id} still running after {timeout}s", sandbox_id=sandbox_id)
-                e.exited.wait(1.0 if remaining is None else min(1.0, remaining))
-                # Callers (the gRPC server) may wait in short slices: keep the clock per sandbox.
-                if e.record.phase is Phase.RUNNING and time.monotonic() - e.last_exit_check > 5.0:
+                    return False
+                slice_ = min(poll_every, 1.0) if remaining is None else min(poll_every, 1.0, remaining)
+                e.exited.wait(slice_)
+                if e.record.phase is Phase.RUNNING and time.monotonic() - e.last_exit_check >= poll_every:
                     e.last_exit_check = time.monotonic()
                     e.state_lock.release()
                     try:
-                        self._check_exit(e)  # in case a lifecycle event was lost
+                        self._check_exit(e)
                     except Unavailable:
-                        pass
+                        pass  # libvirtd away: keep waiting for its event or the next poll
                     finally:
                         e.state_lock.acquire()
-            rec = e.record
+            return True
+
+    def wait(self, sandbox_id: str, timeout: float | None = None) -> ExitStatus:
+        """Block until the guest is gone (see Controller.wait)."""
+        e = self._entry(sandbox_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._await_exit(e, deadline, poll_every=5.0):
+            raise DeadlineExceeded(f"sandbox {sandbox_id} still running after {timeout}s", sandbox_id=sandbox_id)
+        rec = e.record
         assert rec.exited_at is not None and rec.exit_status is not None
         return ExitStatus(rec.exit_status, rec.exited_at)
 
