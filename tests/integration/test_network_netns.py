@@ -406,3 +406,39 @@ def test_read_counters_grow_with_traffic_before_and_after_attach(pod: Pod) -> No
 def test_read_counters_of_a_missing_interface_is_not_found(pod: Pod) -> None:
     with pytest.raises(NotFound, match="nothere"):
         read_counters(pod.path, ["eth0", "nothere"])
+
+
+# --- threads ------------------------------------------------------------------------------
+def test_namespace_work_forks_nothing_and_runs_from_many_threads(spaces: Namespaces) -> None:
+    """`vmsandbox serve` is a threaded gRPC server: a forked child (pyroute2's netns mode)
+    died there with SIGSEGV in about half of the calls. Namespace sockets must be made
+    without fork, from any thread, and leave the calling thread in the host namespace."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    forks: list[int] = []
+    os.register_at_fork(before=lambda: forks.append(1))
+    pods = []
+    for i in range(4):
+        ns, peer = spaces.new_netns(f"t{i}"), spaces.new_netns(f"u{i}")
+        add_veth(ns, peer, "eth0", "peer0", f"10.78.{i}", f"fd78:0:0:{i}", 1500)
+        pods.append(Pod(ns=ns, peer=peer, taps=spaces.new_taps(1)))
+    host_ns = os.stat("/proc/self/ns/net").st_ino
+
+    def cycle(pod: Pod) -> int:
+        for _ in range(3):
+            plan = inspect_netns(pod.path)
+            create_taps(pod.taps)
+            attach(plan, pod.taps)
+            read_counters(pod.path, ["eth0", pod.taps[0]])
+            detach(pod.path, pod.taps, plan)
+        return os.stat("/proc/thread-self/ns/net").st_ino
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        thread_ns = list(pool.map(cycle, pods))
+    assert forks == [], f"{len(forks)} fork(s) while entering network namespaces"
+    assert thread_ns == [host_ns] * 4  # no worker thread was left inside a pod namespace
+    assert threading.active_count() == 1  # no helper thread outlived its call
+    for pod in pods:
+        assert addresses(pod.ns, "eth0", "-4") == [f"10.78.{pods.index(pod)}.2/24"]
+        assert not host_link_exists(pod.taps[0]) and link_json(pod.ns, pod.taps[0]) is None

@@ -15,8 +15,8 @@ Kata's "tcfilter" mode does, while QEMU runs in the host namespace under libvirt
 5. :func:`detach` undoes steps 2-4 and gives the addresses back; :func:`read_counters`
    reads interface counters inside the namespace.
 
-The functions block (netlink round trips, and a short forked child per namespace handle,
-since no thread of ours enters a namespace): call them from worker threads, never from a
+The functions block (netlink round trips, and a short-lived thread per namespace handle
+that makes its socket inside the namespace; nothing forks): call them from worker threads, never from a
 thread that is running an asyncio loop. Errors are :mod:`vmsandbox.errors` classes;
 nothing from pyroute2 escapes.
 """

@@ -2,19 +2,22 @@
 
 Everything that touches pyroute2 goes through :class:`Rtnl`, whose methods return small
 typed records and raise only :mod:`vmsandbox.errors` classes (translated in one table,
-:func:`translate`). Sockets inside a namespace are made by pyroute2's netns support (a short
-forked child enters the namespace and hands the socket back); no thread of ours ever calls
-``setns``.
+:func:`translate`). A socket inside a namespace is made by a short-lived thread of its own
+that enters the namespace, creates the netlink socket (a socket stays in the namespace it was
+made in) and ends; no shared thread ever calls ``setns`` and nothing forks. pyroute2's own
+netns mode forks a child, which died with SIGSEGV inside the multi-threaded gRPC server.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import logging
 import os
 import socket
 import stat
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -209,6 +212,37 @@ def host_netns_fd() -> Iterator[int]:
         os.close(fd)
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def netlink_socket_in(netns_fd: int) -> socket.socket:
+    """A route-netlink socket inside the network namespace open as ``netns_fd``.
+
+    Made on a fresh thread that enters the namespace and then ends, so no thread that
+    outlives the call is ever in another namespace, and nothing forks (safe in a threaded
+    server). Raises OSError.
+    """
+    out: list[socket.socket | BaseException] = []
+
+    def run() -> None:
+        try:
+            if _libc.setns(netns_fd, _CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns: {os.strerror(err)}")
+            out.append(socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC,
+                                     socket.NETLINK_ROUTE))
+        except BaseException as e:  # handed to the caller's thread
+            out.append(e)
+
+    t = threading.Thread(target=run, name="vsbx-netns-socket", daemon=True)
+    t.start()
+    t.join()
+    result = out[0]
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
 # --- typed records -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Link:
@@ -378,9 +412,18 @@ class Rtnl:
     @contextmanager
     def _open(cls, where: str, fd: int | None = None) -> Iterator[Rtnl]:
         try:
-            # flags=0: never let pyroute2 create a namespace; groups=0: no multicast
-            # subscription, so no event can fill the socket buffer between requests.
-            ipr = IPRoute(groups=0) if fd is None else IPRoute(netns=fd, flags=0, groups=0)
+            # groups=0: no multicast subscription, so no event can fill the socket buffer
+            # between requests. pyroute2 owns (and closes) a socket handed over as fileno.
+            if fd is None:
+                ipr = IPRoute(groups=0)
+            else:
+                sock = netlink_socket_in(fd)
+                try:
+                    ipr = IPRoute(fileno=sock.fileno(), groups=0)
+                except BaseException:
+                    sock.close()
+                    raise
+                sock.detach()
         except Exception as e:  # the adapter edge: anything pyroute2 raises is translated
             raise translate(e, f"opening a netlink socket in {where}") from e
         try:
