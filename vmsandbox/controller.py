@@ -41,7 +41,9 @@ class Controller(Protocol):
 
         Idempotent on a running sandbox (returns the same instance). Raises NotFound,
         FailedPrecondition on a stopped sandbox, DeadlineExceeded when the guest does not
-        become ready in time (the VM is then stopped again).
+        become ready in time. A start that fails removes the sandbox and everything it owns,
+        as Shutdown would (containerd never calls Shutdown after a failed Start): create it
+        again to retry.
         """
 
     def platform(self, sandbox_id: str) -> Platform:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.conftest import unique
-from vmsandbox import InvalidArgument, Sandbox
+from vmsandbox import InvalidArgument, NotFound, Sandbox
 
 pytestmark = pytest.mark.integration
 
@@ -204,3 +204,32 @@ def test_bad_netns_fails_cleanly(controller, sandbox_ids, tmp_path):  # type: ig
         assert host_taps() == before
     finally:
         cleanup_ns(empty)
+
+
+@pytest.mark.parametrize("failure", ["boot-timeout", "qemu-refuses"])
+def test_a_failed_start_removes_the_sandbox_and_gives_the_netns_back(podnet, qemu_tmp, failure):  # type: ignore[no-untyped-def]
+    """containerd never calls Shutdown after a failed Start: the start cleans up itself, with
+    the network attached (boot timeout: the agent never answered) or not (QEMU refused)."""
+    from tests.conftest import assert_no_domains_left
+    from vmsandbox import Config, FailedPrecondition, LibvirtController
+    from vmsandbox.errors import DeadlineExceeded
+
+    state = qemu_tmp / "state"
+    cfg = Config(state_dir=state, boot_timeout=0.5 if failure == "boot-timeout" else 120.0)
+    annotations = {"vmsandbox.io/memory-mib": str(512 * 1024)} if failure == "qemu-refuses" else {}
+    taps_before = host_taps()
+    with LibvirtController(config=cfg) as c:
+        sid = unique("fail")
+        c.create(Sandbox(sid), netns_path=podnet.path, annotations=annotations)
+        expected = DeadlineExceeded if failure == "boot-timeout" else FailedPrecondition
+        with pytest.raises(expected, match="Cannot allocate memory" if failure == "qemu-refuses" else None):
+            c.start(sid)
+        assert c.list() == []
+        with pytest.raises(NotFound):
+            c.status(sid)
+        c.shutdown(sid)  # what a careful caller does anyway: still fine
+    assert not (state / "sandboxes" / sid).exists()
+    assert_no_domains_left(state)
+    assert taps_in(podnet.pod) == [] and host_taps() == taps_before
+    assert f"inet {podnet.v4}/24" in in_ns(podnet.pod, "ip", "-4", "addr", "show", "eth0").stdout
+    assert "default via 10.77.0.1" in in_ns(podnet.pod, "ip", "route", "show").stdout

@@ -257,8 +257,16 @@ class LibvirtHypervisor:
             conn.defineXML(xml)
 
     def start(self, name: str) -> None:
+        """Boot the domain. QEMU refusing to start (e.g. it cannot allocate the guest's
+        memory) is FailedPrecondition with QEMU's own words, which reach the kubelet."""
         with self._call(f"starting domain {name}") as conn:
-            conn.lookupByName(name).create()
+            dom = conn.lookupByName(name)
+            try:
+                dom.create()
+            except libvirt.libvirtError as e:
+                if e.get_error_code() != libvirt.VIR_ERR_INTERNAL_ERROR:
+                    raise
+                raise FailedPrecondition(f"the VM of domain {name} did not start: {e.get_error_message()}") from e
 
     def destroy(self, name: str) -> None:
         """Force the domain off; succeeds when it is missing or already off."""

@@ -342,17 +342,17 @@ class LibvirtController:
             if rec.phase is Phase.STOPPED:
                 raise FailedPrecondition("sandbox is stopped; a stopped sandbox cannot be restarted", sandbox_id=sandbox_id)
             deadline = time.monotonic() + self.config.boot_timeout
-            info = self._hv.info(rec.domain)
-            if info is None:
-                raise NotFound(f"domain {rec.domain} of sandbox {sandbox_id} is gone", sandbox_id=sandbox_id)
-            if info.state is not DomainState.RUNNING:
-                try:
-                    os.unlink(rec.agent_socket)
-                except FileNotFoundError:
-                    pass
-                self._hv.start(rec.domain)
-            started = utcnow()
             try:
+                info = self._hv.info(rec.domain)
+                if info is None:
+                    raise NotFound(f"domain {rec.domain} of sandbox {sandbox_id} is gone", sandbox_id=sandbox_id)
+                if info.state is not DomainState.RUNNING:
+                    try:
+                        os.unlink(rec.agent_socket)
+                    except FileNotFoundError:
+                        pass
+                    self._hv.start(rec.domain)
+                started = utcnow()
                 agent = self._agent(e)
                 plan = self._plan(rec)
                 if plan is not None:
@@ -366,17 +366,20 @@ class LibvirtController:
                     place_process(pid, pod.cgroup_parent)
                 with e.state_lock:
                     rec = self._save(e, phase=Phase.RUNNING, started_at=started, pid=pid)
-            except BaseException:
-                # Whatever failed, leave no half-started VM: off, unwired, still CREATED.
-                if e.agent is not None:
-                    e.agent.close()
-                try:
-                    self._hv.destroy(rec.domain)
-                finally:
-                    self._unwire(rec)
+            except BaseException as err:
+                # containerd drops a sandbox whose Start failed and never calls Shutdown (the
+                # kubelet retries with a new id): remove everything now, keep the first error.
+                self._remove_after_failed_start(e, err)
                 raise
             log.info("sandbox %s: running (pid %d) after %.2fs", sandbox_id, rec.pid, (utcnow() - started).total_seconds())
             return self._instance(rec)
+
+    def _remove_after_failed_start(self, e: _Entry, err: BaseException) -> None:
+        log.warning("sandbox %s: start failed (%s: %s); removing the sandbox", e.record.id, type(err).__name__, err)
+        try:
+            self._remove_locked(e)
+        except Exception:  # noqa: BLE001 - the start's own error is the one to report
+            log.exception("sandbox %s: removing it after a failed start failed; its record is kept", e.record.id)
 
     def _check_guest_mounts(self, agent: GuestAgent, rec: SandboxRecord) -> None:
         """A disk the guest could not mount fails the start (init lists them)."""
