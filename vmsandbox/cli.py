@@ -97,10 +97,39 @@ def _config(args: argparse.Namespace) -> Config:
     )
 
 
-def _controller(args: argparse.Namespace) -> _Any:
-    from .sandbox.controller import LibvirtController
+ADMIN_SOCKET = "admin.sock"
+"""`vmsandbox serve` listens for the CLI on this socket in its state dir (root only)."""
 
-    return LibvirtController(config=_config(args), progress=args.progress.line)
+
+def _controller(args: argparse.Namespace, *, mutates: bool = False, remote_ok: bool = True) -> _Any:
+    """The controller a command talks to: the running `vmsandbox serve` that owns the state
+    dir (through its admin socket) when there is one, else a controller of our own.
+
+    One controller per state dir: when another process owns it and cannot be reached, a
+    command that changes sandboxes (``mutates``) or cannot go through a server
+    (``remote_ok=False``: create, start, run) is refused instead of racing that process.
+    """
+    from .errors import FailedPrecondition, Unavailable
+    from .sandbox.controller import LibvirtController, state_dir_owner
+
+    cfg = _config(args)
+    admin = cfg.state_dir / ADMIN_SOCKET
+    owner = state_dir_owner(cfg.state_dir)
+    if owner is not None and remote_ok and admin.exists():
+        from .server.client import RemoteController
+
+        remote = RemoteController(str(admin))
+        try:
+            remote.ping()
+            return remote
+        except Unavailable:
+            remote.close()
+    if owner is not None and (mutates or not remote_ok):
+        who = f"process {owner}" if owner else "another process"
+        how = ("create and start sandboxes through containerd (CRI) or use another --state-dir"
+               if not remote_ok else f"it serves no admin socket at {admin}")
+        raise FailedPrecondition(f"state dir {cfg.state_dir} is owned by {who} (vmsandbox serve?); {how}")
+    return LibvirtController(config=cfg, progress=args.progress.line)
 
 
 def _parse_mount(spec: str, first: bool) -> Mount:
@@ -149,14 +178,14 @@ def cmd_image_build(args: argparse.Namespace) -> int:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    with _controller(args) as c:
+    with _controller(args, remote_ok=False) as c:
         c.create(Sandbox(args.id, labels={"name": args.id}), **_create_kwargs(args))
     _emit(args, {"id": args.id}, f"created {args.id}")
     return 0
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    with _controller(args) as c, args.progress.during(f"booting {args.id}"):
+    with _controller(args, remote_ok=False) as c, args.progress.during(f"booting {args.id}"):
         inst = c.start(args.id)
     _emit(args, inst, f"started {args.id} (VMM pid {inst.pid})")
     return 0
@@ -171,7 +200,7 @@ def _print_exec(res: _Any) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     code = 0
-    with _controller(args) as c:
+    with _controller(args, remote_ok=False) as c:
         c.create(Sandbox(args.id, labels={"name": args.id}), **_create_kwargs(args))
         try:
             with args.progress.during(f"booting {args.id}"):
@@ -199,7 +228,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
         raise VmSandboxError("exec needs a command after --")
     env = _pairs(args.env, "--env")
     stdin = sys.stdin.buffer.read() if args.stdin else None
-    with _controller(args) as c:
+    with _controller(args, mutates=True) as c:  # a second agent connection would race the owner's
         res = c.exec(args.id, args.argv, env=env, cwd=args.cwd, stdin=stdin, timeout=args.timeout)
     if args.json:
         _emit(args, res)
@@ -240,7 +269,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    with _controller(args) as c, args.progress.during(f"stopping {args.id}"):
+    with _controller(args, mutates=True) as c, args.progress.during(f"stopping {args.id}"):
         c.stop(args.id, timeout=args.timeout)
     _emit(args, {"id": args.id}, f"stopped {args.id}")
     return 0
@@ -254,7 +283,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 
 def cmd_shutdown(args: argparse.Namespace) -> int:
-    with _controller(args) as c, args.progress.during(f"removing {args.id}"):
+    with _controller(args, mutates=True) as c, args.progress.during(f"removing {args.id}"):
         c.shutdown(args.id)
     _emit(args, {"id": args.id}, f"removed {args.id}")
     return 0
@@ -270,11 +299,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     with _controller(args) as c:
-        path = c.console_log(args.id)
-    try:
-        sys.stdout.buffer.write(path.read_bytes())
-    except FileNotFoundError:
-        pass
+        data = c.read_console_log(args.id, args.tail_bytes)
+    sys.stdout.buffer.write(data)
+    sys.stdout.flush()
     return 0
 
 
@@ -286,7 +313,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         if args.build_image:
             ctl.image()
-        srv = serve(ctl, args.socket, socket_group=args.socket_group, max_workers=args.max_workers)
+        srv = serve(ctl, args.socket, socket_group=args.socket_group, max_workers=args.max_workers,
+                    admin=ctl, admin_socket_path=str(ctl.config.state_dir / ADMIN_SOCKET))
         srv.install_signal_handlers()
         log.info("serving containerd's sandbox Controller on %s (virt type %s)", srv.socket_path, ctl.virt_type.value)
         srv.wait()
@@ -374,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
                           ("logs", cmd_logs, "the guest console log")):
         sp = sub.add_parser(name, help=hlp)
         sp.add_argument("id")
+        if name == "logs":
+            sp.add_argument("--tail-bytes", type=int, default=0, help="only the last N bytes")
         sp.set_defaults(func=fn)
     s = sub.add_parser("status", help="state of a sandbox")
     s.add_argument("id")

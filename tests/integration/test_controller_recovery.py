@@ -216,6 +216,28 @@ def test_a_second_controller_on_an_owned_state_dir_only_observes(controller: Lib
         shutil.rmtree(half_made)
 
 
+def test_the_cli_refuses_to_race_an_owner_it_cannot_reach(controller: LibvirtController) -> None:
+    """A state dir owned by a process with no admin socket (here: this test session): the CLI
+    reads, but refuses what would race the owner (a second agent connection, stop, create)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    from vmsandbox.sandbox.controller import state_dir_owner
+
+    assert state_dir_owner(controller.config.state_dir) == os.getpid()
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "vmsandbox.cli", "--state-dir", str(controller.config.state_dir),
+                               *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+
+    assert cli("list").returncode == 0
+    for args in (["exec", "whatever", "--", "true"], ["stop", "whatever"], ["create", unique("cli")]):
+        done = cli(*args)
+        assert done.returncode == 1 and f"owned by process {os.getpid()}" in done.stderr, (args, done.stderr)
+    assert [p.name for p in (controller.config.state_dir / "sandboxes").iterdir() if p.name.endswith("-cli")] == []
+
+
 def test_nothing_is_left_behind(controller: LibvirtController) -> None:
     """After the tests above: no folder, socket, domain or QEMU process beyond the sandboxes
     the session controller still knows (normally none)."""

@@ -63,7 +63,7 @@ from .guestconfig import config_archive, guest_settings
 from .store import SandboxRecord, Store
 from .validate import MIN_MEMORY_MIB, check_sandbox_id, resources_from_annotations
 
-__all__ = ["LibvirtController", "EXIT_CLEAN", "EXIT_KILLED", "EXIT_FAILED"]
+__all__ = ["LibvirtController", "EXIT_CLEAN", "EXIT_KILLED", "EXIT_FAILED", "LOCK_FILE", "state_dir_owner"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,8 @@ _EXIT_FOR_REASON = {
     StopReason.UNKNOWN: EXIT_FAILED,
 }
 DOMAIN_PREFIX = "vmsandbox-"
+LOCK_FILE = "controller.lock"
+"""The owning controller holds an exclusive flock on this file in the state dir (its pid inside)."""
 UPDATABLE_FIELDS = frozenset({"labels", "extensions", "spec", "annotations", "runtime", "sandboxer"})
 
 
@@ -140,10 +142,12 @@ class LibvirtController:
         # The first controller on a state dir owns it (an exclusive lock for its lifetime);
         # others (e.g. a CLI command while `serve` runs) only observe: they never destroy or
         # remove anything during recovery, which could be another controller's work in flight.
-        self._lock_fd = os.open(config.state_dir / "controller.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._lock_fd = os.open(config.state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self.owner = True
+            os.ftruncate(self._lock_fd, 0)
+            os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)  # who owns it, for messages
         except BlockingIOError:
             self.owner = False
             log.info("state dir %s is owned by another controller; this one only observes during recovery",
@@ -801,6 +805,16 @@ class LibvirtController:
         """The file the guest's console is written to."""
         return self._store.dir(self._entry(sandbox_id).record.id) / "console.log"
 
+    def read_console_log(self, sandbox_id: str, max_bytes: int = 0) -> bytes:
+        """The console log's last ``max_bytes`` bytes (all when 0; empty before the first boot)."""
+        try:
+            with open(self.console_log(sandbox_id), "rb") as f:
+                if max_bytes > 0:
+                    f.seek(max(0, f.seek(0, os.SEEK_END) - max_bytes))
+                return f.read()
+        except FileNotFoundError:
+            return b""
+
     # ------------------------------------------------------------------ recovery
     def _recover(self) -> None:
         """Rebuild in-memory state from records and libvirt; the owner also cleans up
@@ -851,6 +865,23 @@ class LibvirtController:
             self._check_exit(e)
         except VmSandboxError as err:
             log.warning("sandbox %s: reconciling after reconnect failed: %s", e.record.id, err)
+
+
+def state_dir_owner(state_dir: Path) -> int | None:
+    """The pid of the controller that owns ``state_dir`` now (0 if it wrote none), else None."""
+    try:
+        fd = os.open(state_dir / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else 0
+        return None
+    finally:
+        os.close(fd)  # also drops the shared lock we may have taken
 
 
 def _spec_annotations(spec: Any | None) -> dict[str, str]:

@@ -23,15 +23,23 @@ from ..model import (
     ExitStatus,
     Metric,
     Mount,
+    Phase,
     Platform,
     Runtime,
     Sandbox,
+    SandboxState,
+    SandboxSummary,
 )
 from ..proto.containerd.services.sandbox.v1 import sandbox_pb2 as api
+from ..proto.vmsandbox.admin.v1 import admin_pb2
 from ..proto.containerd.types import metrics_pb2, mount_pb2, platform_pb2
 from ..proto.containerd.types import sandbox_pb2 as types_sandbox_pb2
 
 __all__ = [
+    "summary_to_proto",
+    "summary_from_proto",
+    "status_from_response",
+    "wait_from_response",
     "timestamp_to_datetime",
     "datetime_to_timestamp",
     "any_from_proto",
@@ -253,3 +261,35 @@ def status_response(st: ControllerStatus) -> api.ControllerStatusResponse:
     _set_time(msg.exited_at, st.exited_at)
     _set_any(msg.extra, st.extra)
     return msg
+
+
+# --- vmsandbox.admin.v1 -----------------------------------------------------------------------
+
+
+def summary_to_proto(s: SandboxSummary) -> admin_pb2.SandboxSummary:
+    msg = admin_pb2.SandboxSummary(id=s.id, phase=s.phase.value, state=s.state.value, pid=s.pid)
+    _set_time(msg.created_at, s.created_at)
+    _set_time(msg.exited_at, s.exited_at)
+    return msg
+
+
+def summary_from_proto(m: admin_pb2.SandboxSummary) -> SandboxSummary:
+    return SandboxSummary(
+        id=m.id, phase=Phase(m.phase), state=SandboxState(m.state), pid=m.pid,
+        created_at=timestamp_to_datetime(m.created_at), exited_at=_opt_time(m, "exited_at"),
+    )
+
+
+# --- client side: what a Controller caller gets back ----------------------------------------
+
+
+def status_from_response(resp: api.ControllerStatusResponse) -> ControllerStatus:
+    return ControllerStatus(
+        sandbox_id=resp.sandbox_id, pid=resp.pid, state=resp.state, info=_str_map(resp.info),
+        created_at=timestamp_to_datetime(resp.created_at), exited_at=_opt_time(resp, "exited_at"),
+        extra=_opt_any(resp, "extra"), address=resp.address, version=resp.version,
+    )
+
+
+def wait_from_response(resp: api.ControllerWaitResponse) -> ExitStatus:
+    return ExitStatus(exit_status=resp.exit_status, exited_at=timestamp_to_datetime(resp.exited_at))
