@@ -354,6 +354,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     img = find_image(cfg.state_dir, cfg.images_dir, cfg.image_name)
     check("guest image", img is not None,
           f"{img.directory} (kernel {img.kernel_version})" if img else "not built yet (vmsandbox image build)", required=False)
+    if args.containerd:
+        from .containerd_check import check_containerd
+
+        for c in check_containerd(args.containerd, sandboxer=args.sandboxer, pause_image=args.pause_image):
+            check(c.name, c.ok, c.detail, c.required)
     ok = all(c[1] for c in checks if c[3])
     if args.json:
         _emit(args, {"ok": ok, "checks": [{"name": n, "ok": o, "detail": d, "required": r} for n, o, d, r in checks]})
@@ -428,6 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="all sandboxes")
     ls.set_defaults(func=cmd_list)
     d = sub.add_parser("doctor", help="what this host lacks")
+    d.add_argument("--containerd", metavar="SOCKET",
+                   help="also check this containerd (version, proxy plugin, runtime handler, pause image)")
+    d.add_argument("--sandboxer", default="vmsandbox", help="the proxy plugin name in containerd's config")
+    d.add_argument("--pause-image", help="the sandbox image containerd >= 2.3 pulls (default registry.k8s.io/pause:3.10.2)")
     d.set_defaults(func=cmd_doctor)
     sv = sub.add_parser("serve", help="serve containerd's sandbox Controller (gRPC) on a unix socket")
     sv.add_argument("--socket", default="/run/vmsandbox/vmsandbox.sock")

@@ -64,6 +64,7 @@ def containerd(serve: Serve, cri_root: Path) -> Iterator[Containerd]:
         pytest.skip(str(e))
     ctd = Containerd(bins, cri_root / "containerd", serve.socket)
     host_taps_before = host_taps()
+    host_paths = {p: os.path.exists(p) for p in HOST_PATHS}
     ctd.prepare()
     try:
         ctd.start()
@@ -78,6 +79,11 @@ def containerd(serve: Serve, cri_root: Path) -> Iterator[Containerd]:
         assert not cni_left, f"CNI results left (CNI DEL never ran): {cni_left}"
         assert not netns_left, f"pod network namespaces left: {netns_left}"
         assert host_taps() == host_taps_before, "taps left in the host namespace"
+        assert {p: os.path.exists(p) for p in HOST_PATHS} == host_paths, "containerd or CNI wrote outside its folder"
+
+
+# Where a containerd or CNI with default settings would write: the private one must not.
+HOST_PATHS = ("/run/containerd", "/var/lib/containerd", "/etc/cni", "/var/lib/cni", "/opt/cni", "/etc/containerd")
 
 
 def host_taps() -> list[str]:

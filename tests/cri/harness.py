@@ -33,6 +33,7 @@ fetched by hack/fetch-containerd.sh."""
 CNI_ENV = "VMSANDBOX_TEST_CNI_BIN"
 CNI_CACHE = "/var/lib/cni"
 RUNTIME_HANDLER = "vmsandbox"
+DEPLOY_SOCKET = "/run/vmsandbox/vmsandbox.sock"
 PAUSE_IMAGE = "localhost/vmsandbox-test/pause:1"
 BUSYBOX_IMAGE = "localhost/vmsandbox-test/busybox:1"
 
@@ -153,8 +154,13 @@ class Containerd:
         }
         (self.root / "cni/net.d/10-vsbxt.conflist").write_text(json.dumps(cni, indent=2))
         r = self.root
+        # The proxy plugin and runtime handler come from the drop-in an admin installs.
+        dropin = (REPO / "deploy" / "containerd" / "vmsandbox.toml").read_text()
+        assert DEPLOY_SOCKET in dropin
+        (r / "vmsandbox.toml").write_text(dropin.replace(DEPLOY_SOCKET, str(self.sandboxer_socket)))
         self.config.write_text(f"""\
 version = 3
+imports = ['{r}/vmsandbox.toml']
 root = '{r}/root'
 state = '{r}/state'
 disabled_plugins = ['io.containerd.nri.v1.nri', 'io.containerd.snapshotter.v1.btrfs',
@@ -169,11 +175,6 @@ disabled_plugins = ['io.containerd.nri.v1.nri', 'io.containerd.snapshotter.v1.bt
 [debug]
   level = 'info'
 
-[proxy_plugins]
-  [proxy_plugins.vmsandbox]
-    type = 'sandbox'
-    address = '{self.sandboxer_socket}'
-
 [plugins]
   [plugins.'io.containerd.internal.v1.opt']
     path = '{r}/opt'
@@ -185,9 +186,6 @@ disabled_plugins = ['io.containerd.nri.v1.nri', 'io.containerd.snapshotter.v1.bt
     netns_mounts_under_state_dir = true
     enable_cdi = false
     cdi_spec_dirs = ['{r}/cdi']
-    [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.{RUNTIME_HANDLER}]
-      runtime_type = 'io.containerd.vmsandbox.v1'
-      sandboxer = 'vmsandbox'
     [plugins.'io.containerd.cri.v1.runtime'.cni]
       bin_dirs = ['{self.bins.cni_bin}']
       conf_dir = '{r}/cni/net.d'

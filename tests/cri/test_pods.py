@@ -243,3 +243,27 @@ def test_fifty_pods_in_a_row_and_five_at_once(pods: Pods, serve: Serve, containe
     assert ip_leases(containerd) == leases_before
     assert not [d for d in os.listdir(serve.state_dir / "sandboxes") if d in ids]
     print(f"50 pods in a row: {serial:.0f}s ({serial / 50:.1f}s each: run, status, stop, remove)")
+
+
+def test_doctor_checks_the_containerd_side(serve: Serve, containerd: Containerd) -> None:
+    from tests.cri.harness import PAUSE_IMAGE
+
+    def doctor(*extra: str) -> tuple[int, dict[str, dict[str, object]]]:
+        done = serve.cli("--json", "doctor", "--containerd", str(containerd.socket), *extra)
+        return done.returncode, {c["name"]: c for c in json.loads(done.stdout)["checks"]}
+
+    code, checks = doctor("--pause-image", PAUSE_IMAGE)
+    assert checks["containerd"]["ok"] and containerd.bins.version.split("+")[0] in str(checks["containerd"]["detail"])
+    assert checks["proxy plugin"]["ok"], checks["proxy plugin"]
+    assert checks["runtime handler"]["ok"] and RUNTIME_HANDLER in str(checks["runtime handler"]["detail"])
+    assert checks["pause image"]["ok"] and "present" in str(checks["pause image"]["detail"])
+    code, checks = doctor("--sandboxer", "nosuch", "--pause-image", "localhost/vsbxt/none:0")
+    assert code == 1
+    assert not checks["proxy plugin"]["ok"] and "vmsandbox" in str(checks["proxy plugin"]["detail"])
+    assert not checks["runtime handler"]["ok"]
+    assert "missing" in str(checks["pause image"]["detail"])
+    # Nothing listens there: one clear failure, no traceback.
+    done = serve.cli("--json", "doctor", "--containerd", str(containerd.root / "no-such.sock"))
+    checks = {c["name"]: c for c in json.loads(done.stdout)["checks"]}
+    assert done.returncode == 1 and not checks["containerd"]["ok"]
+    assert "no CRI answer" in str(checks["containerd"]["detail"])
