@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vmsandbox import Any, Internal, Mount, Phase, Runtime, Sandbox
+from vmsandbox import Any, Mount, Phase, Runtime, Sandbox
 from vmsandbox.sandbox import store as store_mod
 from vmsandbox.sandbox.store import SandboxRecord, Store, record_from_json, record_to_json
 
@@ -158,11 +158,22 @@ def test_folders_without_a_record_are_strays(store: Store) -> None:
 
 
 @pytest.mark.parametrize("content", ["{not json", "{}", '{"id": "x"}', "[]"])
-def test_an_unreadable_record_is_an_internal_error_naming_the_file(store: Store, content: str) -> None:
+def test_an_unreadable_record_is_quarantined_and_the_rest_still_load(
+        store: Store, content: str, caplog: pytest.LogCaptureFixture) -> None:
+    _save_new(store, minimal_record("ok"))
     store.dir("bad").mkdir()
     (store.dir("bad") / "record.json").write_text(content)
-    with pytest.raises(Internal, match="bad/record.json"):
-        store.load_all()
+    records, strays = store.load_all()
+    assert [r.id for r in records] == ["ok"] and strays == []
+    assert "bad/record.json" in caplog.text and "unreadable" in caplog.text
+    assert not store.dir("bad").exists()
+    assert (store.quarantine_root / "bad" / "1" / "record.json").read_text() == content
+    assert store.quarantined() == {"bad"}
+    # The same id damaged again later is kept beside the first one, and nothing is lost.
+    store.dir("bad").mkdir()
+    (store.dir("bad") / "record.json").write_text(content)
+    store.load_all()
+    assert sorted(p.name for p in (store.quarantine_root / "bad").iterdir()) == ["1", "2"]
 
 
 def test_load_all_without_a_sandboxes_folder(tmp_path: Path) -> None:

@@ -152,8 +152,17 @@ class LibvirtController:
             self.owner = False
             log.info("state dir %s is owned by another controller; this one only observes during recovery",
                      config.state_dir)
-        self._hv = LibvirtHypervisor(config.uri, on_stop=self._on_domain_stop, on_reconnect=self._reconcile)
-        self._recover()
+        try:
+            self._hv = LibvirtHypervisor(config.uri, on_stop=self._on_domain_stop, on_reconnect=self._reconcile)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        try:
+            self._recover()
+        except BaseException:
+            self._hv.close()
+            os.close(self._lock_fd)
+            raise
 
     # ------------------------------------------------------------------ plumbing
     def __enter__(self) -> LibvirtController:
@@ -846,6 +855,8 @@ class LibvirtController:
             self._hv.destroy(DOMAIN_PREFIX + d.name)
             self._hv.undefine(DOMAIN_PREFIX + d.name)
             self._store.remove(d.name)
+        # A quarantined record's VM may be running someone's pod: leave it for a person.
+        known |= {DOMAIN_PREFIX + sid for sid in self._store.quarantined()}
         for info in self._hv.list_tagged():
             if info.metadata.get("state-dir") == str(self.config.state_dir) and info.name not in known:
                 log.warning("removing domain %s: ours, but it has no record", info.name)

@@ -17,7 +17,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any as _Any
 
-from ..errors import Internal
 from ..model import Any, Mount, Phase, Runtime, Sandbox
 
 __all__ = ["SandboxRecord", "Store"]
@@ -156,6 +155,7 @@ class Store:
 
     def __init__(self, state_dir: Path) -> None:
         self.root = state_dir / "sandboxes"
+        self.quarantine_root = state_dir / "quarantine"
 
     def dir(self, sandbox_id: str) -> Path:
         return self.root / sandbox_id
@@ -164,7 +164,7 @@ class Store:
         return self.dir(sandbox_id).exists()
 
     def save(self, record: SandboxRecord) -> None:
-        """Atomically replace the record (temp file, fsync, rename)."""
+        """Atomically replace the record (temp file, fsync, rename, fsync of the folder)."""
         d = self.dir(record.id)
         data = json.dumps(record_to_json(record), indent=1, sort_keys=True).encode()
         fd, tmp = tempfile.mkstemp(prefix=".record-", dir=d)
@@ -180,9 +180,15 @@ class Store:
             except OSError:
                 pass
             raise
+        _fsync_dir(d)  # the rename itself survives a power cut only once the folder is synced
 
     def load_all(self) -> tuple[list[SandboxRecord], list[Path]]:
-        """(records, folders without a readable record: leftovers of an interrupted create)."""
+        """(records, folders without a record: leftovers of an interrupted create).
+
+        A folder whose record cannot be read is moved to ``<state_dir>/quarantine/`` with an
+        error in the log, and loading goes on: one damaged file must not stop the controller
+        from serving every other sandbox. :meth:`quarantined` lists those ids.
+        """
         records: list[SandboxRecord] = []
         strays: list[Path] = []
         if not self.root.is_dir():
@@ -194,10 +200,33 @@ class Store:
                 records.append(record_from_json(json.loads((d / RECORD).read_text())))
             except FileNotFoundError:
                 strays.append(d)
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise Internal(f"sandbox record {d / RECORD} is unreadable: {e}") from e
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                self._quarantine(d, e)
         return records, strays
+
+    def _quarantine(self, d: Path, err: BaseException) -> None:
+        # <state_dir>/quarantine/<id>/<n>/: the same id may be quarantined more than once.
+        home = self.quarantine_root / d.name
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        target = home / str(len(list(home.iterdir())) + 1)
+        os.replace(d, target)
+        log.error("sandbox record %s is unreadable (%s: %s); moved its folder to %s and left its VM alone",
+                  d / RECORD, type(err).__name__, err, target)
+
+    def quarantined(self) -> set[str]:
+        """Ids whose folders were quarantined (their domains must not be taken for orphans)."""
+        if not self.quarantine_root.is_dir():
+            return set()
+        return {p.name for p in self.quarantine_root.iterdir()}
 
     def remove(self, sandbox_id: str) -> None:
         """Delete the sandbox's folder and everything in it (idempotent)."""
         shutil.rmtree(self.dir(sandbox_id), ignore_errors=True)
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
