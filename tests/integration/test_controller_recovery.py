@@ -202,6 +202,36 @@ def test_a_domain_of_ours_without_a_record_is_removed(fresh: tuple[list[str], ob
             conn.close()
 
 
+def test_an_unreadable_record_is_quarantined_and_everything_else_recovers(fresh: tuple[list[str], object]) -> None:
+    ids, new = fresh
+    first: LibvirtController = new()  # type: ignore[operator]
+    good, bad = unique("good"), unique("damaged")
+    ids.append(good)
+    first.create(Sandbox(good))
+    first.create(Sandbox(bad))
+    first.close()
+    sd = first.config.state_dir
+    (sd / "sandboxes" / bad / "record.json").write_text("{truncated")
+    try:
+        for _ in range(2):  # and again: the quarantined sandbox's domain is not an orphan
+            second: LibvirtController = new()  # type: ignore[operator]
+            assert [r.id for r in second.list()] == [good]
+            assert second.status(good).info["phase"] == "created"
+            assert domain_xml(bad) is not None, "the VM of a damaged record was destroyed"
+            second.close()
+        assert (sd / "quarantine" / bad / "1" / "record.json").read_text() == "{truncated"
+    finally:
+        shutil.rmtree(sd / "quarantine", ignore_errors=True)
+        conn = _libvirt()
+        try:
+            conn.lookupByName(domain_name(bad)).undefine()
+        except Exception as e:
+            if not _no_domain(e):
+                raise
+        finally:
+            conn.close()
+
+
 def test_a_second_controller_on_an_owned_state_dir_only_observes(controller: LibvirtController) -> None:
     """While one controller owns a state dir (say `serve`), another (say a CLI command) must
     not destroy what looks interrupted: it may be the owner's create or boot in flight."""
