@@ -35,7 +35,7 @@ from .model import (
     SandboxSummary,
     StopOptions,
 )
-from .sandbox.controller import LibvirtController
+from .host import LibvirtController
 
 __version__ = "0.1.0"
 

@@ -110,7 +110,8 @@ def _controller(args: argparse.Namespace, *, mutates: bool = False, remote_ok: b
     (``remote_ok=False``: create, start, run) is refused instead of racing that process.
     """
     from .errors import FailedPrecondition, Unavailable
-    from .sandbox.controller import LibvirtController, state_dir_owner
+    from .host import LibvirtController
+    from .sandbox.controller import state_dir_owner
 
     cfg = _config(args)
     admin = cfg.state_dir / ADMIN_SOCKET
@@ -307,7 +308,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
-    from .sandbox.controller import LibvirtController
+    from .host import LibvirtController
 
     ctl = LibvirtController(config=_config(args), progress=args.progress.line)
     try:

@@ -24,7 +24,7 @@ from typing import Any as _Any
 from .errors import FailedPrecondition, Internal
 from .model import Platform
 
-__all__ = ["GuestImage", "ensure_image", "find_image", "recipe_digest"]
+__all__ = ["GuestImage", "RecipeImages", "ensure_image", "find_image", "recipe_digest"]
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,17 @@ def ensure_image(
         raise Internal(f"image build left no usable image in {target}")
     log.info("guest image %s built in %s (kernel %s)", name, target, img.kernel_version)
     return img
+
+
+class RecipeImages:
+    """The images port: the image built from the recipe in ``images_dir``, cached under the
+    state dir (:func:`ensure_image`)."""
+
+    def __init__(self, state_dir: Path, images_dir: Path, name: str = "default") -> None:
+        self.state_dir, self.images_dir, self.name = state_dir, images_dir, name
+
+    def ensure(self, progress: Callable[[str], None] | None = None) -> GuestImage:
+        return ensure_image(self.state_dir, self.images_dir, self.name, progress=progress)
 
 
 def _run_build(script: Path, out: Path, progress: Callable[[str], None] | None) -> None:

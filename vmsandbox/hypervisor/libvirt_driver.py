@@ -8,12 +8,10 @@ controller reconcile what happened while it was gone.
 
 from __future__ import annotations
 
-import enum
 import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any as _Any
 
@@ -21,6 +19,7 @@ import libvirt
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from ..errors import FailedPrecondition, Internal, NotFound, Unavailable, VmSandboxError
+from ..sandbox.ports import DomainInfo, DomainState, StopReason
 from .domain import METADATA_NS, parse_metadata
 
 __all__ = ["LibvirtHypervisor", "DomainState", "StopReason", "DomainInfo"]
@@ -29,31 +28,6 @@ log = logging.getLogger(__name__)
 
 # libvirt prints every error to stderr by default; we translate and log them ourselves.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-
-
-class StopReason(str, enum.Enum):
-    """Why a domain stopped, from libvirt's lifecycle event detail or shutoff reason."""
-
-    SHUTDOWN = "shutdown"  # the guest powered itself off
-    DESTROYED = "destroyed"  # forced off by us or someone else
-    CRASHED = "crashed"
-    FAILED = "failed"
-    UNKNOWN = "unknown"
-
-
-class DomainState(str, enum.Enum):
-    RUNNING = "running"
-    PAUSED = "paused"
-    SHUTOFF = "shutoff"
-    OTHER = "other"
-
-
-@dataclass(frozen=True)
-class DomainInfo:
-    name: str
-    state: DomainState
-    stop_reason: StopReason
-    metadata: dict[str, str]
 
 
 _EVENT_STOP_DETAIL = {

@@ -27,7 +27,20 @@ from ._model import Address, Interface, InterfaceCounters, NetworkPlan, Route
 from ._names import TAP_PREFIX, tap_names
 from ._wiring import attach, create_taps, detach, inspect_netns, read_counters
 
+
+class NetlinkNetwork:
+    """The network port of :mod:`vmsandbox.sandbox.ports` over this package's functions."""
+
+    inspect_netns = staticmethod(inspect_netns)
+    tap_names = staticmethod(tap_names)
+    create_taps = staticmethod(create_taps)
+    attach = staticmethod(attach)
+    detach = staticmethod(detach)
+    read_counters = staticmethod(read_counters)
+
+
 __all__ = [
+    "NetlinkNetwork",
     "Address",
     "Route",
     "Interface",

@@ -1,4 +1,4 @@
-"""LibvirtController: containerd's sandbox Controller on libvirt guests.
+"""SandboxController: containerd's sandbox Controller over the ports in :mod:`.ports`.
 
 The only code that knows the sandbox lifecycle (created -> running -> stopped -> removed).
 Each operation takes the sandbox's own lock (never a global one across sandboxes); exits are
@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any as _Any
 
-from ..config import Config, VirtType, detect_virt_type
+from ..config import Config, VirtType
 from ..errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -32,12 +32,10 @@ from ..errors import (
     Unavailable,
     VmSandboxError,
 )
-from ..guest.agent import GuestAgent
 from ..guest.keys import dropbear_private_key, generate_keypair, write_private
-from .. import network
 from ..hypervisor.domain import DiskSpec, DomainSpec, NicSpec, build_domain_xml
-from ..hypervisor.libvirt_driver import DomainState, LibvirtHypervisor, StopReason
-from ..image import GuestImage, ensure_image
+from ..image import GuestImage
+from ..network._model import InterfaceCounters, NetworkPlan
 from ..model import (
     Any,
     ControllerInstance,
@@ -56,6 +54,7 @@ from ..model import (
 from ..cgroupsv2 import CgroupV2Metrics, to_any
 from ..podconfig import memory_mib_from, parse_pod_config, vcpus_from
 from .metrics import from_domain_stats
+from .ports import DomainState, GuestChannel, GuestFactory, HypervisorFactory, Images, Network, StopReason
 from .resources import ResourceChange, resources_from_update
 from . import mounts as mountplan
 from .cgroups import cgroup_relpath, place_process
@@ -63,7 +62,7 @@ from .guestconfig import config_archive, guest_settings
 from .store import SandboxRecord, Store
 from .validate import MIN_MEMORY_MIB, check_sandbox_id, resources_from_annotations
 
-__all__ = ["LibvirtController", "EXIT_CLEAN", "EXIT_KILLED", "EXIT_FAILED", "LOCK_FILE", "state_dir_owner"]
+__all__ = ["SandboxController", "EXIT_CLEAN", "EXIT_KILLED", "EXIT_FAILED", "LOCK_FILE", "state_dir_owner"]
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +89,7 @@ class _Entry:
     record: SandboxRecord
     op_lock: threading.RLock = field(default_factory=threading.RLock)
     state_lock: threading.Lock = field(default_factory=threading.Lock)
-    agent: GuestAgent | None = None
+    agent: GuestChannel | None = None
     removed: bool = False
     agent_lock: threading.Lock = field(default_factory=threading.Lock)
     last_exit_check: float = 0.0
@@ -99,32 +98,31 @@ class _Entry:
         self.exited = threading.Condition(self.state_lock)
 
 
-class LibvirtController:
-    """containerd's sandbox Controller where each sandbox is a libvirt domain.
+class SandboxController:
+    """containerd's sandbox Controller where each sandbox is a domain of ``hypervisor``.
 
-    ``LibvirtController(uri="qemu:///system", state_dir="/var/lib/vmsandbox")``. The guest
-    image is built on first use (or by ``vmsandbox image build``). Use as a context
-    manager, or call :meth:`close`; running sandboxes keep running after close and are
-    recovered by the next controller on the same state dir.
+    The orchestration: records, locks, the lifecycle, exits and recovery, over the ports it is
+    given (:class:`vmsandbox.LibvirtController` wires the real ones; the unit tests wire
+    fakes). Use as a context manager, or call :meth:`close`; running sandboxes keep running
+    after close and are recovered by the next controller on the same state dir.
     """
 
     def __init__(
         self,
-        uri: str | None = None,
-        state_dir: str | os.PathLike[str] | None = None,
+        config: Config,
         *,
-        virt_type: str | VirtType | None = None,
-        config: Config | None = None,
+        virt_type: VirtType,
+        hypervisor: HypervisorFactory,
+        network: Network,
+        guest: GuestFactory,
+        images: Images,
         progress: Callable[[str], None] | None = None,
     ) -> None:
-        if config is None:
-            config = Config.from_env(
-                uri=uri,
-                state_dir=Path(state_dir) if state_dir is not None else None,
-                virt_type=VirtType(virt_type) if virt_type is not None else None,
-            )
         self.config = config
-        self.virt_type = detect_virt_type(config.virt_type)
+        self.virt_type = virt_type
+        self._net = network
+        self._guest = guest
+        self._images = images
         self._progress = progress
         self._store = Store(config.state_dir)
         self._entries: dict[str, _Entry] = {}
@@ -153,7 +151,7 @@ class LibvirtController:
             log.info("state dir %s is owned by another controller; this one only observes during recovery",
                      config.state_dir)
         try:
-            self._hv = LibvirtHypervisor(config.uri, on_stop=self._on_domain_stop, on_reconnect=self._reconcile)
+            self._hv = hypervisor(self._on_domain_stop, self._reconcile)
         except BaseException:
             os.close(self._lock_fd)
             raise
@@ -165,7 +163,7 @@ class LibvirtController:
             raise
 
     # ------------------------------------------------------------------ plumbing
-    def __enter__(self) -> LibvirtController:
+    def __enter__(self) -> SandboxController:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -208,9 +206,7 @@ class LibvirtController:
         """The guest image for this controller, built on first use."""
         with self._image_lock:
             if self._image is None:
-                self._image = ensure_image(
-                    self.config.state_dir, self.config.images_dir, self.config.image_name, progress=self._progress
-                )
+                self._image = self._images.ensure(self._progress)
             return self._image
 
     def _socket_path(self, sandbox_id: str) -> str:
@@ -251,7 +247,7 @@ class LibvirtController:
         settings = guest_settings(sandbox, annotations, pod)
         if pod is not None and pod.cgroup_parent:
             cgroup_relpath(pod.cgroup_parent)  # validate now; placement happens at start
-        netplan = network.inspect_netns(netns_path) if netns_path else None
+        netplan = self._net.inspect_netns(netns_path) if netns_path else None
         sdir = self._store.dir(sid)
         plans = mountplan.plan_mounts(mounts, sdir)
 
@@ -278,9 +274,9 @@ class LibvirtController:
                     raise AlreadyExists(f"a libvirt domain named {domain} already exists", sandbox_id=sid)
                 taps: list[str] = []
                 if netplan is not None:
-                    taps = network.tap_names(sid, len(netplan.interfaces))
-                    undo.callback(network.detach, netns_path, taps, None)
-                    network.create_taps(taps)
+                    taps = self._net.tap_names(sid, len(netplan.interfaces))
+                    undo.callback(self._net.detach, netns_path, taps, None)
+                    self._net.create_taps(taps)
                 config = config_archive(
                     settings=settings,
                     authorized_key=client.public_line,
@@ -369,7 +365,7 @@ class LibvirtController:
                 agent = self._agent(e)
                 plan = self._plan(rec)
                 if plan is not None:
-                    network.attach(plan, list(rec.taps))
+                    self._net.attach(plan, list(rec.taps))
                 agent.connect(deadline, alive=lambda: self._domain_running(rec.domain))
                 if rec.rootfs:
                     self._check_guest_mounts(agent, rec)
@@ -394,7 +390,7 @@ class LibvirtController:
         except Exception:  # noqa: BLE001 - the start's own error is the one to report
             log.exception("sandbox %s: removing it after a failed start failed; its record is kept", e.record.id)
 
-    def _check_guest_mounts(self, agent: GuestAgent, rec: SandboxRecord) -> None:
+    def _check_guest_mounts(self, agent: GuestChannel, rec: SandboxRecord) -> None:
         """A disk the guest could not mount fails the start (init lists them)."""
         r = agent.exec(["cat", "/run/vsbx/mount-errors"], in_guest_root=True, timeout=30)
         failed = r.stdout.decode(errors="replace").split()
@@ -404,15 +400,15 @@ class LibvirtController:
                 f"the guest could not mount disk(s) {', '.join(failed)} (see mounts; console: {tail})",
                 sandbox_id=rec.id)
 
-    def _plan(self, rec: SandboxRecord) -> network.NetworkPlan | None:
-        return network.NetworkPlan.from_json(rec.network) if rec.network is not None else None
+    def _plan(self, rec: SandboxRecord) -> NetworkPlan | None:
+        return NetworkPlan.from_json(rec.network) if rec.network is not None else None
 
     def _unwire(self, rec: SandboxRecord) -> None:
         """Give the netns its interfaces back (addresses, no redirects); taps stay for a restart."""
         if rec.network is None:
             return
         try:
-            network.detach(rec.netns_path, [], self._plan(rec))
+            self._net.detach(rec.netns_path, [], self._plan(rec))
         except VmSandboxError as err:
             log.warning("sandbox %s: restoring its network namespace failed: %s", rec.id, err)
 
@@ -426,12 +422,12 @@ class LibvirtController:
             labels={"vmsandbox.io/domain": rec.domain},
         )
 
-    def _agent(self, e: _Entry) -> GuestAgent:
+    def _agent(self, e: _Entry) -> GuestChannel:
         # One agent object per sandbox: QEMU serves one connection on the channel at a time.
         with e.agent_lock:
             if e.agent is None:
                 key = (self._store.dir(e.record.id) / "id_ed25519").read_bytes()
-                e.agent = GuestAgent(e.record.agent_socket, key, e.record.host_key, sandbox_id=e.record.id)
+                e.agent = self._guest(e.record.agent_socket, key, e.record.host_key, e.record.id)
             return e.agent
 
     def _domain_running(self, domain: str) -> bool:
@@ -654,13 +650,13 @@ class LibvirtController:
             out[rec.id] = from_domain_stats(st, self._tap_counters(rec), limit_bytes=limit)
         return out
 
-    def _tap_counters(self, rec: SandboxRecord) -> list[tuple[str, network.InterfaceCounters]]:
+    def _tap_counters(self, rec: SandboxRecord) -> list[tuple[str, InterfaceCounters]]:
         if rec.phase is not Phase.RUNNING or not rec.taps or rec.network is None:
             return []
         plan = self._plan(rec)
         assert plan is not None
         try:
-            counters = network.read_counters(rec.netns_path, list(rec.taps))
+            counters = self._net.read_counters(rec.netns_path, list(rec.taps))
         except VmSandboxError as err:
             log.warning("sandbox %s: reading interface counters failed: %s", rec.id, err)
             return []
@@ -755,7 +751,7 @@ class LibvirtController:
         self._hv.destroy(rec.domain)
         self._hv.undefine(rec.domain)
         if rec.taps or rec.network is not None:
-            network.detach(rec.netns_path, list(rec.taps), self._plan(rec))
+            self._net.detach(rec.netns_path, list(rec.taps), self._plan(rec))
         if e.agent is not None:
             e.agent.close()
         try:

@@ -1,0 +1,140 @@
+"""What the orchestration needs from the outside world, as small Protocols (ports).
+
+The lifecycle code in this package talks to the hypervisor, the pod's network namespace, the
+guest's agent channel and the guest image only through these; the adapters (libvirt in
+:mod:`vmsandbox.hypervisor`, pyroute2 in :mod:`vmsandbox.network`, paramiko in
+:mod:`vmsandbox.guest`) implement them, and in-memory fakes (``*/fake.py``) implement them
+for the unit tier. This module imports none of those libraries. Every method raises only
+:mod:`vmsandbox.errors` classes.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any as _Any
+from typing import Protocol
+
+from ..image import GuestImage
+from ..model import ExecResult
+from ..network._model import InterfaceCounters, NetworkPlan
+
+__all__ = [
+    "StopReason",
+    "DomainState",
+    "DomainInfo",
+    "Hypervisor",
+    "HypervisorFactory",
+    "Network",
+    "GuestChannel",
+    "GuestFactory",
+    "Images",
+]
+
+
+class StopReason(str, enum.Enum):
+    """Why a domain stopped, from the hypervisor's lifecycle event or shut-off reason."""
+
+    SHUTDOWN = "shutdown"  # the guest powered itself off
+    DESTROYED = "destroyed"  # forced off by us or someone else
+    CRASHED = "crashed"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+
+
+class DomainState(str, enum.Enum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTOFF = "shutoff"
+    OTHER = "other"
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    name: str
+    state: DomainState
+    stop_reason: StopReason
+    metadata: dict[str, str]
+
+
+class Hypervisor(Protocol):
+    """Persistent domains by name. Lifecycle events arrive through the factory's callbacks."""
+
+    def define(self, xml: str) -> None: ...
+
+    def start(self, name: str) -> None: ...
+
+    def destroy(self, name: str) -> None:
+        """Force the domain off; succeeds when it is missing or already off."""
+
+    def undefine(self, name: str) -> None:
+        """Remove the definition; succeeds when it is missing."""
+
+    def info(self, name: str) -> DomainInfo | None: ...
+
+    def list_tagged(self) -> list[DomainInfo]:
+        """Every domain that carries our metadata."""
+
+    def xml(self, name: str) -> str: ...
+
+    def pid(self, name: str) -> int: ...
+
+    def stats(self, names: list[str]) -> dict[str, dict[str, _Any]]: ...
+
+    def set_memory(self, name: str, mib: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+HypervisorFactory = Callable[[Callable[[str, StopReason], None], Callable[[], None]], Hypervisor]
+"""``factory(on_stop, on_reconnect)``: ``on_stop(domain, reason)`` when a domain stops,
+``on_reconnect()`` after the connection to the hypervisor was reopened."""
+
+
+class Network(Protocol):
+    """Taps wired into a CNI network namespace (see :mod:`vmsandbox.network`)."""
+
+    def inspect_netns(self, netns_path: str) -> NetworkPlan: ...
+
+    def tap_names(self, sandbox_id: str, count: int) -> list[str]: ...
+
+    def create_taps(self, names: list[str]) -> None: ...
+
+    def attach(self, plan: NetworkPlan, taps: list[str]) -> None: ...
+
+    def detach(self, netns_path: str, taps: list[str], plan: NetworkPlan | None = None) -> None: ...
+
+    def read_counters(self, netns_path: str, names: list[str]) -> dict[str, InterfaceCounters]: ...
+
+
+class GuestChannel(Protocol):
+    """The guest agent's channel of one sandbox: one connection, many concurrent execs."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    def connect(self, deadline: float, alive: Callable[[], bool] | None = None) -> None: ...
+
+    def exec(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+        in_guest_root: bool = False,
+    ) -> ExecResult: ...
+
+    def close(self) -> None: ...
+
+
+GuestFactory = Callable[[str, bytes, str, str], GuestChannel]
+"""``factory(socket_path, client_key_pem, host_key_line, sandbox_id)``."""
+
+
+class Images(Protocol):
+    """The guest image (kernel, initramfs, manifest), built on first use."""
+
+    def ensure(self, progress: Callable[[str], None] | None = None) -> GuestImage: ...
