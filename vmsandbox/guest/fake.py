@@ -1,0 +1,105 @@
+"""In-memory guest agents for the unit tier: the GuestChannel port with failpoints.
+
+:class:`FakeGuests` is the GuestFactory; each channel answers once its VM runs (``vm_running``,
+by agent socket path, usually the fake hypervisor's view). ``exec`` runs ``handler(argv)``
+(default: exit 0, no output); the power-off helper calls ``on_poweroff(socket_path)``.
+A wrong host key is refused like the real agent refuses it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from .._failpoints import Failpoints
+from ..errors import DeadlineExceeded, FailedPrecondition, Unavailable
+from ..model import ExecResult
+
+__all__ = ["FakeGuests", "FakeChannel", "ExecCall"]
+
+POWEROFF = "/sbin/vsbx-poweroff"
+
+
+@dataclass(frozen=True)
+class ExecCall:
+    socket_path: str
+    argv: tuple[str, ...]
+    env: dict[str, str]
+    cwd: str | None
+    stdin: bytes | None
+    timeout: float | None
+    in_guest_root: bool
+
+
+@dataclass
+class FakeGuests:
+    vm_running: Callable[[str], bool] = lambda socket_path: True
+    on_poweroff: Callable[[str], None] = lambda socket_path: None
+    handler: Callable[[ExecCall], ExecResult] = lambda call: ExecResult(0, b"", b"")
+    fp: Failpoints = field(default_factory=Failpoints)
+    channels: list[FakeChannel] = field(default_factory=list)
+    execs: list[ExecCall] = field(default_factory=list)
+    host_keys: dict[str, str] = field(default_factory=dict)  # socket -> the key the guest presents
+
+    def __call__(self, socket_path: str, client_key_pem: bytes, host_key_line: str, sandbox_id: str) -> FakeChannel:
+        ch = FakeChannel(self, socket_path, host_key_line, sandbox_id)
+        self.channels.append(ch)
+        return ch
+
+    def open_channels(self) -> list[FakeChannel]:
+        return [c for c in self.channels if c.connected]
+
+
+class FakeChannel:
+    def __init__(self, guests: FakeGuests, socket_path: str, host_key_line: str, sandbox_id: str) -> None:
+        self._g, self.socket_path, self.sandbox_id = guests, socket_path, sandbox_id
+        self._host_key = host_key_line
+        self._connected = False
+        self._lock = threading.Lock()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected and self._g.vm_running(self.socket_path)
+
+    def connect(self, deadline: float, alive: Callable[[], bool] | None = None) -> None:
+        self._g.fp.hit("connect")
+        with self._lock:
+            if self.connected:
+                return
+            while True:
+                if alive is not None and not alive():
+                    raise FailedPrecondition("the VM stopped while booting", sandbox_id=self.sandbox_id)
+                if self._g.vm_running(self.socket_path):
+                    presented = self._g.host_keys.get(self.socket_path, self._host_key)
+                    if presented != self._host_key:
+                        raise Unavailable("guest host key mismatch", sandbox_id=self.sandbox_id)
+                    self._connected = True
+                    return
+                if time.monotonic() >= deadline:
+                    raise DeadlineExceeded("guest agent did not answer in time", sandbox_id=self.sandbox_id)
+                time.sleep(0.01)
+
+    def exec(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+        in_guest_root: bool = False,
+    ) -> ExecResult:
+        call = ExecCall(self.socket_path, tuple(argv), dict(env or {}), cwd, stdin, timeout, in_guest_root)
+        self._g.fp.hit("exec")
+        if not self.connected:
+            raise Unavailable("no connection to the guest agent", sandbox_id=self.sandbox_id)
+        self._g.execs.append(call)
+        if tuple(argv) == (POWEROFF,):
+            self._g.on_poweroff(self.socket_path)
+            return ExecResult(0, b"", b"")
+        return self._g.handler(call)
+
+    def close(self) -> None:
+        self._connected = False
