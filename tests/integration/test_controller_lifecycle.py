@@ -272,7 +272,7 @@ def test_a_command_dies_with_its_dropped_session(controller: LibvirtController, 
     while b"sleep 417" not in controller.exec(guest, ["ps"]).stdout:
         assert time.monotonic() < deadline, "the command never started"
         time.sleep(0.2)
-    controller._entry(guest).agent.close()  # the host side drops the session
+    controller._registry.get(guest).agent.close()  # the host side drops the session
     t.join(timeout=30)
     assert not t.is_alive() and errors and isinstance(errors[0], Unavailable)
     deadline = time.monotonic() + 10

@@ -17,10 +17,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from dataclasses import replace
 from pathlib import Path
-from typing import Any as _Any
 
 from ..config import Config, VirtType
 from ..errors import (
@@ -29,13 +27,12 @@ from ..errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    Unavailable,
     VmSandboxError,
 )
 from ..guest.keys import dropbear_private_key, generate_keypair, write_private
 from ..hypervisor.domain import DiskSpec, DomainSpec, NicSpec, build_domain_xml
 from ..image import GuestImage
-from ..network._model import InterfaceCounters, NetworkPlan
+from ..network._model import NetworkPlan
 from ..model import (
     Any,
     ControllerInstance,
@@ -47,55 +44,31 @@ from ..model import (
     Phase,
     Platform,
     Sandbox,
-    SandboxState,
     SandboxSummary,
     utcnow,
 )
-from ..cgroupsv2 import CgroupV2Metrics, to_any
+from ..cgroupsv2 import CgroupV2Metrics
 from ..podconfig import memory_mib_from, parse_pod_config, vcpus_from
-from .metrics import from_domain_stats
 from .ports import DomainState, GuestChannel, GuestFactory, HypervisorFactory, Images, Network, StopReason
 from .resources import ResourceChange, resources_from_update
 from . import mounts as mountplan
 from .cgroups import cgroup_relpath, place_process
 from .guestconfig import config_archive, guest_settings
+from .exits import DOMAIN_PREFIX, EXIT_CLEAN, EXIT_FAILED, EXIT_KILLED, Exits
+from .recovery import Recovery
+from .registry import Entry, Registry
+from .status import StatusView
 from .store import SandboxRecord, Store
 from .validate import MIN_MEMORY_MIB, check_sandbox_id, resources_from_annotations
 
-__all__ = ["SandboxController", "EXIT_CLEAN", "EXIT_KILLED", "EXIT_FAILED", "LOCK_FILE", "state_dir_owner"]
+__all__ = ["SandboxController", "DOMAIN_PREFIX", "EXIT_CLEAN", "EXIT_KILLED", "EXIT_FAILED", "LOCK_FILE",
+           "state_dir_owner"]
 
 log = logging.getLogger(__name__)
 
-EXIT_CLEAN = 0
-EXIT_KILLED = 137  # 128 + SIGKILL: the VM was forced off
-EXIT_FAILED = 255  # crashed, failed, or the end was not observed
-_EXIT_FOR_REASON = {
-    StopReason.SHUTDOWN: EXIT_CLEAN,
-    StopReason.DESTROYED: EXIT_KILLED,
-    StopReason.CRASHED: EXIT_FAILED,
-    StopReason.FAILED: EXIT_FAILED,
-    StopReason.UNKNOWN: EXIT_FAILED,
-}
-DOMAIN_PREFIX = "vmsandbox-"
 LOCK_FILE = "controller.lock"
 """The owning controller holds an exclusive flock on this file in the state dir (its pid inside)."""
 UPDATABLE_FIELDS = frozenset({"labels", "extensions", "spec", "annotations", "runtime", "sandboxer"})
-
-
-@dataclass
-class _Entry:
-    """In-memory companion of a record: locks, the exit condition, the agent connection."""
-
-    record: SandboxRecord
-    op_lock: threading.RLock = field(default_factory=threading.RLock)
-    state_lock: threading.Lock = field(default_factory=threading.Lock)
-    agent: GuestChannel | None = None
-    removed: bool = False
-    agent_lock: threading.Lock = field(default_factory=threading.Lock)
-    last_exit_check: float = 0.0
-
-    def __post_init__(self) -> None:
-        self.exited = threading.Condition(self.state_lock)
 
 
 class SandboxController:
@@ -125,17 +98,17 @@ class SandboxController:
         self._images = images
         self._progress = progress
         self._store = Store(config.state_dir)
-        self._entries: dict[str, _Entry] = {}
-        self._entries_lock = threading.Lock()
+        self._registry = Registry(self._store)
+        self._exits = Exits(self._registry)
         self._image: GuestImage | None = None
         self._image_lock = threading.Lock()
-        self._manifests: dict[str, dict[str, _Any]] = {}
         self._closed = False
-        config.state_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(config.state_dir, 0o711)
-        for sub in ("sandboxes", "sock"):
-            (config.state_dir / sub).mkdir(exist_ok=True)
-        os.chmod(config.state_dir / "sock", 0o711)
+        # Only what we create gets our modes: an existing state dir (say /var/tmp, sticky)
+        # keeps its own.
+        for d in (config.state_dir, config.state_dir / "sandboxes", config.state_dir / "sock"):
+            if not d.is_dir():
+                d.mkdir(parents=True, exist_ok=True)
+                os.chmod(d, 0o711)
         _warn_if_unreachable(config.state_dir)
         # The first controller on a state dir owns it (an exclusive lock for its lifetime);
         # others (e.g. a CLI command while `serve` runs) only observe: they never destroy or
@@ -151,12 +124,15 @@ class SandboxController:
             log.info("state dir %s is owned by another controller; this one only observes during recovery",
                      config.state_dir)
         try:
-            self._hv = hypervisor(self._on_domain_stop, self._reconcile)
+            self._hv = hypervisor(self._exits.on_domain_stop, lambda: self._recovery.reconcile())
         except BaseException:
             os.close(self._lock_fd)
             raise
+        self._exits.bind(self._hv)
+        self._view = StatusView(self._registry, self._exits, self._hv, network, virt_type)
+        self._recovery = Recovery(config, self._registry, self._exits, self._hv, owner=self.owner, unwire=self._unwire)
         try:
-            self._recover()
+            self._recovery.recover()
         except BaseException:
             self._hv.close()
             os.close(self._lock_fd)
@@ -174,33 +150,11 @@ class SandboxController:
         if self._closed:
             return
         self._closed = True
-        with self._entries_lock:
-            entries = list(self._entries.values())
-        for e in entries:
+        for e in self._registry.visible():
             if e.agent is not None:
                 e.agent.close()
         self._hv.close()
         os.close(self._lock_fd)  # releases the ownership lock
-
-    def _locked_entry(self, e: _Entry) -> None:
-        """Call with e.op_lock held: the sandbox may have been removed while we queued."""
-        if e.removed:
-            raise NotFound(f"sandbox {e.record.id} not found", sandbox_id=e.record.id)
-
-    def _entry(self, sandbox_id: str) -> _Entry:
-        check_sandbox_id(sandbox_id)
-        with self._entries_lock:
-            e = self._entries.get(sandbox_id)
-        if e is None or e.removed or e.record is None:  # record is None while being created
-            raise NotFound(f"sandbox {sandbox_id} not found", sandbox_id=sandbox_id)
-        return e
-
-    def _save(self, e: _Entry, **changes: _Any) -> SandboxRecord:
-        """Apply changes to the record and persist them (caller holds e.state_lock)."""
-        rec = e.record.evolve(**changes)
-        self._store.save(rec)
-        e.record = rec
-        return rec
 
     def image(self) -> GuestImage:
         """The guest image for this controller, built on first use."""
@@ -251,15 +205,10 @@ class SandboxController:
         sdir = self._store.dir(sid)
         plans = mountplan.plan_mounts(mounts, sdir)
 
-        entry = _Entry(record=None)  # type: ignore[arg-type]  # filled below, before anyone sees it
-        with self._entries_lock:
-            if sid in self._entries or self._store.exists(sid):
-                raise AlreadyExists(f"sandbox {sid} already exists", sandbox_id=sid)
-            self._entries[sid] = entry
-            entry.op_lock.acquire()
+        entry = self._registry.reserve(sid)
         try:
             with ExitStack() as undo:
-                undo.callback(self._forget, sid)
+                undo.callback(self._registry.forget, sid)
                 image = self.image()
                 sdir.mkdir(parents=True)
                 undo.callback(self._store.remove, sid)
@@ -335,16 +284,12 @@ class SandboxController:
         finally:
             entry.op_lock.release()
 
-    def _forget(self, sid: str) -> None:
-        with self._entries_lock:
-            self._entries.pop(sid, None)
-
     # ------------------------------------------------------------------ start
     def start(self, sandbox_id: str) -> ControllerInstance:
         """Boot the guest and return once its agent answers (see Controller.start)."""
-        e = self._entry(sandbox_id)
+        e = self._registry.get(sandbox_id)
         with e.op_lock:
-            self._locked_entry(e)
+            e.check_live()
             rec = e.record
             if rec.phase is Phase.RUNNING:
                 return self._instance(rec)
@@ -374,7 +319,7 @@ class SandboxController:
                 if pod is not None and pod.cgroup_parent and pid:
                     place_process(pid, pod.cgroup_parent)
                 with e.state_lock:
-                    rec = self._save(e, phase=Phase.RUNNING, started_at=started, pid=pid)
+                    rec = self._registry.save(e, phase=Phase.RUNNING, started_at=started, pid=pid)
             except BaseException as err:
                 # containerd drops a sandbox whose Start failed and never calls Shutdown (the
                 # kubelet retries with a new id): remove everything now, keep the first error.
@@ -383,7 +328,7 @@ class SandboxController:
             log.info("sandbox %s: running (pid %d) after %.2fs", sandbox_id, rec.pid, (utcnow() - started).total_seconds())
             return self._instance(rec)
 
-    def _remove_after_failed_start(self, e: _Entry, err: BaseException) -> None:
+    def _remove_after_failed_start(self, e: Entry, err: BaseException) -> None:
         log.warning("sandbox %s: start failed (%s: %s); removing the sandbox", e.record.id, type(err).__name__, err)
         try:
             self._remove_locked(e)
@@ -422,7 +367,7 @@ class SandboxController:
             labels={"vmsandbox.io/domain": rec.domain},
         )
 
-    def _agent(self, e: _Entry) -> GuestChannel:
+    def _agent(self, e: Entry) -> GuestChannel:
         # One agent object per sandbox: QEMU serves one connection on the channel at a time.
         with e.agent_lock:
             if e.agent is None:
@@ -434,34 +379,6 @@ class SandboxController:
         info = self._hv.info(domain)
         return info is not None and info.state is DomainState.RUNNING
 
-    # ------------------------------------------------------------------ exit tracking
-    def _on_domain_stop(self, domain: str, reason: StopReason) -> None:
-        if not domain.startswith(DOMAIN_PREFIX):
-            return
-        with self._entries_lock:
-            e = self._entries.get(domain[len(DOMAIN_PREFIX):])
-        if e is not None and e.record is not None:
-            self._record_exit(e, reason)
-
-    def _record_exit(self, e: _Entry, reason: StopReason, at: datetime | None = None) -> None:
-        """Mark a running sandbox stopped (once) and wake every waiter."""
-        with e.state_lock:
-            if e.record.phase is not Phase.RUNNING:
-                return
-            self._save(
-                e, phase=Phase.STOPPED, exit_status=_EXIT_FOR_REASON[reason], exited_at=at or utcnow(), pid=0
-            )
-            e.exited.notify_all()
-        log.info("sandbox %s: stopped (%s, exit status %s)", e.record.id, reason.value, e.record.exit_status)
-
-    def _check_exit(self, e: _Entry) -> None:
-        """Catch an exit whose event we missed (libvirtd restarted, or we were down)."""
-        if e.record.phase is not Phase.RUNNING:
-            return
-        info = self._hv.info(e.record.domain)
-        if info is None or info.state is DomainState.SHUTOFF:
-            reason = info.stop_reason if info is not None else StopReason.UNKNOWN
-            self._record_exit(e, reason, at=_console_mtime(self._store.dir(e.record.id)))
 
     # ------------------------------------------------------------------ stop / wait
     def stop(self, sandbox_id: str, *, timeout: float | None = None) -> None:
@@ -473,7 +390,7 @@ class SandboxController:
         if timeout is not None and timeout < 0:
             raise InvalidArgument("stop timeout must not be negative")
         try:
-            e = self._entry(sandbox_id)
+            e = self._registry.get(sandbox_id)
         except NotFound:
             return
         grace = self.config.stop_timeout if timeout is None else timeout
@@ -482,7 +399,7 @@ class SandboxController:
                 return
             self._stop_locked(e, grace)
 
-    def _stop_locked(self, e: _Entry, grace: float) -> None:
+    def _stop_locked(self, e: Entry, grace: float) -> None:
         rec = e.record
         if rec.phase is not Phase.RUNNING:
             # Never started, an interrupted boot, or the guest already ended by itself: make
@@ -490,7 +407,7 @@ class SandboxController:
             self._hv.destroy(rec.domain)
             if rec.phase is Phase.CREATED:
                 with e.state_lock:
-                    self._save(e, phase=Phase.STOPPED, exit_status=EXIT_CLEAN, exited_at=utcnow(), pid=0)
+                    self._registry.save(e, phase=Phase.STOPPED, exit_status=EXIT_CLEAN, exited_at=utcnow(), pid=0)
                     e.exited.notify_all()
             if e.agent is not None:
                 e.agent.close()
@@ -504,16 +421,16 @@ class SandboxController:
                                      name=f"vsbx-poweroff-{rec.id}")
             asker.start()
             asker.join(max(0.0, deadline - time.monotonic()))
-            self._await_exit(e, deadline, poll_every=0.25)
+            self._exits.wait(e, deadline, poll_every=0.25)
         if e.record.phase is Phase.RUNNING:
             log.info("sandbox %s: forcing the VM off after %.1fs", rec.id, grace)
             self._hv.destroy(rec.domain)
-            self._record_exit(e, StopReason.DESTROYED)
+            self._exits.record(e, StopReason.DESTROYED)
         if e.agent is not None:
             e.agent.close()
         self._unwire(rec)
 
-    def _request_poweroff(self, e: _Entry, deadline: float) -> None:
+    def _request_poweroff(self, e: Entry, deadline: float) -> None:
         """Ask the guest to power itself off; failures just mean we force it later."""
         try:
             agent = self._agent(e)
@@ -523,148 +440,49 @@ class SandboxController:
         except VmSandboxError as err:
             log.info("sandbox %s: clean power-off request failed (%s); will force", e.record.id, err)
 
-    def _await_exit(self, e: _Entry, deadline: float | None, *, poll_every: float) -> bool:
-        """Block until the sandbox is stopped (True) or ``deadline`` passes (False).
-
-        Lifecycle events wake us; every ``poll_every`` seconds libvirt is also asked directly,
-        in case an event was lost. The clock is per sandbox, so callers that wait in short
-        slices (the gRPC server) still poll. Call without e.state_lock held.
-        """
-        with e.state_lock:
-            while e.record.phase is not Phase.STOPPED:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                slice_ = min(poll_every, 1.0) if remaining is None else min(poll_every, 1.0, remaining)
-                e.exited.wait(slice_)
-                if e.record.phase is Phase.RUNNING and time.monotonic() - e.last_exit_check >= poll_every:
-                    e.last_exit_check = time.monotonic()
-                    e.state_lock.release()
-                    try:
-                        self._check_exit(e)
-                    except Unavailable:
-                        pass  # libvirtd away: keep waiting for its event or the next poll
-                    finally:
-                        e.state_lock.acquire()
-            return True
-
     def wait(self, sandbox_id: str, timeout: float | None = None) -> ExitStatus:
         """Block until the guest is gone (see Controller.wait)."""
-        e = self._entry(sandbox_id)
+        e = self._registry.get(sandbox_id)
         deadline = None if timeout is None else time.monotonic() + timeout
-        if not self._await_exit(e, deadline, poll_every=5.0):
+        if not self._exits.wait(e, deadline, poll_every=5.0):
             raise DeadlineExceeded(f"sandbox {sandbox_id} still running after {timeout}s", sandbox_id=sandbox_id)
         rec = e.record
         assert rec.exited_at is not None and rec.exit_status is not None
         return ExitStatus(rec.exit_status, rec.exited_at)
 
-    # ------------------------------------------------------------------ status & co
+    # ------------------------------------------------------------------ status & co (StatusView)
     def status(self, sandbox_id: str, *, verbose: bool = False) -> ControllerStatus:
         """State, VMM pid and times of the sandbox (see Controller.status)."""
-        e = self._entry(sandbox_id)
-        try:
-            self._check_exit(e)
-        except Unavailable as err:  # libvirtd away: the record is still the best answer
-            log.warning("sandbox %s: status from the record only: %s", sandbox_id, err)
-        rec = e.record
-        ready = rec.phase is Phase.RUNNING
-        info: dict[str, str] = {"phase": rec.phase.value, "domain": rec.domain, "virt_type": self.virt_type.value}
-        if verbose:
-            info.update(self._verbose_info(rec))
-        return ControllerStatus(
-            sandbox_id=rec.id,
-            pid=rec.pid if ready else 0,
-            state=(SandboxState.READY if ready else SandboxState.NOTREADY).value,
-            info=info,
-            created_at=rec.started_at or rec.created_at,
-            exited_at=rec.exited_at,
-        )
-
-    def _verbose_info(self, rec: SandboxRecord) -> dict[str, str]:
-        sdir = self._store.dir(rec.id)
-        out = {
-            "console_log": str(sdir / "console.log"),
-            "image": rec.image_dir,
-            "kernel_version": self._manifest(rec.image_dir).get("kernel_version", ""),
-            "vcpus": str(rec.vcpus),
-            "memory_mib": str(rec.memory_mib),
-            "netns_path": rec.netns_path,
-            "taps": ",".join(rec.taps),
-            "labels": json.dumps(rec.sandbox.labels, sort_keys=True),
-            "annotations": json.dumps(rec.annotations, sort_keys=True),
-            "extensions": ",".join(sorted(rec.sandbox.extensions)),
-        }
-        if rec.exit_status is not None:
-            out["exit_status"] = str(rec.exit_status)
-        try:
-            info = self._hv.info(rec.domain)
-        except Unavailable:
-            info = None
-            out["libvirt_state"] = "unreachable"
-        if info is not None:
-            out["libvirt_state"] = info.state.value
-            if info.state is DomainState.SHUTOFF:
-                out["libvirt_reason"] = info.stop_reason.value
-            try:
-                out["domain_xml"] = self._hv.xml(rec.domain)
-            except (NotFound, Unavailable):
-                pass
-        # CRI parses info["info"] as JSON (its SandboxInfo shape; unknown keys are ignored).
-        out["info"] = json.dumps({"pid": rec.pid, "vmsandbox": {k: v for k, v in out.items() if k != "domain_xml"}})
-        return out
-
-    def _manifest(self, image_dir: str) -> dict[str, _Any]:
-        with self._image_lock:
-            m = self._manifests.get(image_dir)
-        if m is None:
-            try:
-                m = json.loads((Path(image_dir) / "manifest.json").read_text())
-            except (OSError, ValueError) as err:
-                raise FailedPrecondition(f"guest image manifest in {image_dir} is unreadable: {err}") from err
-            with self._image_lock:
-                self._manifests[image_dir] = m
-        return m
+        return self._view.status(sandbox_id, verbose=verbose)
 
     def platform(self, sandbox_id: str) -> Platform:
         """The guest's OS/architecture in OCI names, from the image manifest (cached)."""
-        e = self._entry(sandbox_id)
-        return GuestImage("", Path(e.record.image_dir), self._manifest(e.record.image_dir)).platform
+        return self._view.platform(sandbox_id)
 
     def resource_metrics(self, sandbox_id: str) -> CgroupV2Metrics:
-        """The sandbox's figures as a typed object (what :meth:`metrics` encodes).
-
-        One libvirt stats call plus netns counters; no guest round trip. A sandbox that is
-        not running reports zeros.
-        """
-        return self.resource_metrics_many([sandbox_id])[sandbox_id]
+        """The sandbox's figures as a typed object (what :meth:`metrics` encodes); zeros
+        when it is not running. One hypervisor stats call plus netns counters."""
+        return self._view.resource_metrics(sandbox_id)
 
     def resource_metrics_many(self, sandbox_ids: Iterable[str]) -> dict[str, CgroupV2Metrics]:
-        """Figures of many sandboxes with one bulk libvirt stats call. Raises NotFound."""
-        recs = [self._entry(sid).record for sid in sandbox_ids]
-        running = [r.domain for r in recs if r.phase is Phase.RUNNING]
-        stats = self._hv.stats(running) if running else {}
-        out = {}
-        for rec in recs:
-            st = stats.get(rec.domain, {})
-            limit = rec.memory_mib * 1024 * 1024 if st else 0
-            out[rec.id] = from_domain_stats(st, self._tap_counters(rec), limit_bytes=limit)
-        return out
-
-    def _tap_counters(self, rec: SandboxRecord) -> list[tuple[str, InterfaceCounters]]:
-        if rec.phase is not Phase.RUNNING or not rec.taps or rec.network is None:
-            return []
-        plan = self._plan(rec)
-        assert plan is not None
-        try:
-            counters = self._net.read_counters(rec.netns_path, list(rec.taps))
-        except VmSandboxError as err:
-            log.warning("sandbox %s: reading interface counters failed: %s", rec.id, err)
-            return []
-        return [(i.name, counters[t]) for t, i in zip(rec.taps, plan.interfaces) if t in counters]
+        """Figures of many sandboxes with one bulk stats call. Raises NotFound."""
+        return self._view.resource_metrics_many(sandbox_ids)
 
     def metrics(self, sandbox_id: str) -> Metric:
         """containerd's Metric: an Any of ``io.containerd.cgroups.v2.Metrics`` (bare URL)."""
-        return Metric(utcnow(), sandbox_id, to_any(self.resource_metrics(sandbox_id)))
+        return self._view.metrics(sandbox_id)
+
+    def list(self) -> list[SandboxSummary]:
+        """Every sandbox this controller knows, sorted by id."""
+        return self._view.list()
+
+    def console_log(self, sandbox_id: str) -> Path:
+        """The file the guest's console is written to."""
+        return self._view.console_log(sandbox_id)
+
+    def read_console_log(self, sandbox_id: str, max_bytes: int = 0) -> bytes:
+        """The console log's last ``max_bytes`` bytes (all when 0; empty before the first boot)."""
+        return self._view.read_console_log(sandbox_id, max_bytes)
 
     def update(self, sandbox_id: str, sandbox: Sandbox, *fields: str) -> None:
         """Apply the named fields of ``sandbox`` (all updatable ones when none are named).
@@ -676,7 +494,7 @@ class SandboxController:
         maximum), vCPUs only to the count the guest booted with, else FailedPrecondition.
         Unknown fields raise InvalidArgument. Nothing is changed when any part fails.
         """
-        e = self._entry(sandbox_id)
+        e = self._registry.get(sandbox_id)
         if not isinstance(sandbox, Sandbox):
             raise InvalidArgument("sandbox must be a vmsandbox.Sandbox")
         unknown = set(fields) - UPDATABLE_FIELDS
@@ -687,7 +505,7 @@ class SandboxController:
             )
         names = set(fields) or set(UPDATABLE_FIELDS)
         with e.op_lock:
-            self._locked_entry(e)
+            e.check_live()
             rec = e.record
             attrs = {n: getattr(sandbox, n) for n in names if n != "annotations"}
             new_sandbox = replace(rec.sandbox, **attrs, updated_at=utcnow())
@@ -701,12 +519,12 @@ class SandboxController:
             )
             self._apply_resources(e, change)
             with e.state_lock:
-                self._save(
+                self._registry.save(
                     e, sandbox=new_sandbox, annotations=annotations,
                     vcpus=change.vcpus or rec.vcpus, memory_mib=change.memory_mib or rec.memory_mib,
                 )
 
-    def _apply_resources(self, e: _Entry, change: ResourceChange) -> None:
+    def _apply_resources(self, e: Entry, change: ResourceChange) -> None:
         rec = e.record
         if change.vcpus is not None and change.vcpus != rec.vcpus:
             raise FailedPrecondition(
@@ -737,7 +555,7 @@ class SandboxController:
     def shutdown(self, sandbox_id: str) -> None:
         """Stop the sandbox if needed and remove everything it owns. Idempotent."""
         try:
-            e = self._entry(sandbox_id)
+            e = self._registry.get(sandbox_id)
         except NotFound:
             return
         with e.op_lock:
@@ -746,7 +564,7 @@ class SandboxController:
             self._stop_locked(e, self.config.stop_timeout)
             self._remove_locked(e)
 
-    def _remove_locked(self, e: _Entry) -> None:
+    def _remove_locked(self, e: Entry) -> None:
         rec = e.record
         self._hv.destroy(rec.domain)
         self._hv.undefine(rec.domain)
@@ -760,7 +578,7 @@ class SandboxController:
             pass
         self._store.remove(rec.id)
         e.removed = True
-        self._forget(rec.id)
+        self._registry.forget(rec.id)
         log.info("sandbox %s: removed", rec.id)
 
     # ------------------------------------------------------------------ extras
@@ -781,97 +599,13 @@ class SandboxController:
         """
         if isinstance(argv, str):
             raise InvalidArgument("argv must be a sequence of strings, not one string")
-        e = self._entry(sandbox_id)
+        e = self._registry.get(sandbox_id)
         if e.record.phase is not Phase.RUNNING:
             raise FailedPrecondition(f"sandbox is {e.record.phase.value}, not running", sandbox_id=sandbox_id)
         agent = self._agent(e)
         if not agent.connected:
             agent.connect(time.monotonic() + 15.0, alive=lambda: self._domain_running(e.record.domain))
         return agent.exec(argv, env=env, cwd=cwd, stdin=stdin, timeout=timeout)
-
-    def list(self) -> list[SandboxSummary]:
-        """Every sandbox this controller knows, sorted by id."""
-        with self._entries_lock:
-            entries = [e for e in self._entries.values() if e.record is not None and not e.removed]
-        out = []
-        for e in sorted(entries, key=lambda e: e.record.id):
-            r = e.record
-            out.append(SandboxSummary(
-                id=r.id,
-                phase=r.phase,
-                state=SandboxState.READY if r.phase is Phase.RUNNING else SandboxState.NOTREADY,
-                pid=r.pid,
-                created_at=r.created_at,
-                exited_at=r.exited_at,
-            ))
-        return out
-
-    def console_log(self, sandbox_id: str) -> Path:
-        """The file the guest's console is written to."""
-        return self._store.dir(self._entry(sandbox_id).record.id) / "console.log"
-
-    def read_console_log(self, sandbox_id: str, max_bytes: int = 0) -> bytes:
-        """The console log's last ``max_bytes`` bytes (all when 0; empty before the first boot)."""
-        try:
-            with open(self.console_log(sandbox_id), "rb") as f:
-                if max_bytes > 0:
-                    f.seek(max(0, f.seek(0, os.SEEK_END) - max_bytes))
-                return f.read()
-        except FileNotFoundError:
-            return b""
-
-    # ------------------------------------------------------------------ recovery
-    def _recover(self) -> None:
-        """Rebuild in-memory state from records and libvirt; the owner also cleans up
-        interrupted work (a boot cut short, a half-made folder, a domain with no record)."""
-        records, strays = self._store.load_all()
-        known = {r.domain for r in records}
-        for rec in records:
-            e = _Entry(record=rec)
-            with self._entries_lock:
-                self._entries[rec.id] = e
-            if rec.phase is Phase.RUNNING:
-                self._check_exit(e)
-                continue
-            if not self.owner or rec.phase is not Phase.CREATED:
-                continue
-            info = self._hv.info(rec.domain)
-            if info is not None and info.state is DomainState.RUNNING:
-                log.warning("sandbox %s: a boot was interrupted; powering the VM off", rec.id)
-                self._hv.destroy(rec.domain)
-                self._unwire(rec)
-            elif info is None:
-                log.warning("sandbox %s: its domain vanished; marking it stopped", rec.id)
-                with e.state_lock:
-                    self._save(e, phase=Phase.STOPPED, exit_status=EXIT_FAILED, exited_at=utcnow())
-        if not self.owner:
-            return
-        for d in strays:
-            log.warning("removing %s: left by an interrupted create", d)
-            self._hv.destroy(DOMAIN_PREFIX + d.name)
-            self._hv.undefine(DOMAIN_PREFIX + d.name)
-            self._store.remove(d.name)
-        # A quarantined record's VM may be running someone's pod: leave it for a person.
-        known |= {DOMAIN_PREFIX + sid for sid in self._store.quarantined()}
-        for info in self._hv.list_tagged():
-            if info.metadata.get("state-dir") == str(self.config.state_dir) and info.name not in known:
-                log.warning("removing domain %s: ours, but it has no record", info.name)
-                self._hv.destroy(info.name)
-                self._hv.undefine(info.name)
-
-    def _reconcile(self) -> None:
-        """After libvirtd came back: notice sandboxes that stopped while it was away."""
-        with self._entries_lock:
-            entries = list(self._entries.values())
-        for e in entries:
-            if e.record is not None and e.record.phase is Phase.RUNNING:
-                threading.Thread(target=self._safe_check_exit, args=(e,), daemon=True).start()
-
-    def _safe_check_exit(self, e: _Entry) -> None:
-        try:
-            self._check_exit(e)
-        except VmSandboxError as err:
-            log.warning("sandbox %s: reconciling after reconnect failed: %s", e.record.id, err)
 
 
 def state_dir_owner(state_dir: Path) -> int | None:
@@ -927,10 +661,3 @@ def _console_tail(sdir: Path, lines: int = 3) -> str:
     except OSError:
         return ""
     return " | ".join(line.strip() for line in text.splitlines()[-lines:] if line.strip())
-
-
-def _console_mtime(sdir: Path) -> datetime:
-    try:
-        return datetime.fromtimestamp((sdir / "console.log").stat().st_mtime, timezone.utc)
-    except OSError:
-        return utcnow()

@@ -1,0 +1,99 @@
+"""Recovery: what a new controller makes of the records, domains and strays it finds.
+
+Every controller rebuilds its entries from the records and notices exits it missed. Only
+the owner of the state dir cleans up interrupted work: a boot cut short is powered off and
+unwired, a half-made folder and a domain of ours without a record are removed (a
+quarantined record's domain is left alone). After the hypervisor connection comes back,
+:meth:`Recovery.reconcile` looks for sandboxes that stopped meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from ..config import Config
+from ..errors import VmSandboxError
+from ..model import Phase, utcnow
+from .exits import DOMAIN_PREFIX, EXIT_FAILED, Exits
+from .ports import DomainState, Hypervisor
+from .registry import Entry, Registry
+from .store import SandboxRecord, Store
+
+__all__ = ["Recovery", "RECONCILE_WORKERS"]
+
+log = logging.getLogger(__name__)
+
+RECONCILE_WORKERS = 4
+"""Threads that ask the hypervisor about running sandboxes after a reconnect."""
+
+
+class Recovery:
+    def __init__(self, config: Config, registry: Registry, exits: Exits, hv: Hypervisor, *, owner: bool,
+                 unwire: Callable[[SandboxRecord], None]) -> None:
+        self.config = config
+        self.owner = owner
+        self._registry = registry
+        self._store: Store = registry.store
+        self._exits = exits
+        self._hv = hv
+        self._unwire = unwire
+
+    def recover(self) -> None:
+        """Rebuild in-memory state from records and libvirt; the owner also cleans up
+        interrupted work (a boot cut short, a half-made folder, a domain with no record)."""
+        records, strays = self._store.load_all()
+        known = {r.domain for r in records}
+        for rec in records:
+            e = self._registry.add(rec)
+            if rec.phase is Phase.RUNNING:
+                self._exits.check(e)
+                continue
+            if not self.owner or rec.phase is not Phase.CREATED:
+                continue
+            info = self._hv.info(rec.domain)
+            # Running, or still paused by libvirt mid-start (we were killed in between):
+            # either way a boot nobody finished, which would otherwise run as an orphan.
+            if info is not None and info.state is not DomainState.SHUTOFF:
+                log.warning("sandbox %s: a boot was interrupted; powering the VM off", rec.id)
+                self._hv.destroy(rec.domain)
+                self._unwire(rec)
+            elif info is None:
+                log.warning("sandbox %s: its domain vanished; marking it stopped", rec.id)
+                with e.state_lock:
+                    self._registry.save(e, phase=Phase.STOPPED, exit_status=EXIT_FAILED, exited_at=utcnow())
+        if not self.owner:
+            return
+        for d in strays:
+            log.warning("removing %s: left by an interrupted create", d)
+            self._hv.destroy(DOMAIN_PREFIX + d.name)
+            self._hv.undefine(DOMAIN_PREFIX + d.name)
+            self._store.remove(d.name)
+        # A quarantined record's VM may be running someone's pod: leave it for a person.
+        known |= {DOMAIN_PREFIX + sid for sid in self._store.quarantined()}
+        for info in self._hv.list_tagged():
+            if info.metadata.get("state-dir") == str(self.config.state_dir) and info.name not in known:
+                log.warning("removing domain %s: ours, but it has no record", info.name)
+                self._hv.destroy(info.name)
+                self._hv.undefine(info.name)
+
+    def reconcile(self) -> None:
+        """After libvirtd came back: notice sandboxes that stopped while it was away."""
+        running = [e for e in self._registry.visible() if e.record.phase is Phase.RUNNING]
+        if not running:
+            return
+        # On its own thread (this runs inside the hypervisor's reconnect), a bounded pool for
+        # however many sandboxes there are.
+        def run() -> None:
+            with ThreadPoolExecutor(max_workers=RECONCILE_WORKERS, thread_name_prefix="vsbx-reconcile") as pool:
+                list(pool.map(self._safe_check_exit, running))
+
+        threading.Thread(target=run, name="vsbx-reconcile", daemon=True).start()
+
+    def _safe_check_exit(self, e: Entry) -> None:
+        try:
+            self._exits.check(e)
+        except VmSandboxError as err:
+            log.warning("sandbox %s: reconciling after reconnect failed: %s", e.record.id, err)
