@@ -36,6 +36,7 @@ def full_record(sid: str = "sb-1") -> SandboxRecord:
         sandbox=sandbox,
         vcpus=2,
         memory_mib=384,
+        max_memory_mib=768,
         image_dir="/var/lib/vmsandbox/images/default/abc",
         agent_socket="/var/lib/vmsandbox/sock/x.sock",
         host_key="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB host",

@@ -8,16 +8,13 @@ to the sandbox's record, so a new controller on the same state dir recovers all 
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import replace
 from pathlib import Path
 
 from ..config import Config, VirtType
@@ -29,8 +26,7 @@ from ..errors import (
     NotFound,
     VmSandboxError,
 )
-from ..guest.keys import dropbear_private_key, generate_keypair, write_private
-from ..hypervisor.domain import DiskSpec, DomainSpec, NicSpec, build_domain_xml
+from ..hypervisor.domain import build_domain_xml
 from ..image import GuestImage
 from ..network._model import NetworkPlan
 from ..model import (
@@ -48,27 +44,27 @@ from ..model import (
     utcnow,
 )
 from ..cgroupsv2 import CgroupV2Metrics
-from ..podconfig import memory_mib_from, parse_pod_config, vcpus_from
-from .ports import DomainState, GuestChannel, GuestFactory, HypervisorFactory, Images, Network, StopReason
-from .resources import ResourceChange, resources_from_update
+from ..podconfig import parse_pod_config
+from .ports import DomainState, GuestFactory, HypervisorFactory, Images, Network, StopReason
+from .resources import plan_update, updated_fields
 from . import mounts as mountplan
 from .cgroups import cgroup_relpath, place_process
-from .guestconfig import config_archive, guest_settings
+from .guestconfig import guest_settings, write_guest_files
+from .agents import Agents
 from .exits import DOMAIN_PREFIX, EXIT_CLEAN, EXIT_FAILED, EXIT_KILLED, Exits
 from .recovery import Recovery
 from .registry import Entry, Registry
 from .status import StatusView
+from .spec import domain_spec, size_sandbox
+from .statedir import LOCK_FILE, StateDir, state_dir_owner
 from .store import SandboxRecord, Store
-from .validate import MIN_MEMORY_MIB, check_sandbox_id, resources_from_annotations
+from .validate import check_sandbox_id
 
 __all__ = ["SandboxController", "DOMAIN_PREFIX", "EXIT_CLEAN", "EXIT_KILLED", "EXIT_FAILED", "LOCK_FILE",
            "state_dir_owner"]
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = "controller.lock"
-"""The owning controller holds an exclusive flock on this file in the state dir (its pid inside)."""
-UPDATABLE_FIELDS = frozenset({"labels", "extensions", "spec", "annotations", "runtime", "sandboxer"})
 
 
 class SandboxController:
@@ -103,39 +99,22 @@ class SandboxController:
         self._image: GuestImage | None = None
         self._image_lock = threading.Lock()
         self._closed = False
-        # Only what we create gets our modes: an existing state dir (say /var/tmp, sticky)
-        # keeps its own.
-        for d in (config.state_dir, config.state_dir / "sandboxes", config.state_dir / "sock"):
-            if not d.is_dir():
-                d.mkdir(parents=True, exist_ok=True)
-                os.chmod(d, 0o711)
-        _warn_if_unreachable(config.state_dir)
-        # The first controller on a state dir owns it (an exclusive lock for its lifetime);
-        # others (e.g. a CLI command while `serve` runs) only observe: they never destroy or
-        # remove anything during recovery, which could be another controller's work in flight.
-        self._lock_fd = os.open(config.state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            self.owner = True
-            os.ftruncate(self._lock_fd, 0)
-            os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)  # who owns it, for messages
-        except BlockingIOError:
-            self.owner = False
-            log.info("state dir %s is owned by another controller; this one only observes during recovery",
-                     config.state_dir)
+        self._state_dir = StateDir(config.state_dir)
+        self.owner = self._state_dir.owner
         try:
             self._hv = hypervisor(self._exits.on_domain_stop, lambda: self._recovery.reconcile())
         except BaseException:
-            os.close(self._lock_fd)
+            self._state_dir.release()
             raise
         self._exits.bind(self._hv)
+        self._agents = Agents(guest, self._store, self._hv)
         self._view = StatusView(self._registry, self._exits, self._hv, network, virt_type)
         self._recovery = Recovery(config, self._registry, self._exits, self._hv, owner=self.owner, unwire=self._unwire)
         try:
             self._recovery.recover()
         except BaseException:
             self._hv.close()
-            os.close(self._lock_fd)
+            self._state_dir.release()
             raise
 
     # ------------------------------------------------------------------ plumbing
@@ -151,10 +130,9 @@ class SandboxController:
             return
         self._closed = True
         for e in self._registry.visible():
-            if e.agent is not None:
-                e.agent.close()
+            self._agents.drop(e)
         self._hv.close()
-        os.close(self._lock_fd)  # releases the ownership lock
+        self._state_dir.release()
 
     def image(self) -> GuestImage:
         """The guest image for this controller, built on first use."""
@@ -190,14 +168,7 @@ class SandboxController:
         pod = parse_pod_config(options)
         # CRI passes pod annotations inside the PodSandboxConfig; explicit ones win.
         annotations = {**(pod.annotations if pod is not None else {}), **dict(annotations or {})}
-        vcpus, mem = resources_from_annotations(
-            annotations, max_vcpus=self.config.max_vcpus, max_memory_mib=self.config.max_memory_mib
-        )
-        if pod is not None:
-            vcpus = vcpus or _clamp(vcpus_from(pod), 1, self.config.max_vcpus)
-            mem = mem or _clamp(memory_mib_from(pod), MIN_MEMORY_MIB, self.config.max_memory_mib)
-        vcpus = vcpus or self.config.default_vcpus
-        mem = mem or self.config.default_memory_mib
+        size = size_sandbox(annotations, pod, self.config)
         settings = guest_settings(sandbox, annotations, pod)
         if pod is not None and pod.cgroup_parent:
             cgroup_relpath(pod.cgroup_parent)  # validate now; placement happens at start
@@ -205,71 +176,48 @@ class SandboxController:
         sdir = self._store.dir(sid)
         plans = mountplan.plan_mounts(mounts, sdir)
 
+        domain = DOMAIN_PREFIX + sid
         entry = self._registry.reserve(sid)
         try:
             with ExitStack() as undo:
-                undo.callback(self._registry.forget, sid)
-                image = self.image()
-                sdir.mkdir(parents=True)
-                undo.callback(self._store.remove, sid)
-                os.chmod(sdir, 0o711)
-                client, hostkey = generate_keypair(), generate_keypair()
-                write_private(sdir / "id_ed25519", client.openssh_private())
-                for plan in plans:
-                    mountplan.materialize(plan)
-                domain = DOMAIN_PREFIX + sid
-                # Domain names are host-wide: the name may belong to another state dir's sandbox.
+                # Undo steps never replace the error that made us undo (they log their own).
+                undo.callback(_quietly(self._registry.forget, sid))
+                # The cheap checks first. Domain names are host-wide: the name may belong to
+                # another state dir's sandbox.
                 if self._hv.info(domain) is not None:
                     raise AlreadyExists(f"a libvirt domain named {domain} already exists", sandbox_id=sid)
+                image = self.image()
+                sdir.mkdir(parents=True)
+                undo.callback(_quietly(self._store.remove, sid))
+                os.chmod(sdir, 0o711)
+                for plan in plans:
+                    mountplan.materialize(plan)
                 taps: list[str] = []
                 if netplan is not None:
                     taps = self._net.tap_names(sid, len(netplan.interfaces))
-                    undo.callback(self._net.detach, netns_path, taps, None)
+                    undo.callback(_quietly(self._net.detach, netns_path, taps, None))
                     self._net.create_taps(taps)
-                config = config_archive(
-                    settings=settings,
-                    authorized_key=client.public_line,
-                    hostkey=dropbear_private_key(hostkey),
-                    disks=plans,
+                host_key = write_guest_files(sdir, settings=settings, disks=plans, network=netplan)
+                now = utcnow()
+                spec = domain_spec(
+                    sandbox_id=sid, domain=domain, config=self.config, virt_type=self.virt_type, image=image,
+                    sandbox_dir=sdir, agent_socket=self._socket_path(sid), size=size, disks=plans, taps=taps,
                     network=netplan,
                 )
-                write_private(sdir / "config.tar", config)
-                now = utcnow()
-                spec = DomainSpec(
-                    name=domain,
-                    sandbox_id=sid,
-                    state_dir=str(self.config.state_dir),
-                    virt_type=self.virt_type.value,
-                    arch=os.uname().machine,
-                    machine=self.config.machine_type(),
-                    loader=self.config.loader(),
-                    rng=self.config.rng,
-                    vcpus=vcpus,
-                    max_vcpus=vcpus,
-                    memory_mib=mem,
-                    max_memory_mib=max(mem, min(self.config.max_memory_mib, mem * self.config.memory_headroom)),
-                    kernel=str(image.kernel),
-                    initrd=str(image.initrd),
-                    cmdline=self.config.kernel_cmdline,
-                    console_log=str(sdir / "console.log"),
-                    agent_socket=self._socket_path(sid),
-                    disks=(DiskSpec(str(sdir / "config.tar"), "vsbx-config", readonly=True),)
-                    + tuple(DiskSpec(p.source, p.serial, p.format, p.block, p.readonly) for p in plans),
-                    nics=tuple(NicSpec(t, i.mac, i.mtu) for t, i in zip(taps, netplan.interfaces)) if netplan else (),
-                )
                 self._hv.define(build_domain_xml(spec))
-                undo.callback(self._hv.undefine, domain)
+                undo.callback(_quietly(self._hv.undefine, domain))
                 record = SandboxRecord(
                     id=sid,
                     domain=domain,
                     phase=Phase.CREATED,
                     created_at=now,
                     sandbox=sandbox,
-                    vcpus=vcpus,
-                    memory_mib=mem,
+                    vcpus=size.vcpus,
+                    memory_mib=size.memory_mib,
+                    max_memory_mib=size.max_memory_mib,
                     image_dir=str(image.directory),
                     agent_socket=spec.agent_socket,
-                    host_key=hostkey.public_line,
+                    host_key=host_key,
                     rootfs=mounts,
                     options=options,
                     netns_path=netns_path,
@@ -280,7 +228,7 @@ class SandboxController:
                 self._store.save(record)
                 entry.record = record
                 undo.pop_all()
-            log.info("sandbox %s: created (%d vCPU, %d MiB, %d disk(s))", sid, vcpus, mem, len(plans))
+            log.info("sandbox %s: created (%d vCPU, %d MiB, %d disk(s))", sid, size.vcpus, size.memory_mib, len(plans))
         finally:
             entry.op_lock.release()
 
@@ -307,13 +255,12 @@ class SandboxController:
                         pass
                     self._hv.start(rec.domain)
                 started = utcnow()
-                agent = self._agent(e)
                 plan = self._plan(rec)
                 if plan is not None:
                     self._net.attach(plan, list(rec.taps))
-                agent.connect(deadline, alive=lambda: self._domain_running(rec.domain))
+                agent = self._agents.connect(e, deadline)
                 if rec.rootfs:
-                    self._check_guest_mounts(agent, rec)
+                    self._agents.check_mounts(agent, rec)
                 pid = self._hv.pid(rec.domain)
                 pod = parse_pod_config(rec.options)
                 if pod is not None and pod.cgroup_parent and pid:
@@ -334,16 +281,6 @@ class SandboxController:
             self._remove_locked(e)
         except Exception:  # noqa: BLE001 - the start's own error is the one to report
             log.exception("sandbox %s: removing it after a failed start failed; its record is kept", e.record.id)
-
-    def _check_guest_mounts(self, agent: GuestChannel, rec: SandboxRecord) -> None:
-        """A disk the guest could not mount fails the start (init lists them)."""
-        r = agent.exec(["cat", "/run/vsbx/mount-errors"], in_guest_root=True, timeout=30)
-        failed = r.stdout.decode(errors="replace").split()
-        if r.exit_code == 0 and failed:
-            tail = _console_tail(self._store.dir(rec.id))
-            raise FailedPrecondition(
-                f"the guest could not mount disk(s) {', '.join(failed)} (see mounts; console: {tail})",
-                sandbox_id=rec.id)
 
     def _plan(self, rec: SandboxRecord) -> NetworkPlan | None:
         return NetworkPlan.from_json(rec.network) if rec.network is not None else None
@@ -366,19 +303,6 @@ class SandboxController:
             version=0,
             labels={"vmsandbox.io/domain": rec.domain},
         )
-
-    def _agent(self, e: Entry) -> GuestChannel:
-        # One agent object per sandbox: QEMU serves one connection on the channel at a time.
-        with e.agent_lock:
-            if e.agent is None:
-                key = (self._store.dir(e.record.id) / "id_ed25519").read_bytes()
-                e.agent = self._guest(e.record.agent_socket, key, e.record.host_key, e.record.id)
-            return e.agent
-
-    def _domain_running(self, domain: str) -> bool:
-        info = self._hv.info(domain)
-        return info is not None and info.state is DomainState.RUNNING
-
 
     # ------------------------------------------------------------------ stop / wait
     def stop(self, sandbox_id: str, *, timeout: float | None = None) -> None:
@@ -409,15 +333,14 @@ class SandboxController:
                 with e.state_lock:
                     self._registry.save(e, phase=Phase.STOPPED, exit_status=EXIT_CLEAN, exited_at=utcnow(), pid=0)
                     e.exited.notify_all()
-            if e.agent is not None:
-                e.agent.close()
+            self._agents.drop(e)
             self._unwire(rec)
             return
         deadline = time.monotonic() + grace
         if grace > 0:
             # On its own thread: a guest that hangs mid-request must not hold Stop past its
             # grace period (forcing the VM off below ends the request too).
-            asker = threading.Thread(target=self._request_poweroff, args=(e, deadline), daemon=True,
+            asker = threading.Thread(target=self._agents.request_poweroff, args=(e, deadline), daemon=True,
                                      name=f"vsbx-poweroff-{rec.id}")
             asker.start()
             asker.join(max(0.0, deadline - time.monotonic()))
@@ -426,19 +349,8 @@ class SandboxController:
             log.info("sandbox %s: forcing the VM off after %.1fs", rec.id, grace)
             self._hv.destroy(rec.domain)
             self._exits.record(e, StopReason.DESTROYED)
-        if e.agent is not None:
-            e.agent.close()
+        self._agents.drop(e)
         self._unwire(rec)
-
-    def _request_poweroff(self, e: Entry, deadline: float) -> None:
-        """Ask the guest to power itself off; failures just mean we force it later."""
-        try:
-            agent = self._agent(e)
-            if not agent.connected:
-                agent.connect(min(deadline, time.monotonic() + 5.0), alive=lambda: self._domain_running(e.record.domain))
-            agent.exec(["/sbin/vsbx-poweroff"], in_guest_root=True, timeout=max(1.0, min(5.0, deadline - time.monotonic())))
-        except VmSandboxError as err:
-            log.info("sandbox %s: clean power-off request failed (%s); will force", e.record.id, err)
 
     def wait(self, sandbox_id: str, timeout: float | None = None) -> ExitStatus:
         """Block until the guest is gone (see Controller.wait)."""
@@ -495,61 +407,23 @@ class SandboxController:
         Unknown fields raise InvalidArgument. Nothing is changed when any part fails.
         """
         e = self._registry.get(sandbox_id)
-        if not isinstance(sandbox, Sandbox):
-            raise InvalidArgument("sandbox must be a vmsandbox.Sandbox")
-        unknown = set(fields) - UPDATABLE_FIELDS
-        if unknown:
-            raise InvalidArgument(
-                f"cannot update field(s) {', '.join(sorted(unknown))}; updatable: {', '.join(sorted(UPDATABLE_FIELDS))}",
-                sandbox_id=sandbox_id,
-            )
-        names = set(fields) or set(UPDATABLE_FIELDS)
+        names = updated_fields(sandbox, fields, sandbox_id)
         with e.op_lock:
             e.check_live()
             rec = e.record
-            attrs = {n: getattr(sandbox, n) for n in names if n != "annotations"}
-            new_sandbox = replace(rec.sandbox, **attrs, updated_at=utcnow())
-            annotations = dict(rec.annotations)
-            if names & {"spec", "annotations"}:
-                annotations.update(_spec_annotations(sandbox.spec))
-            change = resources_from_update(
-                new_sandbox, annotations, names,
-                max_vcpus=self.config.max_vcpus, max_memory_mib=self.config.max_memory_mib,
-                pod=parse_pod_config(rec.options),
-            )
-            self._apply_resources(e, change)
+            plan = plan_update(rec, sandbox, names, self.config)
             with e.state_lock:
-                self._registry.save(
-                    e, sandbox=new_sandbox, annotations=annotations,
-                    vcpus=change.vcpus or rec.vcpus, memory_mib=change.memory_mib or rec.memory_mib,
-                )
-
-    def _apply_resources(self, e: Entry, change: ResourceChange) -> None:
-        rec = e.record
-        if change.vcpus is not None and change.vcpus != rec.vcpus:
-            raise FailedPrecondition(
-                f"cannot change vCPUs from {rec.vcpus} to {change.vcpus}: vCPU hot-plug is not supported; "
-                "set vmsandbox.io/vcpus at create", sandbox_id=rec.id)
-        if change.memory_mib is None or change.memory_mib == rec.memory_mib:
-            return
-        if rec.phase is Phase.RUNNING:
-            xml_max = self._max_memory_mib(rec)
-            if change.memory_mib > xml_max:
-                raise FailedPrecondition(
-                    f"cannot grow memory to {change.memory_mib} MiB: the guest booted with at most {xml_max} MiB "
-                    "(the balloon cannot go past it)", sandbox_id=rec.id)
-            self._hv.set_memory(rec.domain, change.memory_mib)
-        else:
-            raise FailedPrecondition(f"sandbox is {rec.phase.value}: memory can only change while it runs",
-                                     sandbox_id=rec.id)
-
-    def _max_memory_mib(self, rec: SandboxRecord) -> int:
-        import xml.etree.ElementTree as ET
-
-        el = ET.fromstring(self._hv.xml(rec.domain)).find("memory")
-        assert el is not None and el.text is not None
-        unit = el.get("unit", "KiB")
-        return int(el.text) // (1024 if unit == "KiB" else 1)
+                self._registry.save(e, sandbox=plan.sandbox, annotations=plan.annotations,
+                                    vcpus=plan.vcpus, memory_mib=plan.memory_mib)
+            # The record first: a controller that dies now recovers the new size, not the old.
+            if plan.memory_mib != rec.memory_mib:
+                try:
+                    self._hv.set_memory(rec.domain, plan.memory_mib)
+                except BaseException:
+                    with e.state_lock:
+                        self._registry.save(e, sandbox=rec.sandbox, annotations=rec.annotations,
+                                            vcpus=rec.vcpus, memory_mib=rec.memory_mib)
+                    raise
 
     # ------------------------------------------------------------------ shutdown
     def shutdown(self, sandbox_id: str) -> None:
@@ -570,8 +444,7 @@ class SandboxController:
         self._hv.undefine(rec.domain)
         if rec.taps or rec.network is not None:
             self._net.detach(rec.netns_path, list(rec.taps), self._plan(rec))
-        if e.agent is not None:
-            e.agent.close()
+        self._agents.drop(e)
         try:
             os.unlink(rec.agent_socket)
         except FileNotFoundError:
@@ -602,62 +475,14 @@ class SandboxController:
         e = self._registry.get(sandbox_id)
         if e.record.phase is not Phase.RUNNING:
             raise FailedPrecondition(f"sandbox is {e.record.phase.value}, not running", sandbox_id=sandbox_id)
-        agent = self._agent(e)
-        if not agent.connected:
-            agent.connect(time.monotonic() + 15.0, alive=lambda: self._domain_running(e.record.domain))
-        return agent.exec(argv, env=env, cwd=cwd, stdin=stdin, timeout=timeout)
+        return self._agents.exec(e, argv, env=env, cwd=cwd, stdin=stdin, timeout=timeout)
 
 
-def state_dir_owner(state_dir: Path) -> int | None:
-    """The pid of the controller that owns ``state_dir`` now (0 if it wrote none), else None."""
-    try:
-        fd = os.open(state_dir / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    try:
+def _quietly(fn: Callable[..., object], *args: object) -> Callable[[], None]:
+    """An undo step that logs its own failure instead of raising over the original error."""
+    def run() -> None:
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            return int(text) if text.isdigit() else 0
-        return None
-    finally:
-        os.close(fd)  # also drops the shared lock we may have taken
-
-
-def _spec_annotations(spec: Any | None) -> dict[str, str]:
-    """The annotations of an OCI runtime spec held in an Any (JSON, as containerd writes it)."""
-    if spec is None:
-        return {}
-    try:
-        doc = json.loads(spec.value)
-    except ValueError:
-        return {}
-    ann = doc.get("annotations") if isinstance(doc, dict) else None
-    return {str(k): str(v) for k, v in ann.items()} if isinstance(ann, dict) else {}
-
-
-def _warn_if_unreachable(path: Path) -> None:
-    """QEMU usually runs unprivileged (libvirt-qemu): it must traverse every parent folder."""
-    for parent in path.resolve().parents:
-        try:
-            mode = parent.stat().st_mode
-        except OSError:
-            continue
-        if not mode & 0o001:
-            log.warning("state dir %s: %s is mode %o, which an unprivileged QEMU user cannot traverse; "
-                        "guests will fail to open their disks (use a folder like /var/lib/vmsandbox)",
-                        path, parent, mode & 0o7777)
-            return
-
-
-def _clamp(v: int | None, lo: int, hi: int) -> int | None:
-    return None if v is None else max(lo, min(hi, v))
-
-
-def _console_tail(sdir: Path, lines: int = 3) -> str:
-    try:
-        text = (sdir / "console.log").read_text(errors="replace")
-    except OSError:
-        return ""
-    return " | ".join(line.strip() for line in text.splitlines()[-lines:] if line.strip())
+            fn(*args)
+        except Exception:  # noqa: BLE001 - logged; the error being unwound is the one to report
+            log.exception("rollback step %s%r failed", getattr(fn, "__name__", fn), args)
+    return run

@@ -9,16 +9,19 @@ from __future__ import annotations
 import io
 import socket
 import tarfile
+from pathlib import Path
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..errors import InvalidArgument
 from ..model import Sandbox
-from ..network import NetworkPlan
+from ..guest.keys import dropbear_private_key, generate_keypair, write_private
+from ..network._model import NetworkPlan
 from ..podconfig import PodConfig
 from .mounts import DiskPlan
 
-__all__ = ["GuestSettings", "guest_settings", "network_lines", "config_archive",
+__all__ = ["GuestSettings", "guest_settings", "network_lines", "config_archive", "write_guest_files", "CONFIG_DISK",
+           "CLIENT_KEY",
            "ANNOTATION_HOSTNAME", "ANNOTATION_DNS_SERVERS", "ANNOTATION_DNS_SEARCHES", "ANNOTATION_DNS_OPTIONS"]
 
 ANNOTATION_HOSTNAME = "vmsandbox.io/hostname"
@@ -43,6 +46,12 @@ class GuestSettings:
         if self.dns_options:
             lines.append("options " + " ".join(self.dns_options))
         return "\n".join(lines) + "\n"
+
+
+CONFIG_DISK = "config.tar"
+"""The config disk in the sandbox folder (a tar archive the guest's init reads)."""
+CLIENT_KEY = "id_ed25519"
+"""The host's private key for the guest agent, in the sandbox folder."""
 
 
 def _clean_hostname(name: str) -> str:
@@ -126,3 +135,15 @@ def config_archive(
             tar.addfile(info, io.BytesIO(data))
     data = buf.getvalue()
     return data + b"\0" * (-len(data) % 4096)
+
+
+def write_guest_files(sandbox_dir: Path, *, settings: GuestSettings, disks: Sequence[DiskPlan],
+                      network: NetworkPlan | None) -> str:
+    """Fresh keys and the config disk in the sandbox folder (both 0600). Returns the line of
+    the guest's host key, to pin when connecting."""
+    client, hostkey = generate_keypair(), generate_keypair()
+    write_private(sandbox_dir / CLIENT_KEY, client.openssh_private())
+    archive = config_archive(settings=settings, authorized_key=client.public_line,
+                             hostkey=dropbear_private_key(hostkey), disks=disks, network=network)
+    write_private(sandbox_dir / CONFIG_DISK, archive)
+    return hostkey.public_line

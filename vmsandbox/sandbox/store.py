@@ -50,6 +50,7 @@ class SandboxRecord:
     pid: int = 0
     taps: tuple[str, ...] = ()
     network: dict[str, _Any] | None = None
+    max_memory_mib: int = 0  # what memory may grow to while it runs (the domain's <memory>)
 
     def evolve(self, **changes: _Any) -> SandboxRecord:
         return replace(self, **changes)
@@ -120,6 +121,7 @@ def record_to_json(r: SandboxRecord) -> dict[str, _Any]:
         "pid": r.pid,
         "taps": list(r.taps),
         "network": r.network,
+        "max_memory_mib": r.max_memory_mib,
     }
 
 
@@ -147,6 +149,8 @@ def record_from_json(d: dict[str, _Any]) -> SandboxRecord:
         pid=int(d["pid"]),
         taps=tuple(d["taps"]),
         network=d["network"],
+        # Records written before this field: the boot-time rule of that version (twice, capped).
+        max_memory_mib=int(d["max_memory_mib"]) if "max_memory_mib" in d else 2 * int(d["memory_mib"]),
     )
 
 

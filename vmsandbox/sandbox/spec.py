@@ -1,0 +1,86 @@
+"""From what a caller asks for to what the hypervisor gets: sizing and the domain spec.
+
+:func:`size_sandbox` is the one sizing rule (our annotations win, then the pod's limits plus
+its RuntimeClass overhead, then the defaults, all clamped to the host's maxima);
+:func:`domain_spec` is the one place a sandbox becomes a :class:`DomainSpec`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import Config, VirtType
+from ..hypervisor.domain import DiskSpec, DomainSpec, NicSpec
+from ..image import GuestImage
+from ..network._model import NetworkPlan
+from ..podconfig import PodConfig, memory_mib_from, vcpus_from
+from .guestconfig import CONFIG_DISK
+from .mounts import DiskPlan
+from .validate import MIN_MEMORY_MIB, resources_from_annotations
+
+__all__ = ["Size", "size_sandbox", "domain_spec"]
+
+
+@dataclass(frozen=True)
+class Size:
+    vcpus: int
+    memory_mib: int
+    max_memory_mib: int  # what memory may grow to while it runs
+
+
+def size_sandbox(annotations: Mapping[str, str], pod: PodConfig | None, config: Config) -> Size:
+    """vCPUs and memory of a new sandbox. Raises InvalidArgument for bad annotations."""
+    vcpus, mem = resources_from_annotations(
+        annotations, max_vcpus=config.max_vcpus, max_memory_mib=config.max_memory_mib
+    )
+    if pod is not None:
+        vcpus = vcpus or _clamp(vcpus_from(pod), 1, config.max_vcpus)
+        mem = mem or _clamp(memory_mib_from(pod), MIN_MEMORY_MIB, config.max_memory_mib)
+    vcpus = vcpus or config.default_vcpus
+    mem = mem or config.default_memory_mib
+    return Size(vcpus, mem, max(mem, min(config.max_memory_mib, mem * config.memory_headroom)))
+
+
+def domain_spec(
+    *,
+    sandbox_id: str,
+    domain: str,
+    config: Config,
+    virt_type: VirtType,
+    image: GuestImage,
+    sandbox_dir: Path,
+    agent_socket: str,
+    size: Size,
+    disks: Sequence[DiskPlan],
+    taps: Sequence[str],
+    network: NetworkPlan | None,
+) -> DomainSpec:
+    return DomainSpec(
+        name=domain,
+        sandbox_id=sandbox_id,
+        state_dir=str(config.state_dir),
+        virt_type=virt_type.value,
+        arch=os.uname().machine,
+        machine=config.machine_type(),
+        loader=config.loader(),
+        rng=config.rng,
+        vcpus=size.vcpus,
+        max_vcpus=size.vcpus,
+        memory_mib=size.memory_mib,
+        max_memory_mib=size.max_memory_mib,
+        kernel=str(image.kernel),
+        initrd=str(image.initrd),
+        cmdline=config.kernel_cmdline,
+        console_log=str(sandbox_dir / "console.log"),
+        agent_socket=agent_socket,
+        disks=(DiskSpec(str(sandbox_dir / CONFIG_DISK), "vsbx-config", readonly=True),)
+        + tuple(DiskSpec(p.source, p.serial, p.format, p.block, p.readonly) for p in disks),
+        nics=tuple(NicSpec(t, i.mac, i.mtu) for t, i in zip(taps, network.interfaces)) if network else (),
+    )
+
+
+def _clamp(v: int | None, lo: int, hi: int) -> int | None:
+    return None if v is None else max(lo, min(hi, v))
