@@ -332,14 +332,17 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         checks.append((name, ok, detail, required))
 
     check("root", os.geteuid() == 0, "running as root" if os.geteuid() == 0 else "run as root (libvirt system, netns, taps)")
-    try:
-        import libvirt
+    from .hypervisor.libvirt_driver import LibvirtHypervisor
 
-        conn = libvirt.open(cfg.uri)
-        ver = conn.getLibVersion()
-        conn.close()
-        check("libvirtd", True, f"{cfg.uri} answers (libvirt {ver // 1000000}.{ver // 1000 % 1000})")
-    except Exception as e:  # noqa: BLE001 - report anything
+    try:
+        hv = LibvirtHypervisor(cfg.uri, connect_timeout=3.0)
+        try:
+            host = hv.host_info()
+        finally:
+            hv.close()
+        check("libvirtd", True, f"{cfg.uri} answers (libvirt {host['libvirt_version']}, "
+                                f"{host['hypervisor']} {host['hypervisor_version']})")
+    except VmSandboxError as e:
         check("libvirtd", False, f"{cfg.uri}: {e} (start it: hack/setup.sh)")
     vt = detect_virt_type(cfg.virt_type)
     check("accelerator", True, "KVM" if vt is VirtType.KVM else "TCG (software emulation; KVM not usable here)",
@@ -450,7 +453,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    # Everything after the first `--` is the command (exec, run), so options may come
+    # anywhere before it: argparse alone would give that list to the id's positional chunk.
+    command: list[str] | None = None
+    if "--" in words:
+        cut = words.index("--")
+        words, command = words[:cut], words[cut + 1:]
+    parser = build_parser()
+    args = parser.parse_args(words)
+    if command is not None:
+        if not hasattr(args, "argv"):
+            parser.error(f"'--' is only for exec and run, not {args.command}")
+        args.argv = list(args.argv) + command
     logging.basicConfig(
         level=logging.DEBUG if args.verbose_log else logging.INFO if args.command == "serve" else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

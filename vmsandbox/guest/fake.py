@@ -3,7 +3,10 @@
 :class:`FakeGuests` is the GuestFactory; each channel answers once its VM runs (``vm_running``,
 by agent socket path, usually the fake hypervisor's view). ``exec`` runs ``handler(argv)``
 (default: exit 0, no output); the power-off helper calls ``on_poweroff(socket_path)``.
-A wrong host key is refused like the real agent refuses it.
+A wrong host key is refused like the real agent refuses it. :meth:`FakeGuests.break_transport`
+leaves a channel half-dead, as a paramiko transport whose session channels can no longer be
+opened: it still reports itself connected and ``connect`` returns at once, but every exec
+fails with Unavailable until the channel is closed and connected again.
 """
 
 from __future__ import annotations
@@ -51,12 +54,19 @@ class FakeGuests:
     def open_channels(self) -> list[FakeChannel]:
         return [c for c in self.channels if c.connected]
 
+    def break_transport(self, socket_path: str) -> None:
+        """Make the connected channels of ``socket_path`` half-dead (see the module docstring)."""
+        for c in self.channels:
+            if c.socket_path == socket_path and c.connected:
+                c.stale = True
+
 
 class FakeChannel:
     def __init__(self, guests: FakeGuests, socket_path: str, host_key_line: str, sandbox_id: str) -> None:
         self._g, self.socket_path, self.sandbox_id = guests, socket_path, sandbox_id
         self._host_key = host_key_line
         self._connected = False
+        self.stale = False
         self._lock = threading.Lock()
 
     @property
@@ -95,6 +105,8 @@ class FakeChannel:
         self._g.fp.hit("exec")
         if not self.connected:
             raise Unavailable("no connection to the guest agent", sandbox_id=self.sandbox_id)
+        if self.stale:
+            raise Unavailable("cannot open a channel to the guest: transport is half-dead", sandbox_id=self.sandbox_id)
         self._g.execs.append(call)
         if tuple(argv) == (POWEROFF,):
             self._g.on_poweroff(self.socket_path)
@@ -103,3 +115,4 @@ class FakeChannel:
 
     def close(self) -> None:
         self._connected = False
+        self.stale = False

@@ -1,8 +1,11 @@
 """An in-memory hypervisor for the unit tier: the Hypervisor port with failpoints.
 
-Domains are kept by name with the XML they were defined from; lifecycle events go to the
-``on_stop`` callback like libvirt's (optionally late, twice, or never: ``events``). A guest
-powering itself off is :meth:`FakeHypervisor.guest_poweroff`; ``unreachable = True``
+Domains are kept by name with the XML they were defined from. Each controller gets its own
+connection from :meth:`FakeHypervisor.factory` (like one libvirt connection per process);
+lifecycle events go to the ``on_stop`` callback of every open connection, like libvirt's
+(optionally late, twice, or never: ``events``), and a closed connection gets none. A guest
+powering itself off is :meth:`FakeHypervisor.guest_poweroff`; a start cut short while QEMU
+still holds the new domain paused is :meth:`FakeHypervisor.pause`; ``unreachable = True``
 makes every call raise Unavailable, as a libvirtd that went away.
 """
 
@@ -19,7 +22,7 @@ from ..errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from ..sandbox.ports import DomainInfo, DomainState, StopReason
 from .domain import parse_metadata
 
-__all__ = ["FakeHypervisor", "FakeDomain"]
+__all__ = ["FakeHypervisor", "FakeConnection", "FakeDomain"]
 
 
 @dataclass
@@ -39,26 +42,58 @@ class FakeDomain:
         return el.get("path", "") if el is not None else ""
 
 
+def _mib(el: ET.Element | None) -> int:
+    """A libvirt memory element's size in MiB (its ``unit``, KiB by default)."""
+    if el is None or not (el.text or "").strip():
+        return 0
+    factor = {"b": 1 / 1024 ** 2, "bytes": 1 / 1024 ** 2, "k": 1 / 1024, "kib": 1 / 1024,
+              "m": 1, "mib": 1, "g": 1024, "gib": 1024}[el.get("unit", "KiB").lower()]
+    return int(int(el.text or 0) * factor)
+
+
 class FakeHypervisor:
-    """``FakeHypervisor(on_stop, on_reconnect)``; see the module docstring."""
+    """``FakeHypervisor(on_stop, on_reconnect)``; see the module docstring.
+
+    ``on_stop`` and ``on_reconnect`` are the callbacks of the connection made last (a test
+    calls ``hv.on_reconnect()`` to tell that controller libvirtd came back).
+    """
 
     def __init__(self, on_stop: Callable[[str, StopReason], None] | None = None,
                  on_reconnect: Callable[[], None] | None = None) -> None:
         self.on_stop, self.on_reconnect = on_stop, on_reconnect
         self.domains: dict[str, FakeDomain] = {}
+        self.connections: list[FakeConnection] = []
         self.fp = Failpoints()
         self.unreachable = False
         self.events = "now"  # now | twice | never | manual (queued in self.pending)
         self.pending: list[tuple[str, StopReason]] = []
-        self.closed = False
+        self._closed = False
         self._lock = threading.RLock()
         self._next_pid = 4000
 
-    def factory(self, on_stop: Callable[[str, StopReason], None], on_reconnect: Callable[[], None]) -> FakeHypervisor:
-        """The HypervisorFactory: the same fake for every controller made from it."""
+    def factory(self, on_stop: Callable[[str, StopReason], None], on_reconnect: Callable[[], None]) -> FakeConnection:
+        """The HypervisorFactory: a new connection to the same fake for every controller."""
+        conn = FakeConnection(self, on_stop, on_reconnect)
+        with self._lock:
+            self.connections.append(conn)
         self.on_stop, self.on_reconnect = on_stop, on_reconnect
-        self.closed = False
-        return self
+        return conn
+
+    @property
+    def closed(self) -> bool:
+        """True when no connection is open (or, used directly, after :meth:`close`)."""
+        if self.connections:
+            return all(c.closed for c in self.connections)
+        return self._closed
+
+    def _listeners(self) -> list[Callable[[str, StopReason], None]]:
+        if self.connections:
+            return [c.on_stop for c in self.connections if not c.closed]
+        return [] if self._closed or self.on_stop is None else [self.on_stop]
+
+    def _emit(self, name: str, reason: StopReason) -> None:
+        for on_stop in self._listeners():
+            on_stop(name, reason)
 
     def _enter(self, step: str) -> None:
         if self.unreachable:
@@ -73,21 +108,20 @@ class FakeHypervisor:
 
     def _stopped(self, d: FakeDomain, reason: StopReason) -> None:
         d.state, d.stop_reason, d.pid = DomainState.SHUTOFF, reason, 0
-        if self.events == "never" or self.on_stop is None:
+        if self.events == "never":
             return
         if self.events == "manual":
             self.pending.append((d.name, reason))
             return
-        self.on_stop(d.name, reason)
+        self._emit(d.name, reason)
         if self.events == "twice":
-            self.on_stop(d.name, reason)
+            self._emit(d.name, reason)
 
     def deliver_pending(self) -> None:
         """Send the events held back with ``events = "manual"`` (late events)."""
         pending, self.pending = self.pending, []
         for name, reason in pending:
-            assert self.on_stop is not None
-            self.on_stop(name, reason)
+            self._emit(name, reason)
 
     # --- the port --------------------------------------------------------------------------
     def define(self, xml: str) -> None:
@@ -95,11 +129,12 @@ class FakeHypervisor:
         root = ET.fromstring(xml)
         name = root.findtext("name") or ""
         mem = root.find("currentMemory")
+        if mem is None:
+            mem = root.find("memory")
         with self._lock:
             if name in self.domains and self.domains[name].state is not DomainState.SHUTOFF:
                 raise AlreadyExists(f"domain {name} is running")
-            self.domains[name] = FakeDomain(name, xml, memory_mib=int(mem.text or 0) // 1024 if mem is not None else 0,
-                                            metadata=parse_metadata(xml))
+            self.domains[name] = FakeDomain(name, xml, memory_mib=_mib(mem), metadata=parse_metadata(xml))
 
     def start(self, name: str) -> None:
         self._enter("start")
@@ -147,11 +182,23 @@ class FakeHypervisor:
         return self._get(name).pid
 
     def stats(self, names: list[str]) -> dict[str, dict[str, _Any]]:
+        """libvirt's bulk stats of the running ones: fixed CPU time, the balloon at the
+        domain's current memory, and per virtio disk 4 KiB read and 8 KiB written per index."""
         self._enter("stats")
         with self._lock:
-            return {n: {"cpu.time": 5_000_000_000, "balloon.current": self.domains[n].memory_mib * 1024,
-                        "balloon.rss": 100 * 1024}
+            return {n: self._stats(self.domains[n])
                     for n in names if n in self.domains and self.domains[n].state is DomainState.RUNNING}
+
+    @staticmethod
+    def _stats(d: FakeDomain) -> dict[str, _Any]:
+        out: dict[str, _Any] = {"cpu.time": 5_000_000_000, "balloon.current": d.memory_mib * 1024,
+                                "balloon.rss": 100 * 1024}
+        disks = [t.get("dev", "") for t in ET.fromstring(d.xml).findall("devices/disk/target")]
+        out["block.count"] = len(disks)
+        for i, dev in enumerate(disks):
+            out.update({f"block.{i}.name": dev, f"block.{i}.rd.bytes": 4096 * (i + 1), f"block.{i}.rd.reqs": i + 1,
+                        f"block.{i}.wr.bytes": 8192 * (i + 1), f"block.{i}.wr.reqs": 2 * (i + 1)})
+        return out
 
     def set_memory(self, name: str, mib: int) -> None:
         self._enter("set_memory")
@@ -159,7 +206,7 @@ class FakeHypervisor:
             self._get(name).memory_mib = mib
 
     def close(self) -> None:
-        self.closed = True
+        self._closed = True
 
     # --- what happens to a VM on its own ---------------------------------------------------------
     def guest_poweroff(self, name: str) -> None:
@@ -168,6 +215,15 @@ class FakeHypervisor:
             d = self._get(name)
             if d.state is not DomainState.SHUTOFF:
                 self._stopped(d, StopReason.SHUTDOWN)
+
+    def pause(self, name: str) -> None:
+        """QEMU holds the domain paused: a start that was cut short before it resumed."""
+        with self._lock:
+            d = self._get(name)
+            if d.state is DomainState.SHUTOFF:
+                self._next_pid += 1
+                d.pid = self._next_pid
+            d.state = DomainState.PAUSED
 
     def crash(self, name: str) -> None:
         with self._lock:
@@ -178,3 +234,54 @@ class FakeHypervisor:
     def by_socket(self, socket_path: str) -> FakeDomain | None:
         with self._lock:
             return next((d for d in self.domains.values() if d.agent_socket == socket_path), None)
+
+
+class FakeConnection:
+    """One controller's connection to a :class:`FakeHypervisor`: the Hypervisor port.
+
+    Every call goes to the shared fake; after :meth:`close` calls raise Unavailable and no
+    lifecycle event reaches this connection's ``on_stop``.
+    """
+
+    def __init__(self, hv: FakeHypervisor, on_stop: Callable[[str, StopReason], None],
+                 on_reconnect: Callable[[], None]) -> None:
+        self.hv, self.on_stop, self.on_reconnect = hv, on_stop, on_reconnect
+        self.closed = False
+
+    def _open(self) -> FakeHypervisor:
+        if self.closed:
+            raise Unavailable("the fake hypervisor connection is closed")
+        return self.hv
+
+    def define(self, xml: str) -> None:
+        self._open().define(xml)
+
+    def start(self, name: str) -> None:
+        self._open().start(name)
+
+    def destroy(self, name: str) -> None:
+        self._open().destroy(name)
+
+    def undefine(self, name: str) -> None:
+        self._open().undefine(name)
+
+    def info(self, name: str) -> DomainInfo | None:
+        return self._open().info(name)
+
+    def list_tagged(self) -> list[DomainInfo]:
+        return self._open().list_tagged()
+
+    def xml(self, name: str) -> str:
+        return self._open().xml(name)
+
+    def pid(self, name: str) -> int:
+        return self._open().pid(name)
+
+    def stats(self, names: list[str]) -> dict[str, dict[str, _Any]]:
+        return self._open().stats(names)
+
+    def set_memory(self, name: str, mib: int) -> None:
+        self._open().set_memory(name, mib)
+
+    def close(self) -> None:
+        self.closed = True

@@ -72,6 +72,8 @@ class FakeNetwork:
 
     def detach(self, netns_path: str, taps: list[str], plan: NetworkPlan | None = None) -> None:
         self.fp.hit("detach")
+        if plan is not None and plan.netns_path != netns_path:
+            raise InvalidArgument(f"the plan is for {plan.netns_path}, not {netns_path}")
         with self._lock:
             self.host_taps.difference_update(taps)
             ns = self.netns.get(netns_path)

@@ -69,8 +69,15 @@ class Agents:
     def request_poweroff(self, e: Entry, deadline: float) -> None:
         """Ask the guest to power itself off; failures just mean the caller forces it later."""
         try:
-            agent = self.connect(e, min(deadline, time.monotonic() + 5.0))
-            agent.exec([POWEROFF], in_guest_root=True, timeout=max(1.0, min(5.0, deadline - time.monotonic())))
+            for attempt in (1, 2):
+                agent = self.connect(e, min(deadline, time.monotonic() + 5.0))
+                try:
+                    agent.exec([POWEROFF], in_guest_root=True, timeout=max(1.0, min(5.0, deadline - time.monotonic())))
+                    return
+                except Unavailable:
+                    agent.close()  # a half-dead transport: once more on a fresh connection
+                    if attempt == 2 or time.monotonic() >= deadline:
+                        raise
         except VmSandboxError as err:
             log.info("sandbox %s: clean power-off request failed (%s); will force", e.record.id, err)
 

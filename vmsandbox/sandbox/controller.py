@@ -450,7 +450,9 @@ class SandboxController:
         except FileNotFoundError:
             pass
         self._store.remove(rec.id)
-        e.removed = True
+        with e.state_lock:
+            e.removed = True
+            e.exited.notify_all()  # waiters learn it is gone (NotFound) instead of waiting on
         self._registry.forget(rec.id)
         log.info("sandbox %s: removed", rec.id)
 

@@ -13,7 +13,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..errors import Unavailable
+from ..errors import NotFound, Unavailable
 from ..model import Phase, utcnow
 from .ports import DomainState, Hypervisor, StopReason
 from .registry import Entry, Registry
@@ -78,7 +78,8 @@ class Exits:
             self.record(e, reason, at=_console_mtime(self._registry.store.dir(e.record.id)))
 
     def wait(self, e: Entry, deadline: float | None, *, poll_every: float) -> bool:
-        """Block until the sandbox is stopped (True) or ``deadline`` passes (False).
+        """Block until the sandbox is stopped (True) or ``deadline`` passes (False); NotFound
+        when it is removed meanwhile (a failed start).
 
         Lifecycle events wake us; every ``poll_every`` seconds the hypervisor is also asked
         directly, in case an event was lost. The clock is per sandbox, so callers that wait in
@@ -86,6 +87,8 @@ class Exits:
         """
         with e.state_lock:
             while e.record.phase is not Phase.STOPPED:
+                if e.removed:
+                    raise NotFound(f"sandbox {e.record.id} was removed", sandbox_id=e.record.id)
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False

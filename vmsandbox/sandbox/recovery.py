@@ -44,7 +44,7 @@ class Recovery:
     def recover(self) -> None:
         """Rebuild in-memory state from records and libvirt; the owner also cleans up
         interrupted work (a boot cut short, a half-made folder, a domain with no record)."""
-        records, strays = self._store.load_all()
+        records, strays = self._store.load_all(quarantine=self.owner)
         known = {r.domain for r in records}
         for rec in records:
             e = self._registry.add(rec)

@@ -186,12 +186,13 @@ class Store:
             raise
         _fsync_dir(d)  # the rename itself survives a power cut only once the folder is synced
 
-    def load_all(self) -> tuple[list[SandboxRecord], list[Path]]:
+    def load_all(self, *, quarantine: bool = True) -> tuple[list[SandboxRecord], list[Path]]:
         """(records, folders without a record: leftovers of an interrupted create).
 
         A folder whose record cannot be read is moved to ``<state_dir>/quarantine/`` with an
         error in the log, and loading goes on: one damaged file must not stop the controller
-        from serving every other sandbox. :meth:`quarantined` lists those ids.
+        from serving every other sandbox. :meth:`quarantined` lists those ids. With
+        ``quarantine=False`` (a controller that only observes) it is skipped and left in place.
         """
         records: list[SandboxRecord] = []
         strays: list[Path] = []
@@ -205,7 +206,10 @@ class Store:
             except FileNotFoundError:
                 strays.append(d)
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-                self._quarantine(d, e)
+                if quarantine:
+                    self._quarantine(d, e)
+                else:
+                    log.error("sandbox record %s is unreadable (%s); skipped", d / RECORD, e)
         return records, strays
 
     def _quarantine(self, d: Path, err: BaseException) -> None:
