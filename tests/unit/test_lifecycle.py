@@ -245,7 +245,6 @@ def test_a_second_mount_with_an_unsafe_target_is_refused(rig: Rig, tmp_path: Pat
     assert_gone(rig, "a")
 
 
-@pytest.mark.xfail(strict=True, reason="a mount target /data/../../etc is normalised to /etc and accepted")
 def test_a_mount_target_that_climbs_out_is_refused(rig: Rig, tmp_path: Path) -> None:
     root, data = rootfs_file(tmp_path), rootfs_file(tmp_path, "data.img")
     with pytest.raises(errors.InvalidArgument):
@@ -354,8 +353,6 @@ def test_a_failing_mkfs_is_internal_with_its_message_and_leaves_nothing(rig: Rig
     assert_gone(rig, "a")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="directory-mount images are 0644 in 0755 folders under a 0755 sandboxes/")
 def test_no_state_artefact_is_readable_by_other_users(rig: Rig, tmp_path: Path, fake_mkfs: Path) -> None:
     old = os.umask(0o022)  # the usual umask of a service; the modes must not depend on it
     try:
@@ -385,7 +382,6 @@ def test_a_clashing_create_copies_no_directory(rig: Rig, tmp_path: Path, fake_mk
     assert not fake_mkfs.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="a missing mkfs.ext4 reaches the caller as a raw OSError (INTERNAL, no message)")
 def test_a_missing_mkfs_is_a_clear_error_and_leaves_nothing(rig: Rig, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     data = tmp_path / "data"
@@ -400,7 +396,6 @@ def test_a_missing_mkfs_is_a_clear_error_and_leaves_nothing(rig: Rig, tmp_path: 
         assert_gone(rig, "a")
 
 
-@pytest.mark.xfail(strict=True, reason="a failing mkdir of the sandbox folder reaches the caller as a raw OSError")
 def test_an_unwritable_state_dir_is_a_clear_error(rig: Rig) -> None:
     sandboxes = rig.config.state_dir / "sandboxes"
     sandboxes.rmdir()
@@ -717,8 +712,6 @@ def test_an_exit_whose_event_is_lost_is_found_by_polling(rig: Rig) -> None:
     assert isinstance(st, ExitStatus) and st.exit_status == EXIT_CLEAN and took < 2.5
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="an exit found by polling gets the console log's mtime as exited_at")
 def test_an_exit_found_by_polling_is_dated_when_it_was_observed(rig: Rig) -> None:
     sid = running(rig)
     console = rig.sandbox_dir(sid) / "console.log"

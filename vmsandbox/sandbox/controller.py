@@ -187,7 +187,11 @@ class SandboxController:
                 if self._hv.info(domain) is not None:
                     raise AlreadyExists(f"a libvirt domain named {domain} already exists", sandbox_id=sid)
                 image = self.image()
-                sdir.mkdir(parents=True)
+                try:
+                    sdir.mkdir(parents=True)
+                except OSError as err:
+                    raise FailedPrecondition(f"cannot create the sandbox folder {sdir}: {err.strerror}",
+                                             sandbox_id=sid) from err
                 undo.callback(_quietly(self._store.remove, sid))
                 os.chmod(sdir, 0o711)
                 for plan in plans:

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime, timezone
-from pathlib import Path
+from datetime import datetime
 
 from ..errors import NotFound, Unavailable
 from ..model import Phase, utcnow
@@ -75,7 +74,9 @@ class Exits:
         info = self.hv.info(e.record.domain)
         if info is None or info.state is DomainState.SHUTOFF:
             reason = info.stop_reason if info is not None else StopReason.UNKNOWN
-            self.record(e, reason, at=_console_mtime(self._registry.store.dir(e.record.id)))
+            # Dated when observed: the console log's mtime was only when the guest last
+            # printed, which may be long before it ended.
+            self.record(e, reason)
 
     def wait(self, e: Entry, deadline: float | None, *, poll_every: float) -> bool:
         """Block until the sandbox is stopped (True) or ``deadline`` passes (False); NotFound
@@ -105,9 +106,3 @@ class Exits:
                         e.state_lock.acquire()
             return True
 
-
-def _console_mtime(sdir: Path) -> datetime:
-    try:
-        return datetime.fromtimestamp((sdir / "console.log").stat().st_mtime, timezone.utc)
-    except OSError:
-        return utcnow()

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import Internal, InvalidArgument
+from ..errors import FailedPrecondition, Internal, InvalidArgument
 from ..model import Mount
 
 __all__ = ["DiskPlan", "plan_mounts", "materialize", "GUEST_FILESYSTEMS"]
@@ -106,8 +106,10 @@ def plan_mounts(mounts: Sequence[Mount], sandbox_dir: Path) -> list[DiskPlan]:
                 raise InvalidArgument(f"the first mount is the sandbox root; its target must be empty, not {m.target!r}")
             target = ""
         else:
+            # Refuse a climb instead of normalising it away: "/data/../../etc" must not become /etc.
+            climbs = ".." in m.target.split("/")
             target = os.path.normpath(m.target) if m.target else ""
-            if not target.startswith("/") or target == "/" or not _SAFE_TARGET.fullmatch(target) or "/../" in target + "/":
+            if climbs or not target.startswith("/") or target == "/" or not _SAFE_TARGET.fullmatch(target):
                 raise InvalidArgument(f"mount target {m.target!r} must be an absolute path of safe characters below /")
             if target in targets:
                 raise InvalidArgument(f"two mounts share the target {target}")
@@ -161,9 +163,15 @@ def _tree_size(root: str) -> int:
 
 def _mkfs_from(directory: str, image: str) -> None:
     size = max(64 << 20, int(_tree_size(directory) * 1.3) + (32 << 20))
-    with open(image, "wb") as f:
+    # 0600: the copy may be a Kubernetes secret volume (libvirt gives QEMU its own access).
+    fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as f:
         f.truncate(size)
-    r = subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=1", "-d", directory, image],
+    mkfs = shutil.which("mkfs.ext4")
+    if mkfs is None:
+        raise FailedPrecondition("mkfs.ext4 is missing (package e2fsprogs): directory mounts are copied into "
+                                 "ext4 images with it")
+    r = subprocess.run([mkfs, "-q", "-F", "-E", "lazy_itable_init=1", "-d", directory, image],
                        capture_output=True, text=True)
     if r.returncode != 0:
         raise Internal(f"making a disk image from {directory} failed: {r.stderr.strip()}")
@@ -173,7 +181,7 @@ def materialize(plan: DiskPlan) -> None:
     """Create the image of a directory-backed mount (no-op for file/device mounts)."""
     if not plan.build_from:
         return
-    os.makedirs(os.path.dirname(plan.source), exist_ok=True)
+    os.makedirs(os.path.dirname(plan.source), mode=0o711, exist_ok=True)
     if plan.build_from != "overlay":
         _mkfs_from(plan.build_from, plan.source)
         return
