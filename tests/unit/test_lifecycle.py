@@ -404,8 +404,6 @@ def test_an_unwritable_state_dir_is_a_clear_error(rig: Rig) -> None:
         rig.ctl.create(Sandbox("a"))
 
 
-@pytest.mark.xfail(strict=True, reason="a writable rootfs image held by another sandbox is accepted at create "
-                                       "(and fails at start with INTERNAL and no detail)")
 def test_a_writable_image_another_sandbox_holds_is_refused_naming_the_holder(rig: Rig, tmp_path: Path) -> None:
     img = rootfs_file(tmp_path)
     running(rig, "holder-1", rootfs=[Mount("ext4", str(img))])

@@ -175,6 +175,8 @@ class SandboxController:
         netplan = self._net.inspect_netns(netns_path) if netns_path else None
         sdir = self._store.dir(sid)
         plans = mountplan.plan_mounts(mounts, sdir)
+        mountplan.check_not_shared(mounts, [(e.record.id, e.record.rootfs) for e in self._registry.visible()
+                                            if e.record.phase is not Phase.STOPPED])
 
         domain = DOMAIN_PREFIX + sid
         entry = self._registry.reserve(sid)

@@ -22,7 +22,7 @@ from pathlib import Path
 from ..errors import FailedPrecondition, Internal, InvalidArgument
 from ..model import Mount
 
-__all__ = ["DiskPlan", "plan_mounts", "materialize", "GUEST_FILESYSTEMS"]
+__all__ = ["DiskPlan", "plan_mounts", "materialize", "attached_disks", "check_not_shared", "GUEST_FILESYSTEMS"]
 
 # Filesystems the default guest kernel can mount (ext2/3 are served by the ext4 driver).
 GUEST_FILESYSTEMS = frozenset({"ext4", "ext3", "ext2"})
@@ -148,6 +148,28 @@ def plan_mounts(mounts: Sequence[Mount], sandbox_dir: Path) -> list[DiskPlan]:
         else:
             raise InvalidArgument(f"mount source {m.source} is neither a file, a block device nor a directory")
     return plans
+
+
+def attached_disks(mounts: Sequence[Mount]) -> dict[str, bool]:
+    """The host files and devices ``mounts`` attach as they are (real path -> writable);
+    copied directories are not among them."""
+    out: dict[str, bool] = {}
+    for m in mounts:
+        if m.type in GUEST_FILESYSTEMS and os.path.exists(m.source) and not os.path.isdir(m.source):
+            out[os.path.realpath(m.source)] = not _split_options(m)[0]
+    return out
+
+
+def check_not_shared(mounts: Sequence[Mount], others: Sequence[tuple[str, Sequence[Mount]]]) -> None:
+    """FailedPrecondition naming the holder when a disk of ``mounts`` is attached to one of
+    ``others`` (sandbox id, its mounts) and either side writes it: QEMU would refuse the
+    second VM its image lock at start, with no word on who holds it."""
+    mine = attached_disks(mounts)
+    for holder, theirs in others:
+        for path, writable in attached_disks(theirs).items():
+            if path in mine and (writable or mine[path]):
+                raise FailedPrecondition(
+                    f"disk {path} is attached to sandbox {holder}; a disk one VM writes cannot be shared")
 
 
 def _tree_size(root: str) -> int:
