@@ -5,7 +5,7 @@ from __future__ import annotations
 import libvirt
 import pytest
 
-from vmsandbox import FailedPrecondition, Internal, NotFound, Unavailable
+from vmsandbox import AlreadyExists, FailedPrecondition, Internal, NotFound, Unavailable
 from vmsandbox.hypervisor.libvirt_driver import translate
 
 
@@ -23,8 +23,19 @@ def err(code: int, domain: int, msg: str = "boom") -> libvirt.libvirtError:
     (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_FROM_QEMU, Internal),  # failure inside the daemon
     (libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_FROM_DOMAIN, FailedPrecondition),
     (libvirt.VIR_ERR_XML_ERROR, libvirt.VIR_FROM_DOMAIN, Internal),
+    # Retrying cannot cure these: not Unavailable, which containerd retries forever.
+    (libvirt.VIR_ERR_AUTH_FAILED, libvirt.VIR_FROM_REMOTE, FailedPrecondition),
+    (libvirt.VIR_ERR_ACCESS_DENIED, libvirt.VIR_FROM_ACCESS, FailedPrecondition),
 ])
 def test_translate(code: int, domain: int, cls: type) -> None:
     out = translate(err(code, domain, "detail"), "doing it")
     assert type(out) is cls
     assert "doing it" in str(out) and "detail" in str(out)
+
+
+def test_a_name_clash_is_already_exists() -> None:
+    e = err(libvirt.VIR_ERR_OPERATION_FAILED, libvirt.VIR_FROM_DOMAIN,
+            "operation failed: domain 'vmsandbox-a' already exists with uuid 1234")
+    assert type(translate(e, "defining domain vmsandbox-a")) is AlreadyExists
+    other = err(libvirt.VIR_ERR_OPERATION_FAILED, libvirt.VIR_FROM_DOMAIN, "operation failed: no more ports")
+    assert type(translate(other, "starting")) is FailedPrecondition

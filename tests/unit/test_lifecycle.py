@@ -1264,3 +1264,13 @@ def test_sandboxes_do_not_wait_for_each_other(rig: Rig) -> None:
     finally:
         release.set()
         t.join(2)
+
+
+def test_a_guest_with_another_host_key_fails_the_start_without_retries(rig: Rig) -> None:
+    """A possible man in the middle: FailedPrecondition (containerd retries Unavailable)."""
+    sid = created(rig)
+    socket_path = rig.domain(sid).agent_socket
+    rig.guests.host_keys[socket_path] = "ssh-ed25519 AAAAnotthepinnedkey"
+    with pytest.raises(errors.FailedPrecondition, match="host key"):
+        rig.ctl.start(sid)
+    assert rig.leftovers(sid) == []

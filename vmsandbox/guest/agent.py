@@ -118,7 +118,9 @@ class GuestAgent:
             t.start_client(timeout=timeout)
             key = t.get_remote_server_key()
             if key.get_name() != self._host_key.get_name() or key.asbytes() != self._host_key.asbytes():
-                raise Unavailable("guest presented an unexpected host key", sandbox_id=self.sandbox_id)
+                # Not Unavailable: containerd would retry a possible man in the middle forever.
+                raise FailedPrecondition("the guest presented a host key other than the one pinned at create; "
+                                         "refusing to connect", sandbox_id=self.sandbox_id)
             t.auth_publickey("root", self._key)
             # Keep paramiko's own short socket timeout: its keepalives run off it.
             t.set_keepalive(15)
@@ -140,7 +142,7 @@ class GuestAgent:
 
         Retries while the guest boots (the READINESS policy); ``alive()`` returning False
         (the VM died) ends the wait early with FailedPrecondition. Raises DeadlineExceeded
-        when time runs out, Unavailable when the guest presents the wrong host key.
+        when time runs out, FailedPrecondition when the guest presents the wrong host key.
         """
         with self._lock:
             t = self._transport

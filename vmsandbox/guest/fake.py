@@ -84,7 +84,7 @@ class FakeChannel:
                 if self._g.vm_running(self.socket_path):
                     presented = self._g.host_keys.get(self.socket_path, self._host_key)
                     if presented != self._host_key:
-                        raise Unavailable("guest host key mismatch", sandbox_id=self.sandbox_id)
+                        raise FailedPrecondition("the guest presented another host key", sandbox_id=self.sandbox_id)
                     self._connected = True
                     return
                 if time.monotonic() >= deadline:

@@ -18,7 +18,7 @@ from typing import Any as _Any
 import libvirt
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from ..errors import FailedPrecondition, Internal, NotFound, Unavailable, VmSandboxError
+from ..errors import AlreadyExists, FailedPrecondition, Internal, NotFound, Unavailable, VmSandboxError
 from ..sandbox.ports import DomainInfo, DomainState, StopReason
 from .domain import METADATA_NS, parse_metadata
 
@@ -50,11 +50,12 @@ _STATE = {
 _UNAVAILABLE_CODES = {
     libvirt.VIR_ERR_NO_CONNECT,
     libvirt.VIR_ERR_RPC,
-    libvirt.VIR_ERR_AUTH_FAILED,
     libvirt.VIR_ERR_OPERATION_TIMEOUT,
     libvirt.VIR_ERR_AGENT_UNRESPONSIVE,
 }
 _INVALID_STATE_CODES = {libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_ERR_OPERATION_FAILED}
+# Refusals a retry cannot cure (Unavailable would have containerd retry them forever).
+_REFUSED_CODES = {libvirt.VIR_ERR_AUTH_FAILED, libvirt.VIR_ERR_AUTH_CANCELLED, libvirt.VIR_ERR_ACCESS_DENIED}
 
 
 def translate(e: libvirt.libvirtError, what: str) -> VmSandboxError:
@@ -68,7 +69,9 @@ def translate(e: libvirt.libvirtError, what: str) -> VmSandboxError:
     transport = e.get_error_domain() in (libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE)
     if code in _UNAVAILABLE_CODES or (code == libvirt.VIR_ERR_SYSTEM_ERROR and transport):
         return Unavailable(msg)
-    if code in _INVALID_STATE_CODES:
+    if code == libvirt.VIR_ERR_OPERATION_FAILED and "already exists" in msg:
+        return AlreadyExists(msg)  # e.g. a domain name or UUID another definition holds
+    if code in _INVALID_STATE_CODES or code in _REFUSED_CODES:
         return FailedPrecondition(msg)
     return Internal(msg)
 
