@@ -196,6 +196,9 @@ class SandboxController:
                                              sandbox_id=sid) from err
                 undo.callback(_quietly(self._store.remove, sid))
                 os.chmod(sdir, 0o711)
+                # Held until the record is written: another process's recovery waits for it.
+                lock = self._store.hold(sid)
+                undo.callback(os.close, lock)
                 for plan in plans:
                     mountplan.materialize(plan)
                 taps: list[str] = []
@@ -234,6 +237,7 @@ class SandboxController:
                 self._store.save(record)
                 entry.record = record
                 undo.pop_all()
+                os.close(lock)
             log.info("sandbox %s: created (%d vCPU, %d MiB, %d disk(s))", sid, size.vcpus, size.memory_mib, len(plans))
         finally:
             entry.op_lock.release()

@@ -26,6 +26,8 @@ __all__ = ["Recovery", "RECONCILE_WORKERS"]
 
 log = logging.getLogger(__name__)
 
+CREATE_WAIT = 120.0
+"""How long recovery waits for another process's create in flight before leaving it alone."""
 RECONCILE_WORKERS = 4
 """Threads that ask the hypervisor about running sandboxes after a reconnect."""
 
@@ -67,6 +69,15 @@ class Recovery:
         if not self.owner:
             return
         for d in strays:
+            # A folder another process is still creating: wait for it, then take its record.
+            if not self._store.wait_unheld(d.name, CREATE_WAIT):
+                log.warning("leaving %s alone: a create that holds it has not finished in %.0fs", d, CREATE_WAIT)
+                known.add(DOMAIN_PREFIX + d.name)
+                continue
+            if (late := self._store.load(d.name)) is not None:
+                self._registry.add(late)
+                known.add(late.domain)
+                continue
             log.warning("removing %s: left by an interrupted create", d)
             self._hv.destroy(DOMAIN_PREFIX + d.name)
             self._hv.undefine(DOMAIN_PREFIX + d.name)

@@ -7,11 +7,13 @@ to find, stop, wait for and remove a sandbox that an earlier controller made.
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -23,6 +25,7 @@ __all__ = ["SandboxRecord", "Store"]
 
 log = logging.getLogger(__name__)
 RECORD = "record.json"
+LOCK = ".lock"
 VERSION = 1
 
 
@@ -226,6 +229,39 @@ class Store:
         if not self.quarantine_root.is_dir():
             return set()
         return {p.name for p in self.quarantine_root.iterdir()}
+
+    def hold(self, sandbox_id: str) -> int:
+        """Take the sandbox folder's lock (an exclusive flock on ``.lock``) and return its fd:
+        a create holds it until its record is written, so that another process's recovery
+        does not take the half-made folder for a leftover. Close the fd to release it."""
+        fd = os.open(self.dir(sandbox_id) / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+
+    def wait_unheld(self, sandbox_id: str, timeout: float) -> bool:
+        """Wait until nobody holds the folder's lock (True), or ``timeout`` seconds (False)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fd = os.open(self.dir(sandbox_id) / LOCK, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return True
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return False
+            finally:
+                os.close(fd)
+            time.sleep(0.05)
+
+    def load(self, sandbox_id: str) -> SandboxRecord | None:
+        """The record of one sandbox, None when it has none (yet)."""
+        try:
+            return record_from_json(json.loads((self.dir(sandbox_id) / RECORD).read_text()))
+        except FileNotFoundError:
+            return None
 
     def remove(self, sandbox_id: str) -> None:
         """Delete the sandbox's folder and everything in it (idempotent)."""
