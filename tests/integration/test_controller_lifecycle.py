@@ -562,3 +562,16 @@ def test_stop_with_a_negative_timeout_is_refused(controller: LibvirtController) 
     with pytest.raises(InvalidArgument):
         controller.stop(unique("neg"), timeout=-1)
 
+
+
+def test_exec_output_is_capped_and_the_command_stopped(controller: LibvirtController, guest: str) -> None:
+    """Output is collected in memory: `cat /dev/zero` must not take the controller down."""
+    from vmsandbox import FailedPrecondition
+
+    with pytest.raises(FailedPrecondition, match="passed 1000000 bytes"):
+        controller.exec(guest, ["cat", "/dev/zero"], max_output=1_000_000)
+    deadline = time.monotonic() + 10
+    while b"cat /dev/zero" in controller.exec(guest, ["ps"]).stdout:  # stopped with its session
+        assert time.monotonic() < deadline, "the command went on after its output was cut"
+        time.sleep(0.2)
+    assert controller.exec(guest, ["echo", "still fine"]).stdout == b"still fine\n"

@@ -33,6 +33,8 @@ EXEC_TIMEOUT_EXIT = 124
 MAX_REQUEST = 8192
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _TRANSIENT = (paramiko.SSHException, OSError, EOFError)
+MAX_OUTPUT = 32 * 1024 * 1024
+"""Default cap on what one exec may print (stdout and stderr together), in bytes."""
 # Readiness: retry transient connection failures while the guest boots, backing off from
 # 50 ms to 0.5 s, until the caller's deadline (the stop condition is set per call).
 READINESS_WAIT = wait_exponential(multiplier=0.05, max=0.5)
@@ -200,12 +202,17 @@ class GuestAgent:
         stdin: bytes | None = None,
         timeout: float | None = None,
         in_guest_root: bool = False,
+        max_output: int | None = None,
     ) -> ExecResult:
         """Run argv in the guest and collect its output.
 
         Raises Unavailable when there is no live transport, DeadlineExceeded when
-        ``timeout`` passes (the process is killed in the guest).
+        ``timeout`` passes, FailedPrecondition when stdout and stderr together pass
+        ``max_output`` bytes (default :data:`MAX_OUTPUT`; the connection is dropped, which
+        ends every exec of the sandbox in flight); either way the process is killed in the
+        guest.
         """
+        cap = MAX_OUTPUT if max_output is None else max_output
         if timeout is not None and timeout <= 0:
             raise InvalidArgument("timeout must be positive")
         cmd = encode_exec_request(argv, env=env, cwd=cwd, timeout=timeout, in_guest_root=in_guest_root)
@@ -236,6 +243,16 @@ class GuestAgent:
                     out += chan.recv(65536)
                 while chan.recv_stderr_ready():
                     err += chan.recv_stderr(65536)
+                if len(out) + len(err) > cap:
+                    # Collected whole in memory: a `cat /dev/zero` must not take the host down.
+                    # Closing the channel alone leaves the command blocked on a full pipe in
+                    # the guest; dropping the connection ends its session, and the command
+                    # with it (PDEATHSIG). Other execs of this sandbox are cut too; the next
+                    # call reconnects.
+                    self.close()
+                    raise FailedPrecondition(
+                        f"the output of {argv[0]!r} passed {cap} bytes; the command was stopped "
+                        "(write large output to a file in the sandbox)", sandbox_id=self.sandbox_id)
                 if chan.exit_status_ready() and chan.eof_received and not chan.recv_ready() and not chan.recv_stderr_ready():
                     break
                 if chan.closed and not chan.recv_ready() and not chan.recv_stderr_ready():

@@ -100,6 +100,7 @@ class FakeChannel:
         stdin: bytes | None = None,
         timeout: float | None = None,
         in_guest_root: bool = False,
+        max_output: int | None = None,
     ) -> ExecResult:
         call = ExecCall(self.socket_path, tuple(argv), dict(env or {}), cwd, stdin, timeout, in_guest_root)
         self._g.fp.hit("exec")

@@ -58,10 +58,12 @@ class Agents:
         return agent
 
     def exec(self, e: Entry, argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str | None = None,
-             stdin: bytes | None = None, timeout: float | None = None, in_guest_root: bool = False) -> ExecResult:
+             stdin: bytes | None = None, timeout: float | None = None, in_guest_root: bool = False,
+             max_output: int | None = None) -> ExecResult:
         agent = self.connect(e, time.monotonic() + CONNECT_TIMEOUT)
         try:
-            return agent.exec(argv, env=env, cwd=cwd, stdin=stdin, timeout=timeout, in_guest_root=in_guest_root)
+            return agent.exec(argv, env=env, cwd=cwd, stdin=stdin, timeout=timeout, in_guest_root=in_guest_root,
+                              max_output=max_output)
         except Unavailable:
             agent.close()  # the transport is gone: the next call reconnects
             raise

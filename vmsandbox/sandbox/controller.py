@@ -54,7 +54,7 @@ from .agents import Agents
 from .exits import DOMAIN_PREFIX, EXIT_CLEAN, EXIT_FAILED, EXIT_KILLED, Exits
 from .recovery import Recovery
 from .registry import Entry, Registry
-from .status import StatusView
+from .status import StatusView, instance_of
 from .spec import domain_spec, size_sandbox
 from .statedir import LOCK_FILE, StateDir, state_dir_owner
 from .store import SandboxRecord, Store
@@ -250,7 +250,7 @@ class SandboxController:
             e.check_live()
             rec = e.record
             if rec.phase is Phase.RUNNING:
-                return self._instance(rec)
+                return instance_of(rec)
             if rec.phase is Phase.STOPPED:
                 raise FailedPrecondition("sandbox is stopped; a stopped sandbox cannot be restarted", sandbox_id=sandbox_id)
             deadline = time.monotonic() + self.config.boot_timeout
@@ -283,7 +283,7 @@ class SandboxController:
                 self._remove_after_failed_start(e, err)
                 raise
             log.info("sandbox %s: running (pid %d) after %.2fs", sandbox_id, rec.pid, (utcnow() - started).total_seconds())
-            return self._instance(rec)
+            return instance_of(rec)
 
     def _remove_after_failed_start(self, e: Entry, err: BaseException) -> None:
         log.warning("sandbox %s: start failed (%s: %s); removing the sandbox", e.record.id, type(err).__name__, err)
@@ -303,16 +303,6 @@ class SandboxController:
             self._net.detach(rec.netns_path, [], self._plan(rec))
         except VmSandboxError as err:
             log.warning("sandbox %s: restoring its network namespace failed: %s", rec.id, err)
-
-    def _instance(self, rec: SandboxRecord) -> ControllerInstance:
-        return ControllerInstance(
-            sandbox_id=rec.id,
-            pid=rec.pid,
-            created_at=rec.started_at or rec.created_at,
-            address="",
-            version=0,
-            labels={"vmsandbox.io/domain": rec.domain},
-        )
 
     # ------------------------------------------------------------------ stop / wait
     def stop(self, sandbox_id: str, *, timeout: float | None = None) -> None:
@@ -476,18 +466,20 @@ class SandboxController:
         cwd: str | None = None,
         stdin: bytes | None = None,
         timeout: float | None = None,
+        max_output: int | None = None,
     ) -> ExecResult:
         """Run ``argv`` (no shell) inside the sandbox's rootfs and return its result.
 
         Without rootfs mounts it runs in the guest's own root. Raises FailedPrecondition
-        when the sandbox is not running, DeadlineExceeded after ``timeout`` seconds.
+        when the sandbox is not running or the output passes ``max_output`` bytes (default
+        32 MiB; the command is stopped), DeadlineExceeded after ``timeout`` seconds.
         """
         if isinstance(argv, str):
             raise InvalidArgument("argv must be a sequence of strings, not one string")
         e = self._registry.get(sandbox_id)
         if e.record.phase is not Phase.RUNNING:
             raise FailedPrecondition(f"sandbox is {e.record.phase.value}, not running", sandbox_id=sandbox_id)
-        return self._agents.exec(e, argv, env=env, cwd=cwd, stdin=stdin, timeout=timeout)
+        return self._agents.exec(e, argv, env=env, cwd=cwd, stdin=stdin, timeout=timeout, max_output=max_output)
 
 
 def _quietly(fn: Callable[..., object], *args: object) -> Callable[[], None]:

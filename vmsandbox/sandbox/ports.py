@@ -125,7 +125,10 @@ class GuestChannel(Protocol):
         stdin: bytes | None = None,
         timeout: float | None = None,
         in_guest_root: bool = False,
-    ) -> ExecResult: ...
+        max_output: int | None = None,
+    ) -> ExecResult:
+        """FailedPrecondition when the output passes ``max_output`` bytes (None: the
+        adapter's default cap)."""
 
     def close(self) -> None: ...
 

@@ -19,7 +19,7 @@ from ..cgroupsv2 import CgroupV2Metrics, to_any
 from ..config import VirtType
 from ..errors import FailedPrecondition, NotFound, Unavailable, VmSandboxError
 from ..image import GuestImage
-from ..model import ControllerStatus, Metric, Phase, Platform, SandboxState, SandboxSummary, utcnow
+from ..model import ControllerInstance, ControllerStatus, Metric, Phase, Platform, SandboxState, SandboxSummary, utcnow
 from ..network._model import InterfaceCounters, NetworkPlan
 from .exits import Exits
 from .metrics import from_domain_stats
@@ -27,7 +27,7 @@ from .ports import DomainState, Hypervisor, Network
 from .registry import Registry
 from .store import SandboxRecord, Store
 
-__all__ = ["StatusView"]
+__all__ = ["StatusView", "instance_of"]
 
 log = logging.getLogger(__name__)
 
@@ -181,3 +181,15 @@ class StatusView:
                 return f.read()
         except FileNotFoundError:
             return b""
+
+
+def instance_of(rec: SandboxRecord) -> ControllerInstance:
+    """What Start returns for a running sandbox (no task API endpoint yet)."""
+    return ControllerInstance(
+        sandbox_id=rec.id,
+        pid=rec.pid,
+        created_at=rec.started_at or rec.created_at,
+        address="",
+        version=0,
+        labels={"vmsandbox.io/domain": rec.domain},
+    )
