@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from vmsandbox import Any, Mount, Phase, Runtime, Sandbox
+from vmsandbox.network import Address, Interface, NetworkPlan, Route
 from vmsandbox.sandbox import store as store_mod
 from vmsandbox.sandbox.store import SandboxRecord, Store, record_from_json, record_to_json
 
@@ -49,7 +50,9 @@ def full_record(sid: str = "sb-1") -> SandboxRecord:
         exit_status=137,
         pid=4242,
         taps=("vsbx0", "vsbx1"),
-        network={"interfaces": [{"name": "eth0", "mac": "52:54:00:00:00:01", "mtu": 1400}], "routes": []},
+        network=NetworkPlan("/var/run/netns/cni-1", (Interface("eth0", "52:54:00:00:00:01", 1400,
+                                                               (Address("10.1.0.5", 24, 2),)),),
+                            (Route("default", "10.1.0.1", 2, "eth0"),)),
     )
 
 

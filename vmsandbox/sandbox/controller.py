@@ -28,7 +28,6 @@ from ..errors import (
 )
 from ..hypervisor.domain import build_domain_xml
 from ..image import GuestImage
-from ..network._model import NetworkPlan
 from ..model import (
     Any,
     ControllerInstance,
@@ -232,7 +231,7 @@ class SandboxController:
                     netns_path=netns_path,
                     annotations=annotations,
                     taps=tuple(taps),
-                    network=netplan.to_json() if netplan is not None else None,
+                    network=netplan,
                 )
                 self._store.save(record)
                 entry.record = record
@@ -265,7 +264,7 @@ class SandboxController:
                         pass
                     self._hv.start(rec.domain)
                 started = utcnow()
-                plan = self._plan(rec)
+                plan = rec.network
                 if plan is not None:
                     self._net.attach(plan, list(rec.taps))
                 agent = self._agents.connect(e, deadline)
@@ -292,15 +291,12 @@ class SandboxController:
         except Exception:  # noqa: BLE001 - the start's own error is the one to report
             log.exception("sandbox %s: removing it after a failed start failed; its record is kept", e.record.id)
 
-    def _plan(self, rec: SandboxRecord) -> NetworkPlan | None:
-        return NetworkPlan.from_json(rec.network) if rec.network is not None else None
-
     def _unwire(self, rec: SandboxRecord) -> None:
         """Give the netns its interfaces back (addresses, no redirects); taps stay for a restart."""
         if rec.network is None:
             return
         try:
-            self._net.detach(rec.netns_path, [], self._plan(rec))
+            self._net.detach(rec.netns_path, [], rec.network)
         except VmSandboxError as err:
             log.warning("sandbox %s: restoring its network namespace failed: %s", rec.id, err)
 
@@ -443,7 +439,7 @@ class SandboxController:
         self._hv.destroy(rec.domain)
         self._hv.undefine(rec.domain)
         if rec.taps or rec.network is not None:
-            self._net.detach(rec.netns_path, list(rec.taps), self._plan(rec))
+            self._net.detach(rec.netns_path, list(rec.taps), rec.network)
         self._agents.drop(e)
         try:
             os.unlink(rec.agent_socket)

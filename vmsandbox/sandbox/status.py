@@ -20,7 +20,7 @@ from ..config import VirtType
 from ..errors import FailedPrecondition, NotFound, Unavailable, VmSandboxError
 from ..image import GuestImage
 from ..model import ControllerInstance, ControllerStatus, Metric, Phase, Platform, SandboxState, SandboxSummary, utcnow
-from ..network._model import InterfaceCounters, NetworkPlan
+from ..network._model import InterfaceCounters
 from .exits import Exits
 from .metrics import from_domain_stats
 from .ports import DomainState, Hypervisor, Network
@@ -42,9 +42,6 @@ class StatusView:
         self.virt_type = virt_type
         self._manifests: dict[str, dict[str, _Any]] = {}
         self._image_lock = threading.Lock()
-
-    def _plan(self, rec: SandboxRecord) -> NetworkPlan | None:
-        return NetworkPlan.from_json(rec.network) if rec.network is not None else None
 
     def status(self, sandbox_id: str, *, verbose: bool = False) -> ControllerStatus:
         """State, VMM pid and times of the sandbox (see Controller.status)."""
@@ -140,7 +137,7 @@ class StatusView:
     def _tap_counters(self, rec: SandboxRecord) -> list[tuple[str, InterfaceCounters]]:
         if rec.phase is not Phase.RUNNING or not rec.taps or rec.network is None:
             return []
-        plan = self._plan(rec)
+        plan = rec.network
         assert plan is not None
         try:
             counters = self._net.read_counters(rec.netns_path, list(rec.taps))

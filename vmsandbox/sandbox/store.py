@@ -19,7 +19,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any as _Any
 
+from ..errors import VmSandboxError
 from ..model import Any, Mount, Phase, Runtime, Sandbox
+from ..network._model import NetworkPlan
 
 __all__ = ["SandboxRecord", "Store"]
 
@@ -52,7 +54,7 @@ class SandboxRecord:
     exit_status: int | None = None
     pid: int = 0
     taps: tuple[str, ...] = ()
-    network: dict[str, _Any] | None = None
+    network: NetworkPlan | None = None
     max_memory_mib: int = 0  # what memory may grow to while it runs (the domain's <memory>)
 
     def evolve(self, **changes: _Any) -> SandboxRecord:
@@ -123,7 +125,7 @@ def record_to_json(r: SandboxRecord) -> dict[str, _Any]:
         "exit_status": r.exit_status,
         "pid": r.pid,
         "taps": list(r.taps),
-        "network": r.network,
+        "network": r.network.to_json() if r.network is not None else None,
         "max_memory_mib": r.max_memory_mib,
     }
 
@@ -151,7 +153,7 @@ def record_from_json(d: dict[str, _Any]) -> SandboxRecord:
         exit_status=d["exit_status"],
         pid=int(d["pid"]),
         taps=tuple(d["taps"]),
-        network=d["network"],
+        network=NetworkPlan.from_json(d["network"]) if d["network"] is not None else None,
         # Records written before this field: the boot-time rule of that version (twice, capped).
         max_memory_mib=int(d["max_memory_mib"]) if "max_memory_mib" in d else 2 * int(d["memory_mib"]),
     )
@@ -208,7 +210,7 @@ class Store:
                 records.append(record_from_json(json.loads((d / RECORD).read_text())))
             except FileNotFoundError:
                 strays.append(d)
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, VmSandboxError) as e:
                 if quarantine:
                     self._quarantine(d, e)
                 else:
