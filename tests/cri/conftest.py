@@ -19,7 +19,8 @@ import grpc
 import pytest
 
 from tests.conftest import IN_CI, assert_no_domains_left
-from tests.cri.harness import BUSYBOX_IMAGE, PAUSE_IMAGE, RUNTIME_HANDLER, Containerd, Serve, find_binaries
+from tests.cri.harness import BUSYBOX_IMAGE, PAUSE_IMAGE, RUNTIME_HANDLER, Containerd, find_binaries
+from tests.serve import Serve
 from tests.cri.oci import busybox_image_tar
 from vmsandbox.proto.k8s.runtime.v1 import api_pb2 as cri
 

@@ -14,13 +14,13 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import pytest
 
 from tests.cri.conftest import Pods
-from tests.cri.harness import RUNTIME_HANDLER, Containerd, Serve
+from tests.cri.harness import RUNTIME_HANDLER, Containerd
+from tests.serve import Serve
 from vmsandbox.network import TAP_PREFIX
 from vmsandbox.proto.k8s.runtime.v1 import api_pb2 as cri
 

@@ -8,9 +8,7 @@ the sandbox running for the next server to recover.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +17,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.conftest import REPO, unique
+from tests.conftest import unique
+from tests.serve import Serve as Server
 from vmsandbox.proto.cgroups.v2 import metrics_pb2
 from vmsandbox.proto.containerd.services.sandbox.v1 import sandbox_pb2 as api
 from vmsandbox.proto.containerd.services.sandbox.v1 import sandbox_pb2_grpc as api_grpc
@@ -28,34 +27,6 @@ from vmsandbox.proto.k8s.runtime.v1 import api_pb2 as cri
 
 pytestmark = pytest.mark.integration
 SANDBOXER = "vmsandbox"
-
-
-class Server:
-    def __init__(self, state_dir: Path, socket: Path) -> None:
-        self.state_dir, self.socket = state_dir, socket
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vmsandbox.cli", "--state-dir", str(self.state_dir),
-             "serve", "--socket", str(self.socket)],
-            cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(self.state_dir / "serve.log", "ab"),
-        )
-        deadline = time.monotonic() + 120  # the first start builds the guest image
-        while not self.socket.exists():
-            assert self.proc.poll() is None, (self.state_dir / "serve.log").read_text()
-            assert time.monotonic() < deadline, "server did not create its socket"
-            time.sleep(0.2)
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, sig)
-        try:
-            return self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            return self.proc.wait()
 
 
 @pytest.fixture
