@@ -18,6 +18,7 @@ from .hypervisor.libvirt_driver import LibvirtHypervisor
 from .image import RecipeImages
 from .network import NetlinkNetwork
 from .sandbox.controller import SandboxController
+from .sandbox.events import EventSink
 from .sandbox.ports import GuestChannel, Hypervisor, StopReason
 
 __all__ = ["LibvirtController"]
@@ -40,6 +41,7 @@ class LibvirtController(SandboxController):
         virt_type: str | VirtType | None = None,
         config: Config | None = None,
         progress: Callable[[str], None] | None = None,
+        events: EventSink | None = None,
     ) -> None:
         if config is None:
             config = Config.from_env(
@@ -63,4 +65,5 @@ class LibvirtController(SandboxController):
             guest=guest,
             images=RecipeImages(cfg.state_dir, cfg.images_dir, cfg.image_name),
             progress=progress,
+            events=events,
         )

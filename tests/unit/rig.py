@@ -23,6 +23,7 @@ from vmsandbox.image import GuestImage
 from vmsandbox.network import Address, Interface, NetworkPlan, Route
 from vmsandbox.network.fake import FakeNetns, FakeNetwork
 from vmsandbox.sandbox.controller import DOMAIN_PREFIX, SandboxController
+from vmsandbox.sandbox.events import LifecycleEvent
 from vmsandbox.sandbox.ports import DomainState
 
 
@@ -56,6 +57,7 @@ class Rig:
         self.guests = FakeGuests(vm_running=self._vm_running, on_poweroff=self._poweroff)
         self.images = FakeImages(tmp_path)
         self.controllers: list[SandboxController] = []
+        self.events: list[LifecycleEvent] = []
         self.ctl = self.new_controller()
 
     def _vm_running(self, socket_path: str) -> bool:
@@ -69,7 +71,8 @@ class Rig:
 
     def new_controller(self, config: Config | None = None) -> SandboxController:
         c = SandboxController(config or self.config, virt_type=VirtType.QEMU, hypervisor=self.hv.factory,
-                              network=self.net, guest=self.guests, images=self.images)
+                              network=self.net, guest=self.guests, images=self.images,
+                              events=self.events.append)
         self.controllers.append(c)
         return c
 
@@ -115,6 +118,10 @@ class Rig:
         if running:
             self.hv.start(name)
         return self.hv.domains[name]
+
+    def steps(self, sandbox_id: str) -> list[str]:
+        """The lifecycle steps the controllers reported for ``sandbox_id``, in order."""
+        return [ev.step.value for ev in self.events if ev.sandbox_id == sandbox_id]
 
     def netns(self, name: str = "pod") -> FakeNetns:
         """The fake namespace :meth:`pod_netns` registered under ``name`` (without resetting it)."""

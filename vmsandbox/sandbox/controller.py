@@ -8,7 +8,6 @@ to the sandbox's record, so a new controller on the same state dir recovers all 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -50,13 +49,15 @@ from . import mounts as mountplan
 from .cgroups import cgroup_relpath, place_process
 from .guestconfig import guest_settings, write_guest_files
 from .agents import Agents
+from .events import Emitter, EventSink, Step
 from .exits import DOMAIN_PREFIX, EXIT_CLEAN, EXIT_FAILED, EXIT_KILLED, Exits
 from .recovery import Recovery
 from .registry import Entry, Registry
 from .status import StatusView, instance_of
 from .spec import domain_spec, size_sandbox
-from .statedir import LOCK_FILE, StateDir, state_dir_owner
+from .statedir import LOCK_FILE, StateDir, agent_socket_path, state_dir_owner
 from .store import SandboxRecord, Store
+from .undo import quietly
 from .validate import check_sandbox_id
 
 __all__ = ["SandboxController", "DOMAIN_PREFIX", "EXIT_CLEAN", "EXIT_KILLED", "EXIT_FAILED", "LOCK_FILE",
@@ -85,8 +86,10 @@ class SandboxController:
         guest: GuestFactory,
         images: Images,
         progress: Callable[[str], None] | None = None,
+        events: EventSink | None = None,
     ) -> None:
         self.config = config
+        self._emit = Emitter(events)
         self.virt_type = virt_type
         self._net = network
         self._guest = guest
@@ -94,7 +97,7 @@ class SandboxController:
         self._progress = progress
         self._store = Store(config.state_dir)
         self._registry = Registry(self._store)
-        self._exits = Exits(self._registry)
+        self._exits = Exits(self._registry, self._emit)
         self._image: GuestImage | None = None
         self._image_lock = threading.Lock()
         self._closed = False
@@ -140,11 +143,6 @@ class SandboxController:
                 self._image = self._images.ensure(self._progress)
             return self._image
 
-    def _socket_path(self, sandbox_id: str) -> str:
-        # Unix socket paths are limited to 107 bytes; ids may be 128 characters long.
-        h = hashlib.sha256(sandbox_id.encode()).hexdigest()[:20]
-        return str(self.config.state_dir / "sock" / f"{h}.sock")
-
     # ------------------------------------------------------------------ create
     def create(
         self,
@@ -179,10 +177,11 @@ class SandboxController:
 
         domain = DOMAIN_PREFIX + sid
         entry = self._registry.reserve(sid)
+        self._emit(sid, Step.CREATING)
         try:
             with ExitStack() as undo:
                 # Undo steps never replace the error that made us undo (they log their own).
-                undo.callback(_quietly(self._registry.forget, sid))
+                undo.callback(quietly(self._registry.forget, sid))
                 # The cheap checks first. Domain names are host-wide: the name may belong to
                 # another state dir's sandbox.
                 if self._hv.info(domain) is not None:
@@ -193,7 +192,7 @@ class SandboxController:
                 except OSError as err:
                     raise FailedPrecondition(f"cannot create the sandbox folder {sdir}: {err.strerror}",
                                              sandbox_id=sid) from err
-                undo.callback(_quietly(self._store.remove, sid))
+                undo.callback(quietly(self._store.remove, sid))
                 os.chmod(sdir, 0o711)
                 # Held until the record is written: another process's recovery waits for it.
                 lock = self._store.hold(sid)
@@ -203,17 +202,18 @@ class SandboxController:
                 taps: list[str] = []
                 if netplan is not None:
                     taps = self._net.tap_names(sid, len(netplan.interfaces))
-                    undo.callback(_quietly(self._net.detach, netns_path, taps, None))
+                    undo.callback(quietly(self._net.detach, netns_path, taps, None))
                     self._net.create_taps(taps)
                 host_key = write_guest_files(sdir, settings=settings, disks=plans, network=netplan)
                 now = utcnow()
                 spec = domain_spec(
                     sandbox_id=sid, domain=domain, config=self.config, virt_type=self.virt_type, image=image,
-                    sandbox_dir=sdir, agent_socket=self._socket_path(sid), size=size, disks=plans, taps=taps,
+                    sandbox_dir=sdir, agent_socket=agent_socket_path(self.config.state_dir, sid), size=size, disks=plans, taps=taps,
                     network=netplan,
                 )
                 self._hv.define(build_domain_xml(spec))
-                undo.callback(_quietly(self._hv.undefine, domain))
+                undo.callback(quietly(self._hv.undefine, domain))
+                self._emit(sid, Step.DEFINED)
                 record = SandboxRecord(
                     id=sid,
                     domain=domain,
@@ -237,6 +237,7 @@ class SandboxController:
                 entry.record = record
                 undo.pop_all()
                 os.close(lock)
+            self._emit(sid, Step.CREATED)
             log.info("sandbox %s: created (%d vCPU, %d MiB, %d disk(s))", sid, size.vcpus, size.memory_mib, len(plans))
         finally:
             entry.op_lock.release()
@@ -253,6 +254,7 @@ class SandboxController:
             if rec.phase is Phase.STOPPED:
                 raise FailedPrecondition("sandbox is stopped; a stopped sandbox cannot be restarted", sandbox_id=sandbox_id)
             deadline = time.monotonic() + self.config.boot_timeout
+            self._emit(sandbox_id, Step.STARTING)
             try:
                 info = self._hv.info(rec.domain)
                 if info is None:
@@ -264,10 +266,13 @@ class SandboxController:
                         pass
                     self._hv.start(rec.domain)
                 started = utcnow()
+                self._emit(sandbox_id, Step.BOOTED)
                 plan = rec.network
                 if plan is not None:
                     self._net.attach(plan, list(rec.taps))
+                    self._emit(sandbox_id, Step.WIRED)
                 agent = self._agents.connect(e, deadline)
+                self._emit(sandbox_id, Step.AGENT_READY)
                 if rec.rootfs:
                     self._agents.check_mounts(agent, rec)
                 pid = self._hv.pid(rec.domain)
@@ -279,8 +284,10 @@ class SandboxController:
             except BaseException as err:
                 # containerd drops a sandbox whose Start failed and never calls Shutdown (the
                 # kubelet retries with a new id): remove everything now, keep the first error.
+                self._emit(sandbox_id, Step.START_FAILED, f"{type(err).__name__}: {err}")
                 self._remove_after_failed_start(e, err)
                 raise
+            self._emit(sandbox_id, Step.RUNNING)
             log.info("sandbox %s: running (pid %d) after %.2fs", sandbox_id, rec.pid, (utcnow() - started).total_seconds())
             return instance_of(rec)
 
@@ -333,6 +340,7 @@ class SandboxController:
             self._unwire(rec)
             return
         deadline = time.monotonic() + grace
+        self._emit(rec.id, Step.STOPPING)
         if grace > 0:
             # On its own thread: a guest that hangs mid-request must not hold Stop past its
             # grace period (forcing the VM off below ends the request too).
@@ -450,6 +458,7 @@ class SandboxController:
             e.removed = True
             e.exited.notify_all()  # waiters learn it is gone (NotFound) instead of waiting on
         self._registry.forget(rec.id)
+        self._emit(rec.id, Step.REMOVED)
         log.info("sandbox %s: removed", rec.id)
 
     # ------------------------------------------------------------------ extras
@@ -476,13 +485,3 @@ class SandboxController:
         if e.record.phase is not Phase.RUNNING:
             raise FailedPrecondition(f"sandbox is {e.record.phase.value}, not running", sandbox_id=sandbox_id)
         return self._agents.exec(e, argv, env=env, cwd=cwd, stdin=stdin, timeout=timeout, max_output=max_output)
-
-
-def _quietly(fn: Callable[..., object], *args: object) -> Callable[[], None]:
-    """An undo step that logs its own failure instead of raising over the original error."""
-    def run() -> None:
-        try:
-            fn(*args)
-        except Exception:  # noqa: BLE001 - logged; the error being unwound is the one to report
-            log.exception("rollback step %s%r failed", getattr(fn, "__name__", fn), args)
-    return run

@@ -14,6 +14,7 @@ from datetime import datetime
 
 from ..errors import NotFound, Unavailable
 from ..model import Phase, utcnow
+from .events import Emitter, Step
 from .ports import DomainState, Hypervisor, StopReason
 from .registry import Entry, Registry
 
@@ -35,8 +36,9 @@ _EXIT_FOR_REASON = {
 
 
 class Exits:
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, emit: Emitter | None = None) -> None:
         self._registry = registry
+        self._emit = emit or Emitter(None)
         self._hv: Hypervisor | None = None
 
     def bind(self, hv: Hypervisor) -> None:
@@ -66,6 +68,7 @@ class Exits:
             )
             e.exited.notify_all()
         log.info("sandbox %s: stopped (%s, exit status %s)", e.record.id, reason.value, e.record.exit_status)
+        self._emit(e.record.id, Step.STOPPED, reason.value)
 
     def check(self, e: Entry) -> None:
         """Catch an exit whose event we missed (the hypervisor restarted, or we were down)."""

@@ -8,12 +8,13 @@ owner's work in flight.
 
 from __future__ import annotations
 
+import hashlib
 import fcntl
 import logging
 import os
 from pathlib import Path
 
-__all__ = ["LOCK_FILE", "StateDir", "state_dir_owner"]
+__all__ = ["LOCK_FILE", "StateDir", "agent_socket_path", "state_dir_owner"]
 
 log = logging.getLogger(__name__)
 
@@ -79,3 +80,12 @@ def _warn_if_unreachable(path: Path) -> None:
                         "guests will fail to open their disks (use a folder like /var/lib/vmsandbox)",
                         path, parent, mode & 0o7777)
             return
+
+
+def agent_socket_path(state_dir: Path, sandbox_id: str) -> str:
+    """Where QEMU listens for the guest agent of ``sandbox_id``: ``<state_dir>/sock/<hash>.sock``.
+
+    Unix socket paths are limited to 107 bytes and ids may be 128 characters long, hence a hash.
+    """
+    h = hashlib.sha256(sandbox_id.encode()).hexdigest()[:20]
+    return str(state_dir / "sock" / f"{h}.sock")
