@@ -80,7 +80,7 @@ class Config:
     default_memory_mib: int = 256
     max_vcpus: int = 64
     max_memory_mib: int = 1024 * 1024
-    memory_headroom: int = 2  # a guest may grow to this multiple of its memory (balloon)
+    memory_headroom: int = 2  # a guest may grow to this multiple of its boot memory (virtio-mem)
     boot_timeout: float = 120.0
     stop_timeout: float = 10.0
     machine: str = ""  # "" = q35 on x86_64, virt on aarch64
@@ -88,7 +88,9 @@ class Config:
     rng: bool = True
     kernel_cmdline: str = (
         "console=ttyS0 panic=-1 quiet loglevel=3 i8042.noaux i8042.nokbd i8042.nopnp i8042.dumbkbd "
-        "cryptomgr.notests noreplace-smp no_timer_check tsc=reliable rcupdate.rcu_expedited=1"
+        "cryptomgr.notests noreplace-smp no_timer_check tsc=reliable rcupdate.rcu_expedited=1 "
+        # virtio-mem's blocks go online as they are plugged, movable while the ratio allows.
+        "memhp_default_state=online memory_hotplug.online_policy=auto-movable"
     )
 
     def __post_init__(self) -> None:

@@ -36,7 +36,7 @@ def vmm_cpu_usec(pid: int) -> int:
 
 
 def meminfo_kib(controller, sid: str, key: str = "MemTotal") -> int:  # type: ignore[no-untyped-def]
-    text = controller.exec(sid, ["cat", "/proc/meminfo"]).stdout.decode()
+    text = controller.exec(sid, ["cat", "/proc/meminfo"], timeout=30).stdout.decode()
     return int(next(line.split()[1] for line in text.splitlines() if line.startswith(key + ":")))
 
 
@@ -95,15 +95,16 @@ def test_metrics_follow_cpu_and_disk_work(controller, running):  # type: ignore[
 def test_memory_update_reaches_the_guest(controller, running):  # type: ignore[no-untyped-def]
     sid = running
     total_before = meminfo_kib(controller, sid)
+    # Below the boot size (192 MiB): the balloon takes 32 MiB back.
     controller.update(sid, Sandbox(sid, labels={"vmsandbox.io/memory-mib": "160"}), "labels")
     deadline = time.monotonic() + 30
-    while meminfo_kib(controller, sid) > 170 * 1024 and time.monotonic() < deadline:
+    while meminfo_kib(controller, sid) > total_before - 24 * 1024 and time.monotonic() < deadline:
         time.sleep(0.5)
     total = meminfo_kib(controller, sid)
-    assert total <= 160 * 1024 < total_before, (total, total_before)
+    assert total <= total_before - 24 * 1024 and total <= 160 * 1024, (total, total_before)
     assert decode(controller, sid).memory.usage_limit == 160 * 1024 * 1024
 
-    # CRI's updated-resources extension grows it back (within the boot-time maximum).
+    # CRI's updated-resources extension grows it past the boot size (virtio-mem), within the maximum.
     ext = Any("io.containerd.cri.v1/UpdatedResources",
               json.dumps({"Linux": {"memory_limit_in_bytes": 320 * 1024 * 1024}}).encode())
     controller.update(sid, Sandbox(sid, extensions={"updated-resources": ext}), "extensions")
@@ -116,6 +117,44 @@ def test_memory_update_reaches_the_guest(controller, running):  # type: ignore[n
     st = controller.status(sid, verbose=True)
     assert st.info["memory_mib"] == "320"
     assert "updated-resources" in st.info["extensions"]
+
+
+def test_the_guest_boots_with_its_size_and_grows_by_plugging_memory(controller, test_root):  # type: ignore[no-untyped-def]
+    """A 192 MiB sandbox boots 192 MiB (the guest kernel's own count), not twice that ballooned
+    down; growing past it plugs virtio-mem blocks the guest onlines, and shrinking gives them back."""
+    sid = unique("memboot")
+    try:
+        controller.create(Sandbox(sid), annotations={"vmsandbox.io/memory-mib": "192"})
+        controller.start(sid)
+        dmesg = controller.exec(sid, ["dmesg"]).stdout.decode()
+        line = next(x for x in dmesg.splitlines() if "Memory:" in x and "available" in x)
+        # "Memory: 150000K/196088K available (...)": the second figure is what the kernel was given.
+        booted_kib = int(line.split("/")[1].split("K")[0])
+        assert booted_kib <= 192 * 1024, line
+        total = meminfo_kib(controller, sid)
+        assert total <= 192 * 1024
+        free_at_boot = meminfo_kib(controller, sid, "MemAvailable")
+        assert free_at_boot < 150 * 1024  # so the 150 MiB buffer below needs the plugged memory
+
+        controller.update(sid, Sandbox(sid, labels={"vmsandbox.io/memory-mib": "320"}), "labels")
+        deadline = time.monotonic() + 30
+        while meminfo_kib(controller, sid) - total < 120 * 1024 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        grown = meminfo_kib(controller, sid)
+        assert grown - total >= 120 * 1024, (total, grown)
+        bound = controller.exec(sid, ["ls", "/sys/bus/virtio/drivers/virtio_mem"]).stdout.decode().split()
+        assert any(x.startswith("virtio") for x in bound), bound  # the virtio_mem driver took the device
+        # The new memory is usable: one process fills a 150 MiB buffer, more than was free at boot.
+        r = controller.exec(sid, ["dd", "if=/dev/zero", "of=/dev/null", "bs=150M", "count=1"], timeout=120)
+        assert r.exit_code == 0 and b"1+0 records out" in r.stderr, (r, free_at_boot)
+
+        controller.update(sid, Sandbox(sid, labels={"vmsandbox.io/memory-mib": "192"}), "labels")
+        deadline = time.monotonic() + 30
+        while meminfo_kib(controller, sid) > total + 8 * 1024 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert meminfo_kib(controller, sid) <= total + 8 * 1024
+    finally:
+        controller.shutdown(sid)
 
 
 def test_update_rejects_what_it_cannot_do(controller, running):  # type: ignore[no-untyped-def]

@@ -85,7 +85,8 @@ def test_kvm_passes_the_host_cpu_through_and_tcg_does_not() -> None:
     assert cpu is not None and cpu.get("mode") == "host-passthrough"
     tcg = _tree(replace(SPEC, virt_type="qemu"))
     assert tcg.get("type") == "qemu"
-    assert tcg.find("cpu") is None  # host-passthrough is meaningless (and refused) under TCG
+    # host-passthrough is meaningless (and refused) under TCG: only the NUMA cell is there.
+    assert tcg.find("cpu") is not None and tcg.find("cpu").get("mode") is None  # type: ignore[union-attr]
 
 
 def test_resources_boot_and_lifecycle_settings() -> None:
@@ -262,3 +263,61 @@ def test_golden_file_itself_loads_into_libvirt(test_driver: Any) -> None:
                                       f"<name>vmsandbox-unit-{secrets.token_hex(4)}</name>")
     dom = test_driver.defineXML(text)
     dom.undefine()
+
+
+# ---------------------------------------------------------------- memory: boot size + virtio-mem
+
+
+def test_without_headroom_there_is_no_hotplug_device_and_no_numa() -> None:
+    root = _tree(replace(SPEC, virt_type="qemu", memory_mib=256, max_memory_mib=256))
+    assert root.find("maxMemory") is None and root.find("devices/memory") is None and root.find("cpu") is None
+    assert root.findtext("memory") == root.findtext("currentMemory") == "256"
+
+
+def test_the_hotplug_device_covers_the_headroom_in_whole_blocks() -> None:
+    root = _tree(replace(SPEC, memory_mib=192, max_memory_mib=385))
+    assert root.findtext("devices/memory/target/size") == "194"  # 193 rounded up to 2 MiB blocks
+    assert root.findtext("maxMemory") == root.findtext("memory") == str(192 + 194)
+    assert root.find("cpu/numa/cell").get("memory") == "192"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("mib, balloon_kib, plugged_kib", [
+    pytest.param(384, 384 * 1024, 0, id="boot-size"),
+    pytest.param(200, 200 * 1024, 0, id="below-boot-balloon-only"),
+    pytest.param(385, 384 * 1024, 2048, id="just-above-boot-one-block"),
+    pytest.param(512, 384 * 1024, 128 * 1024, id="the-maximum"),
+])
+def test_a_memory_change_plugs_above_boot_and_balloons_below(mib: int, balloon_kib: int, plugged_kib: int) -> None:
+    from vmsandbox.hypervisor.domain import plan_memory_change
+
+    change = plan_memory_change(build_domain_xml(SPEC), mib)
+    assert change.balloon_kib == balloon_kib
+    assert change.device_xml is not None
+    dev = ET.fromstring(change.device_xml)
+    assert dev.get("model") == "virtio-mem"
+    assert dev.findtext("target/requested") == str(plugged_kib) and dev.find("target/requested").get("unit") == "KiB"  # type: ignore[union-attr]
+
+
+def test_a_memory_change_over_the_maximum_is_refused() -> None:
+    from vmsandbox.hypervisor.domain import plan_memory_change
+
+    with pytest.raises(ValueError, match="maximum of 512 MiB"):
+        plan_memory_change(build_domain_xml(SPEC), 513)
+
+
+def test_a_live_device_loses_its_read_only_current_size_in_the_update() -> None:
+    from vmsandbox.hypervisor.domain import plan_memory_change
+
+    live = build_domain_xml(SPEC).replace("<requested unit=\"MiB\">0</requested>",
+                                          "<requested unit=\"MiB\">0</requested><current unit=\"KiB\">0</current>")
+    change = plan_memory_change(live, 400)
+    assert change.device_xml is not None and "current" not in change.device_xml
+
+
+def test_an_old_domain_without_hotplug_is_ballooned_within_its_memory() -> None:
+    from vmsandbox.hypervisor.domain import plan_memory_change
+
+    old = build_domain_xml(replace(SPEC, memory_mib=512, max_memory_mib=512))
+    assert plan_memory_change(old, 300).device_xml is None
+    with pytest.raises(ValueError):
+        plan_memory_change(old, 600)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
-__all__ = ["DiskSpec", "NicSpec", "DomainSpec", "build_domain_xml", "parse_metadata", "METADATA_NS"]
+__all__ = ["DiskSpec", "NicSpec", "DomainSpec", "build_domain_xml", "hotplug_mib", "MemoryChange", "plan_memory_change", "parse_metadata", "METADATA_NS"]
 
 METADATA_NS = "https://vmsandbox.io/xmlns/sandbox/1"
 METADATA_PREFIX = "vmsandbox"
@@ -45,8 +45,8 @@ class DomainSpec:
     machine: str
     vcpus: int
     max_vcpus: int
-    memory_mib: int
-    max_memory_mib: int
+    memory_mib: int  # what the guest boots with
+    max_memory_mib: int  # above memory_mib: a virtio-mem device that can plug the rest later
     kernel: str
     initrd: str
     cmdline: str
@@ -58,6 +58,7 @@ class DomainSpec:
     agent_channel: str = "vmsandbox.agent"
     loader: str = ""  # firmware ROM (e.g. qboot) instead of the default BIOS
     rng: bool = True  # virtio-rng fed from the host: the guest's RNG is ready at once
+    hotplug_block_mib: int = 2  # virtio-mem granule (x86's pageblock: Linux >= 5.17 plugs at this size)
     extra_metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -80,7 +81,11 @@ def build_domain_xml(spec: DomainSpec) -> str:
     _sub(ours, f"{{{METADATA_NS}}}state-dir", spec.state_dir)
     for k, v in sorted(spec.extra_metadata.items()):
         _sub(ours, f"{{{METADATA_NS}}}{k}", v)
-    _sub(dom, "memory", str(spec.max_memory_mib), unit="MiB")
+    hotplug = hotplug_mib(spec)
+    if hotplug:
+        # Memory hot-plug wants a maximum and a NUMA node for the device to feed.
+        _sub(dom, "maxMemory", str(spec.memory_mib + hotplug), unit="MiB", slots="1")
+    _sub(dom, "memory", str(spec.memory_mib + hotplug), unit="MiB")
     _sub(dom, "currentMemory", str(spec.memory_mib), unit="MiB")
     _sub(dom, "vcpu", str(spec.max_vcpus), placement="static", current=str(spec.vcpus))
     os_ = _sub(dom, "os")
@@ -92,8 +97,11 @@ def build_domain_xml(spec: DomainSpec) -> str:
     _sub(os_, "cmdline", spec.cmdline)
     features = _sub(dom, "features")
     _sub(features, "acpi")
-    if spec.virt_type == "kvm":
-        _sub(dom, "cpu", mode="host-passthrough")
+    if spec.virt_type == "kvm" or hotplug:
+        cpu = _sub(dom, "cpu", **({"mode": "host-passthrough"} if spec.virt_type == "kvm" else {}))
+        if hotplug:
+            numa = _sub(cpu, "numa")
+            _sub(numa, "cell", id="0", cpus=f"0-{spec.max_vcpus - 1}", memory=str(spec.memory_mib), unit="MiB")
     _sub(dom, "clock", offset="utc")
     _sub(dom, "on_poweroff", "destroy")
     _sub(dom, "on_reboot", "destroy")
@@ -122,6 +130,13 @@ def build_domain_xml(spec: DomainSpec) -> str:
     _sub(devices, "controller", type="usb", model="none")
     video = _sub(devices, "video")
     _sub(video, "model", type="none")
+    if hotplug:
+        mem = _sub(devices, "memory", model="virtio-mem")
+        target = _sub(mem, "target")
+        _sub(target, "size", str(hotplug), unit="MiB")
+        _sub(target, "node", "0")
+        _sub(target, "block", str(spec.hotplug_block_mib), unit="MiB")
+        _sub(target, "requested", "0", unit="MiB")
     balloon = _sub(devices, "memballoon", model="virtio")
     _sub(balloon, "stats", period=str(spec.balloon_period))
     if spec.rng:
@@ -130,6 +145,64 @@ def build_domain_xml(spec: DomainSpec) -> str:
     ET.register_namespace(METADATA_PREFIX, METADATA_NS)
     ET.indent(dom)
     return ET.tostring(dom, encoding="unicode") + "\n"
+
+
+def hotplug_mib(spec: DomainSpec) -> int:
+    """The virtio-mem device's size: what memory may grow by, in whole blocks (0: no device)."""
+    grow = max(0, spec.max_memory_mib - spec.memory_mib)
+    block = spec.hotplug_block_mib
+    return -(-grow // block) * block
+
+
+@dataclass(frozen=True)
+class MemoryChange:
+    """How to give a running domain ``mib`` of memory: the balloon target (never above boot
+    memory: libvirt refuses that) and, when it has one, the virtio-mem device XML to update."""
+
+    balloon_kib: int
+    device_xml: str | None
+
+
+def plan_memory_change(live_xml: str, mib: int) -> MemoryChange:
+    """Growth past boot memory plugs virtio-mem blocks; shrinking below it inflates the
+    balloon. Raises ValueError when ``mib`` is over what the domain can reach."""
+    root = ET.fromstring(live_xml)
+    dev = root.find("devices/memory[@model='virtio-mem']")
+    cells = root.findall("cpu/numa/cell")
+    want = mib * 1024
+    if dev is None or not cells:
+        # A domain without hot-plug (made by an older vmsandbox): the balloon only.
+        top = _kib(root.find("memory"))
+        if want > top:
+            raise ValueError(f"{mib} MiB is over the domain's maximum of {top // 1024} MiB")
+        return MemoryChange(want, None)
+    boot = sum(_kib(c, "memory") for c in cells)
+    size, block = _kib(dev.find("target/size")), _kib(dev.find("target/block")) or 2048
+    plug = -(-max(0, want - boot) // block) * block
+    if plug > size:
+        raise ValueError(f"{mib} MiB is over the domain's maximum of {(boot + size) // 1024} MiB")
+    target = dev.find("target")
+    assert target is not None  # size was found under it
+    requested = target.find("requested")
+    if requested is None:
+        requested = ET.SubElement(target, "requested")
+    requested.text, requested.attrib = str(plug), {"unit": "KiB"}
+    current = target.find("current")
+    if current is not None:
+        target.remove(current)  # read-only: libvirt refuses it in an update
+    return MemoryChange(min(want, boot), ET.tostring(dev, encoding="unicode"))
+
+
+_UNIT_KIB = {"b": 1 / 1024, "bytes": 1 / 1024, "k": 1, "kib": 1, "kb": 1000 / 1024, "m": 1024, "mib": 1024,
+             "mb": 1000**2 / 1024, "g": 1024**2, "gib": 1024**2, "gb": 1000**3 / 1024}
+
+
+def _kib(el: ET.Element | None, attr: str | None = None) -> int:
+    """A libvirt size (an element's text, or its ``attr``) in KiB; ``unit`` defaults to KiB."""
+    if el is None:
+        return 0
+    value = el.get(attr) if attr else el.text
+    return int(int((value or "0").strip()) * _UNIT_KIB[(el.get("unit") or "KiB").lower()])
 
 
 def _disk_name(index: int) -> str:

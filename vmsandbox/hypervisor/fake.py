@@ -20,7 +20,7 @@ from typing import Any as _Any
 from .._failpoints import Failpoints
 from ..errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from ..sandbox.ports import DomainInfo, DomainState, StopReason
-from .domain import parse_metadata
+from .domain import parse_metadata, plan_memory_change
 
 __all__ = ["FakeHypervisor", "FakeConnection", "FakeDomain"]
 
@@ -203,7 +203,12 @@ class FakeHypervisor:
     def set_memory(self, name: str, mib: int) -> None:
         self._enter("set_memory")
         with self._lock:
-            self._get(name).memory_mib = mib
+            d = self._get(name)
+            try:
+                plan_memory_change(d.xml, mib)  # what libvirt would refuse, refused alike
+            except ValueError as e:
+                raise FailedPrecondition(f"domain {name}: {e}") from e
+            d.memory_mib = mib
 
     def close(self) -> None:
         self._closed = True

@@ -20,7 +20,7 @@ from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_expo
 
 from ..errors import AlreadyExists, FailedPrecondition, Internal, NotFound, Unavailable, VmSandboxError
 from ..sandbox.ports import DomainInfo, DomainState, StopReason
-from .domain import METADATA_NS, parse_metadata
+from .domain import METADATA_NS, parse_metadata, plan_memory_change
 
 __all__ = ["LibvirtHypervisor", "DomainState", "StopReason", "DomainInfo"]
 
@@ -333,8 +333,22 @@ class LibvirtHypervisor:
             return {dom.name(): dict(st) for dom, st in conn.domainListGetStats(doms, 0, flags)}
 
     def set_memory(self, name: str, mib: int) -> None:
+        """Give the running guest ``mib`` of memory: virtio-mem above its boot size, the
+        balloon below it. FailedPrecondition when that is over the domain's maximum."""
         with self._call(f"setting memory of domain {name}") as conn:
-            conn.lookupByName(name).setMemoryFlags(mib * 1024, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            dom = conn.lookupByName(name)
+            try:
+                change = plan_memory_change(str(dom.XMLDesc(0)), mib)
+            except ValueError as e:
+                raise FailedPrecondition(f"domain {name}: {e}") from e
+            live = libvirt.VIR_DOMAIN_AFFECT_LIVE
+            if change.device_xml is not None and change.balloon_kib < mib * 1024:
+                dom.updateDeviceFlags(change.device_xml, live)  # unplug first, then the balloon
+                dom.setMemoryFlags(change.balloon_kib, live)
+            else:
+                dom.setMemoryFlags(change.balloon_kib, live)  # deflate first, then plug
+                if change.device_xml is not None:
+                    dom.updateDeviceFlags(change.device_xml, live)
 
     def set_vcpus(self, name: str, count: int) -> None:
         with self._call(f"setting vCPUs of domain {name}") as conn:
