@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -122,6 +123,15 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as ei:
         main(["--version"])
     assert ei.value.code == 0 and capsys.readouterr().out.strip() == f"vmsandbox {__version__}"
+
+
+@pytest.mark.parametrize("module", ["vmsandbox", "vmsandbox.cli"])
+def test_python_dash_m_runs_the_cli(module: str) -> None:
+    from vmsandbox import __version__
+
+    done = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert (done.returncode, done.stdout.strip()) == (0, f"vmsandbox {__version__}"), done.stderr
 
 
 # --------------------------------------------------------------------------- a sandbox's life through the CLI
