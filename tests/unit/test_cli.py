@@ -563,3 +563,15 @@ def test_doctor_checks_containerd_when_asked(cli: Cli, host: type[StubHypervisor
     assert [c["name"] for c in doc["checks"]] == [*DOCTOR_CHECKS, "containerd"]
     last = doc["checks"][-1]
     assert last["required"] and not last["ok"] and last["detail"].startswith(f"no CRI answer on {tmp_path}/no-such.sock")
+
+
+@pytest.mark.parametrize("words, split", [
+    pytest.param(["list"], (["list"], None), id="none"),
+    pytest.param(["exec", "a", "--"], (["exec", "a"], []), id="empty-command"),
+    pytest.param(["exec", "a", "--env", "K=V", "--", "sh", "--", "-c"], (["exec", "a", "--env", "K=V"], ["sh", "--", "-c"]),
+                 id="first-one-only"),
+])
+def test_split_command(words: list[str], split: tuple[list[str], list[str] | None]) -> None:
+    from vmsandbox.cli.parser import split_command
+
+    assert split_command(words) == split
