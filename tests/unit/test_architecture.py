@@ -63,3 +63,21 @@ def test_the_server_depends_on_the_contract_only() -> None:
 def test_no_module_is_over_500_lines() -> None:
     long = {p.relative_to(PKG).as_posix(): n for p in modules() if (n := len(p.read_text().splitlines())) > 500}
     assert not long, long
+
+
+CONCRETE = ("vmsandbox.host", "vmsandbox.hypervisor", "vmsandbox.network", "vmsandbox.guest", "vmsandbox.server",
+            "vmsandbox.sandbox")
+
+
+@pytest.mark.parametrize("path", sorted((PKG / "cli").glob("*.py")), ids=lambda p: f"cli/{p.name}")
+def test_in_the_cli_only_wiring_picks_concrete_parts(path: Path) -> None:
+    """The CLI is the composition root; its parser, commands, doctor and output name no
+    adapter, orchestration or server: they get them from cli/wiring.py."""
+    bad = {i for i in imports(path) if i.startswith(CONCRETE)}
+    assert path.name == "wiring.py" or not bad, f"cli/{path.name} imports {bad}"
+
+
+def test_nothing_but_the_entry_points_imports_the_cli() -> None:
+    users = {p.relative_to(PKG).as_posix() for p in modules() if p.parent.name != "cli"
+             and any(i == "vmsandbox.cli" or i.startswith("vmsandbox.cli.") for i in imports(p))}
+    assert users <= {"__main__.py"}, users

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -108,6 +109,11 @@ def served(cli: Cli, holder: SandboxController, tmp_path: Path,
     pytest.param(["create", "a", "--vcpus", "two"], id="vcpus-not-a-number"),
     pytest.param(["status"], id="status-without-id"),
     pytest.param(["image"], id="image-without-subcommand"),
+    pytest.param(["run"], id="run-without-id"),
+    pytest.param(["list", "--", "x"], id="double-dash-for-list"),
+    pytest.param(["logs", "a", "--tail-bytes", "x"], id="tail-bytes-not-a-number"),
+    pytest.param(["serve", "--max-workers", "many"], id="max-workers-not-a-number"),
+    pytest.param(["doctor", "--bogus"], id="unknown-option"),
 ])
 def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as ei:
@@ -122,6 +128,15 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as ei:
         main(["--version"])
     assert ei.value.code == 0 and capsys.readouterr().out.strip() == f"vmsandbox {__version__}"
+
+
+@pytest.mark.parametrize("module", ["vmsandbox", "vmsandbox.cli"])
+def test_python_dash_m_runs_the_cli(module: str) -> None:
+    from vmsandbox import __version__
+
+    done = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert (done.returncode, done.stdout.strip()) == (0, f"vmsandbox {__version__}"), done.stderr
 
 
 # --------------------------------------------------------------------------- a sandbox's life through the CLI
@@ -373,3 +388,190 @@ def test_create_is_refused_even_when_the_owner_serves_an_admin_socket(cli: Cli, 
     code, _, err = cli("create", "new")
     assert code == 1 and "through containerd" in err
     assert [r.id for r in holder.list()] == ["held"]
+
+
+# --------------------------------------------------------------------------- the `--` split
+def test_everything_after_the_first_double_dash_is_the_command_verbatim(cli: Cli) -> None:
+    cli("create", "a")
+    cli("start", "a")
+    assert cli("exec", "a", "--", "ls", "--help", "-v", "--", "--json")[0] == 0
+    assert cli.rig.guests.execs[-1].argv == ("ls", "--help", "-v", "--", "--json")
+    assert cli("exec", "a", "echo", "hi")[0] == 0  # without `--`, plain words are the command too
+    assert cli.rig.guests.execs[-1].argv == ("echo", "hi")
+
+
+def test_a_double_dash_for_a_command_that_takes_none_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as ei:
+        main(["status", "a", "--", "x"])
+    err = capsys.readouterr().err
+    assert ei.value.code == 2 and err.startswith("usage:") and "'--' is only for exec and run, not status" in err
+
+
+# --------------------------------------------------------------------------- create's disks, logs, image, serve
+def test_create_makes_the_rootfs_the_first_disk_and_mounts_the_others_at_their_targets(
+        cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("root.img", "data.img", "logs.img"):
+        (tmp_path / name).write_bytes(b"\0" * 4096)
+    monkeypatch.chdir(tmp_path)
+    assert cli("create", "a", "--rootfs", "root.img:ro", "--mount", "data.img:/data",
+               "--mount", f"{tmp_path}/logs.img:/logs:ro") == (0, "created a\n", "")
+    assert cli.rig.record("a")["rootfs"] == [
+        {"type": "ext4", "source": str(tmp_path / "root.img"), "target": "", "options": ["ro"]},
+        {"type": "ext4", "source": str(tmp_path / "data.img"), "target": "/data", "options": []},
+        {"type": "ext4", "source": str(tmp_path / "logs.img"), "target": "/logs", "options": ["ro"]},
+    ]
+
+
+def test_logs_are_the_raw_console_bytes_even_with_json(cli: Cli) -> None:
+    cli("create", "a")
+    (cli.rig.sandbox_dir("a") / "console.log").write_bytes(b"[    0.0] Linux\n")
+    assert cli("--json", "logs", "a") == (0, "[    0.0] Linux\n", "")
+
+
+def test_image_build_reports_the_image_and_passes_force(cli: Cli, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmsandbox.image import GuestImage
+
+    builds: list[tuple[Path, bool]] = []
+    manifest = {"kernel_version": "6.1.0-test", "architecture": "amd64", "os": "linux"}
+
+    def ensure_image(state_dir: Path, images_dir: Path, name: str, *, force: bool, progress: object) -> GuestImage:
+        builds.append((state_dir, force))
+        return GuestImage(name, tmp_path / "img", manifest)
+
+    monkeypatch.setattr("vmsandbox.image.ensure_image", ensure_image)
+    assert cli("image", "build") == (0, f"image default: kernel 6.1.0-test, linux/amd64 in {tmp_path / 'img'}\n", "")
+    assert cli.json("image", "build", "--force") == {"directory": str(tmp_path / "img"), "manifest": manifest}
+    assert builds == [(cli.state_dir, False), (cli.state_dir, True)]
+
+
+@pytest.mark.parametrize("build", [True, False])
+def test_serve_wires_the_controller_to_the_server_with_the_admin_socket_and_closes_it(
+        cli: Cli, monkeypatch: pytest.MonkeyPatch, build: bool) -> None:
+    from vmsandbox.sandbox.controller import state_dir_owner
+
+    calls: list[dict[str, object]] = []
+
+    class Server:
+        socket_path = "/run/test.sock"
+
+        def install_signal_handlers(self) -> None:
+            calls[-1]["signals"] = True
+
+        def wait(self) -> None:
+            calls[-1]["owner while serving"] = state_dir_owner(cli.state_dir)
+
+    def serve(ctl: SandboxController, socket: str, **kwargs: object) -> Server:
+        calls.append({"socket": socket, "admin is the controller": kwargs.pop("admin") is ctl, **kwargs})
+        return Server()
+
+    monkeypatch.setattr("vmsandbox.server.serve", serve)
+    builds = cli.rig.images.builds
+    argv = ["serve", "--socket", "/run/test.sock", "--socket-group", "kube", "--max-workers", "7"]
+    assert cli(*argv, *([] if build else ["--no-build-image"])) == (0, "", "")
+    assert calls == [{"socket": "/run/test.sock", "admin is the controller": True, "socket_group": "kube",
+                      "max_workers": 7, "admin_socket_path": str(cli.state_dir / "admin.sock"), "signals": True,
+                      "owner while serving": os.getpid()}]
+    assert cli.rig.images.builds == builds + (1 if build else 0)
+    assert state_dir_owner(cli.state_dir) is None  # the controller was closed: the state dir is free again
+
+
+# --------------------------------------------------------------------------- local or remote
+def test_without_an_owner_a_leftover_admin_socket_is_ignored(cli: Cli) -> None:
+    (cli.state_dir / "admin.sock").write_text("")
+    assert cli("create", "a") == (0, "created a\n", "")
+    assert cli("shutdown", "a") == (0, "removed a\n", "")
+
+
+def test_reading_commands_next_to_an_owner_with_a_stale_admin_socket_read_the_state_dir(
+        cli: Cli, holder: SandboxController) -> None:
+    (cli.state_dir / "admin.sock").write_text("")
+    code, out, _ = cli("list")
+    assert code == 0 and out.split()[:3] == ["held", "running", "SANDBOX_READY"]
+
+
+# --------------------------------------------------------------------------- doctor
+class StubHypervisor:
+    """Stands in for the libvirt adapter: answers as libvirtd would, or is ``down``."""
+
+    down: Exception | None = None
+    made: list[tuple[str, float]] = []
+
+    def __init__(self, uri: str, *, connect_timeout: float) -> None:
+        StubHypervisor.made.append((uri, connect_timeout))
+        if self.down is not None:
+            raise self.down
+
+    def host_info(self) -> dict[str, str]:
+        return {"libvirt_version": "9.0.0", "hypervisor": "QEMU", "hypervisor_version": "7.2.0"}
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def host(monkeypatch: pytest.MonkeyPatch) -> type[StubHypervisor]:
+    """A host with every tool doctor looks for, run as root, and a libvirtd that answers."""
+    monkeypatch.setattr("vmsandbox.hypervisor.libvirt_driver.LibvirtHypervisor", StubHypervisor)
+    monkeypatch.setattr(StubHypervisor, "down", None)
+    monkeypatch.setattr(StubHypervisor, "made", [])
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr("shutil.which", lambda tool: f"/usr/bin/{tool}")
+    return StubHypervisor
+
+
+DOCTOR_CHECKS = ["root", "libvirtd", "accelerator", "/dev/kvm access", "network namespaces", "mkfs.ext4", "gcc",
+                 "cpio", "busybox", "dropbear", "apt-get", "guest image"]
+
+
+def test_doctor_on_a_ready_host(cli: Cli, host: type[StubHypervisor]) -> None:
+    doc = cli.json("--uri", "test:///doctor", "--virt-type", "qemu", "doctor")
+    assert isinstance(doc, dict) and doc["ok"] is True
+    checks = {c["name"]: c for c in doc["checks"]}
+    assert [c["name"] for c in doc["checks"]] == DOCTOR_CHECKS
+    assert checks["libvirtd"] == {"name": "libvirtd", "ok": True, "required": True,
+                                  "detail": "test:///doctor answers (libvirt 9.0.0, QEMU 7.2.0)"}
+    assert checks["accelerator"]["detail"] == "TCG (software emulation; KVM not usable here)"
+    assert checks["gcc"]["detail"] == "/usr/bin/gcc"
+    assert (checks["guest image"]["ok"], checks["guest image"]["required"]) == (False, False)
+    assert host.made == [("test:///doctor", 3.0)]
+    code, out, _ = cli("--virt-type", "kvm", "doctor")
+    assert code == 0 and "ok   accelerator          KVM\n" in out
+    assert "warn  guest image          not built yet (vmsandbox image build)\n" in out
+
+
+def test_doctor_exits_1_and_says_what_is_missing(cli: Cli, host: type[StubHypervisor],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    host.down = errors.Unavailable("cannot connect")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr("shutil.which", lambda tool: None if tool == "gcc" else f"/usr/bin/{tool}")
+    code, out, err = cli("--uri", "test:///down", "doctor")
+    lines = out.splitlines()
+    assert code == 1 and err == "" and len(lines) == len(DOCTOR_CHECKS)
+    assert "MISSING  root                 run as root (libvirt system, netns, taps)" in lines
+    assert "MISSING  libvirtd             test:///down: cannot connect (start it: hack/setup.sh)" in lines
+    assert "MISSING  gcc                  missing (hack/setup.sh installs it)" in lines
+    assert "ok   cpio                 /usr/bin/cpio" in lines
+    code, out, _ = cli("--json", "doctor")
+    assert code == 1 and json.loads(out)["ok"] is False
+
+
+def test_doctor_checks_containerd_when_asked(cli: Cli, host: type[StubHypervisor], tmp_path: Path) -> None:
+    code, out, _ = cli("--json", "doctor", "--containerd", str(tmp_path / "no-such.sock"))
+    doc = json.loads(out)
+    assert code == 1 and doc["ok"] is False
+    assert [c["name"] for c in doc["checks"]] == [*DOCTOR_CHECKS, "containerd"]
+    last = doc["checks"][-1]
+    assert last["required"] and not last["ok"] and last["detail"].startswith(f"no CRI answer on {tmp_path}/no-such.sock")
+
+
+@pytest.mark.parametrize("words, split", [
+    pytest.param(["list"], (["list"], None), id="none"),
+    pytest.param(["exec", "a", "--"], (["exec", "a"], []), id="empty-command"),
+    pytest.param(["exec", "a", "--env", "K=V", "--", "sh", "--", "-c"], (["exec", "a", "--env", "K=V"], ["sh", "--", "-c"]),
+                 id="first-one-only"),
+])
+def test_split_command(words: list[str], split: tuple[list[str], list[str] | None]) -> None:
+    from vmsandbox.cli.parser import split_command
+
+    assert split_command(words) == split
