@@ -1,10 +1,9 @@
-"""Unit tests of hack/bench.py's pure parts: statistics, phase arithmetic, guest log
-parsing, the bare-libvirt XML rewrite, the console watcher and the printed report."""
+"""Unit tests of the bench's (hack/vsbench) pure parts: statistics, phase arithmetic, guest
+log parsing, the bare-libvirt XML rewrite, the console watcher and the printed report."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import json
 import random
@@ -14,36 +13,22 @@ import tarfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from vsbench import bare, console, guestlog, network, options, phases, report, stats
 
 from vmsandbox.guest.keys import dropbear_private_key, generate_keypair
 from vmsandbox.hypervisor.domain import DiskSpec, DomainSpec, build_domain_xml
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("vmsandbox_bench", REPO / "hack" / "bench.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bench = _load()
 
 
 # ---------------------------------------------------------------------- statistics
 def test_percentile_interpolates_between_ranks() -> None:
     xs = [4.0, 1.0, 3.0, 2.0]
-    assert bench.percentile(xs, 0) == 1.0
-    assert bench.percentile(xs, 100) == 4.0
-    assert bench.percentile(xs, 50) == 2.5
-    assert bench.percentile(xs, 90) == pytest.approx(3.7)
-    assert bench.percentile([7.0], 99) == 7.0
+    assert stats.percentile(xs, 0) == 1.0
+    assert stats.percentile(xs, 100) == 4.0
+    assert stats.percentile(xs, 50) == 2.5
+    assert stats.percentile(xs, 90) == pytest.approx(3.7)
+    assert stats.percentile([7.0], 99) == 7.0
 
 
 def test_percentile_agrees_with_statistics_inclusive_quantiles() -> None:
@@ -51,54 +36,56 @@ def test_percentile_agrees_with_statistics_inclusive_quantiles() -> None:
     xs = [rng.uniform(0, 1000) for _ in range(37)]
     deciles = statistics.quantiles(xs, n=10, method="inclusive")
     for i, q in enumerate(deciles, start=1):
-        assert bench.percentile(xs, i * 10) == pytest.approx(q)
+        assert stats.percentile(xs, i * 10) == pytest.approx(q)
 
 
 @pytest.mark.parametrize("p", [-1, 101])
 def test_percentile_rejects_bad_input(p: float) -> None:
     with pytest.raises(ValueError):
-        bench.percentile([1.0], p)
+        stats.percentile([1.0], p)
     with pytest.raises(ValueError):
-        bench.percentile([], 50)
+        stats.percentile([], 50)
 
 
 def test_summarize_skips_missing_values() -> None:
-    s = bench.summarize([None, 10.0, 30.0, 20.0])
+    s = stats.summarize([None, 10.0, 30.0, 20.0])
     assert s["n"] == 3
     assert (s["min"], s["p50"], s["max"], s["mean"]) == (10.0, 20.0, 30.0, 20.0)
-    assert bench.summarize([None, None]) is None
-    assert bench.summarize([]) is None
+    assert stats.summarize([None, None]) is None
+    assert stats.summarize([]) is None
 
 
 # ---------------------------------------------------------------------- phases
-STAMPS = {"t0": 100.0, "defined": 100.01, "started": 100.41, "init_line": 102.9,
-          "agent_line": 103.2, "ready": 104.5, "exec_done": 104.52}
+# As a controller start gives them: lifecycle events (created, booted, agent_ready, running),
+# console lines, and the bench's own clock around the first exec.
+STAMPS = {"t0": 100.0, "created": 100.01, "booted": 100.41, "init_line": 102.9, "agent_line": 103.2,
+          "agent_ready": 104.49, "running": 104.5, "exec_start": 104.5, "exec_done": 104.52}
 
 
 def test_phases_add_up_to_the_total() -> None:
-    ph = bench.phase_durations(STAMPS)
+    ph = phases.phase_durations(STAMPS)
     assert ph["define"] == pytest.approx(10)
     assert ph["domain_start"] == pytest.approx(400)
     assert ph["kernel_to_init"] == pytest.approx(2490)
     assert ph["first_exec"] == pytest.approx(20)
     assert ph["total"] == pytest.approx(4520)
-    assert sum(ph[k] for k, _l, _e in bench.PHASES) == pytest.approx(ph["total"])
+    assert sum(ph[k] for k, _l, _e in phases.PHASES) == pytest.approx(ph["total"])
 
 
 def test_a_missing_console_line_folds_into_the_next_phase() -> None:
-    ph = bench.phase_durations({**STAMPS, "init_line": None})
+    ph = phases.phase_durations({**STAMPS, "init_line": None})
     assert ph["kernel_to_init"] is None
     assert ph["init_script"] == pytest.approx((103.2 - 100.41) * 1000)
     assert sum(v for k, v in ph.items() if k != "total" and v is not None) == pytest.approx(ph["total"])
-    assert bench.phase_durations({"t0": 1.0})["total"] is None
+    assert phases.phase_durations({"t0": 1.0})["total"] is None
 
 
 def test_parse_parallel() -> None:
-    assert bench.parse_parallel("10,1,5,5") == [1, 5, 10]
-    assert bench.parse_parallel(" 3 ") == [3]
+    assert options.parse_parallel("10,1,5,5") == [1, 5, 10]
+    assert options.parse_parallel(" 3 ") == [3]
     for bad in ("", "0,1", "a,b", "-2"):
         with pytest.raises(argparse.ArgumentTypeError):
-            bench.parse_parallel(bad)
+            options.parse_parallel(bad)
 
 
 # ---------------------------------------------------------------------- guest side
@@ -113,26 +100,26 @@ not a kernel line
 
 
 def test_parse_dmesg_and_find_messages() -> None:
-    ev = bench.parse_dmesg(DMESG)
+    ev = guestlog.parse_dmesg(DMESG)
     assert len(ev) == 6
     assert ev[1] == (0.219, "x86/fpu: x87 FPU will use FXSAVE")
-    assert bench.dmesg_time(ev, r"Run \S+ as init process") == pytest.approx(1.776964)
-    assert bench.dmesg_time(ev, r"no such message") is None
-    gaps = bench.biggest_gaps(ev, top=2)
+    assert guestlog.dmesg_time(ev, r"Run \S+ as init process") == pytest.approx(1.776964)
+    assert guestlog.dmesg_time(ev, r"no such message") is None
+    gaps = guestlog.biggest_gaps(ev, top=2)
     assert [round(g["gap_ms"]) for g in gaps] == [1383, 1285]
     assert gaps[0]["before"] == "random: crng init done"
 
 
 def test_parse_uptime() -> None:
-    assert bench.parse_uptime(b"3.24 0.00\n") == 3.24
-    assert bench.parse_uptime("") is None
-    assert bench.parse_uptime(b"garbage") is None
+    assert guestlog.parse_uptime(b"3.24 0.00\n") == 3.24
+    assert guestlog.parse_uptime("") is None
+    assert guestlog.parse_uptime(b"garbage") is None
 
 
 def test_guest_timeline_places_the_guest_clock_on_the_host_timeline() -> None:
     # The guest kernel's clock read 0 at host time 101.0: the uptime read at the exec's
     # midpoint (104.51) was 3.51 s.
-    g = bench.guest_timeline(STAMPS, 3.51, bench.parse_dmesg(DMESG))
+    g = guestlog.guest_timeline(STAMPS, 3.51, guestlog.parse_dmesg(DMESG))
     assert g["vmm_to_kernel_ms"] == pytest.approx(590)
     assert g["kernel_to_run_init_ms"] == pytest.approx(1776.964)
     assert g["run_init_to_console_ms"] == pytest.approx(1900 - 1776.964)
@@ -140,15 +127,15 @@ def test_guest_timeline_places_the_guest_clock_on_the_host_timeline() -> None:
     assert g["ready_guest_ms"] == pytest.approx(3500)
     assert g["clock_error_ms"] == pytest.approx(10)
     assert g["crng_ready_ms"] == pytest.approx(3159.959)
-    none = bench.guest_timeline(STAMPS, None, [])
+    none = guestlog.guest_timeline(STAMPS, None, [])
     assert none["vmm_to_kernel_ms"] is None and none["kernel_to_run_init_ms"] is None
 
 
 def test_kib_field() -> None:
     text = "Rss:              210000 kB\nPss:              205312 kB\nVmRSS:\t   73216 kB\n"
-    assert bench.kib_field(text, "Pss") == 205312
-    assert bench.kib_field(text, "VmRSS") == 73216
-    assert bench.kib_field(text, "Swap") is None
+    assert stats.kib_field(text, "Pss") == 205312
+    assert stats.kib_field(text, "VmRSS") == 73216
+    assert stats.kib_field(text, "Swap") is None
 
 
 # ---------------------------------------------------------------------- bare baseline
@@ -166,9 +153,16 @@ def _config_tar(files: dict[str, bytes]) -> bytes:
 def test_host_key_line_from_the_config_disk_matches_the_pinned_key() -> None:
     kp = generate_keypair()
     tar = _config_tar({"authorized_keys": b"x\n", "hostkey": dropbear_private_key(kp)})
-    assert bench.host_key_line_from_config(tar) == kp.public_line
+    assert bare.host_key_line_from_config(tar) == kp.public_line
     with pytest.raises((KeyError, ValueError)):
-        bench.host_key_line_from_config(_config_tar({"hostname": b"h\n"}))
+        bare.host_key_line_from_config(_config_tar({"hostname": b"h\n"}))
+
+
+def test_a_host_key_whose_halves_do_not_belong_together_is_refused() -> None:
+    a, b = generate_keypair(), generate_keypair()
+    mixed = dropbear_private_key(a)[:-32] + b.public_raw  # a's seed, b's public key
+    with pytest.raises(ValueError, match="does not belong"):
+        bare.host_key_line_from_config(_config_tar({"hostkey": mixed}))
 
 
 def _spec(**kw: object) -> DomainSpec:
@@ -186,7 +180,7 @@ def _spec(**kw: object) -> DomainSpec:
 
 def test_bare_domain_xml_is_the_same_domain_under_its_own_name_and_files() -> None:
     xml = build_domain_xml(_spec()).replace("<name>", "<uuid>1b4e28ba-2fa1-11d2-883f-0016d3cca427</uuid><name>", 1)
-    out = bench.bare_domain_xml(xml, name="bench-x-bare-0", console="/t/0.log", agent_socket="/t/0.sock",
+    out = bare.bare_domain_xml(xml, name="bench-x-bare-0", console="/t/0.log", agent_socket="/t/0.sock",
                                 config_disk="/t/config.tar")
     root = ET.fromstring(out)
     assert root.findtext("name") == "bench-x-bare-0"
@@ -203,7 +197,7 @@ def test_bare_domain_xml_is_the_same_domain_under_its_own_name_and_files() -> No
 
 def test_bare_domain_xml_loads_into_libvirts_test_driver() -> None:
     libvirt = pytest.importorskip("libvirt")
-    out = bench.bare_domain_xml(build_domain_xml(_spec()), name="bench-x-bare-1", console="/t/1.log",
+    out = bare.bare_domain_xml(build_domain_xml(_spec()), name="bench-x-bare-1", console="/t/1.log",
                                 agent_socket="/t/1.sock", config_disk="/t/config.tar")
     conn = libvirt.open("test:///default")
     try:
@@ -220,14 +214,14 @@ def test_bare_domain_xml_refuses_xml_without_the_agent_channel() -> None:
     devices = root.find("devices")
     devices.remove(devices.find("channel"))
     with pytest.raises(ValueError, match="socket"):
-        bench.bare_domain_xml(ET.tostring(root, encoding="unicode"), name="n", console="c", agent_socket="s",
+        bare.bare_domain_xml(ET.tostring(root, encoding="unicode"), name="n", console="c", agent_socket="s",
                               config_disk="d")
 
 
 # ---------------------------------------------------------------------- watcher and report
 def test_console_watcher_stamps_lines_when_they_appear(tmp_path: Path) -> None:
     log = tmp_path / "console.log"
-    w = bench.ConsoleWatcher({"init": bench.INIT_MARKER, "agent": bench.AGENT_MARKER}, interval=0.002)
+    w = console.ConsoleWatcher({"init": console.INIT_MARKER, "agent": console.AGENT_MARKER}, interval=0.002)
     try:
         w.watch("a", log)  # the file does not exist yet, as before QEMU starts
         time.sleep(0.02)
@@ -249,9 +243,9 @@ def test_console_watcher_stamps_lines_when_they_appear(tmp_path: Path) -> None:
 
 
 def test_report_renders_phases_ratio_and_anchors() -> None:
-    s = bench.summarize
-    ours = {k: s([v, v * 1.1]) for k, v in bench.phase_durations(STAMPS).items()}
-    bare = {k: s([v * 0.9]) for k, v in bench.phase_durations(STAMPS).items()}
+    s = stats.summarize
+    ours = {k: s([v, v * 1.1]) for k, v in phases.phase_durations(STAMPS).items()}
+    bare = {k: s([v * 0.9]) for k, v in phases.phase_durations(STAMPS).items()}
     res = {
         "mode": "quick",
         "host": {"virt_type": "tcg", "cpu_model": "CPU", "cpu_count": 2},
@@ -262,7 +256,7 @@ def test_report_renders_phases_ratio_and_anchors() -> None:
                     "controller_rss_kib": 73216}],
         "duration_s": 120.0,
     }
-    text = bench.report(res)
+    text = report.report(res)
     assert "total" in text and "1.17x" in text  # p50 ours (1.05 v) over bare (0.9 v)
     assert "Firecracker boot to init <= 125 ms" in text and "not comparable" in text
     assert "200.0" in text  # PSS in MiB
@@ -270,21 +264,21 @@ def test_report_renders_phases_ratio_and_anchors() -> None:
 
 
 def test_render_table_aligns_columns() -> None:
-    text = bench.render_table(["name", "p50"], [["a", "1.0"], ["longer", "100"]])
+    text = report.render_table(["name", "p50"], [["a", "1.0"], ["longer", "100"]])
     lines = text.splitlines()
     assert len({len(line) for line in lines}) == 1
     assert lines[2].endswith("1.0") and lines[3].startswith("  longer")
-    assert bench.fmt_ms(None) == "n/a" and bench.fmt_ms(1234.5) == "1234" and bench.fmt_ms(0.004) == "0.00"
+    assert report.fmt_ms(None) == "n/a" and report.fmt_ms(1234.5) == "1234" and report.fmt_ms(0.004) == "0.00"
 
 
 def test_noise_line_warns_when_other_guests_ran() -> None:
     quiet = {"serial": {"controller": {"samples": [{"other_domains_running": 0}]}},
              "parallel": [{"other_domains_running": 0}]}
-    assert bench.noise_line(quiet) is None
+    assert report.noise_line(quiet) is None
     busy = {"serial": {"controller": {"samples": [{"other_domains_running": 0}]},
                        "bare": {"samples": [{"other_domains_running": 2}]}},
             "parallel": [{"other_domains_running": 1}]}
-    assert "during 2 of 3 measured starts (up to 2 at once)" in bench.noise_line(busy)
+    assert "during 2 of 3 measured starts (up to 2 at once)" in report.noise_line(busy)
 
 
 # ---------------------------------------------------------------------- network
@@ -310,26 +304,26 @@ rtt min/avg/max/mdev = 0.045/0.050/0.055/0.005 ms
 
 
 def test_parse_ping_busybox_skips_duplicates() -> None:
-    got = bench.parse_ping(PING_BUSYBOX)
+    got = network.parse_ping(PING_BUSYBOX)
     assert got == {"rtt_ms": [17.3, 1.289, 0.957], "transmitted": 4, "received": 3}
 
 
 def test_parse_ping_iputils_and_a_killed_ping() -> None:
-    got = bench.parse_ping(PING_IPUTILS)
+    got = network.parse_ping(PING_IPUTILS)
     assert got == {"rtt_ms": [0.045, 1.0], "transmitted": 2, "received": 2}
-    cut = bench.parse_ping("PING 10.0.0.1 (10.0.0.1): 56 data bytes\n64 bytes from 10.0.0.1: seq=0 ttl=64 time=2.5 ms\n")
+    cut = network.parse_ping("PING 10.0.0.1 (10.0.0.1): 56 data bytes\n64 bytes from 10.0.0.1: seq=0 ttl=64 time=2.5 ms\n")
     assert cut == {"rtt_ms": [2.5], "transmitted": None, "received": None}
-    assert bench.parse_ping(b"") == {"rtt_ms": [], "transmitted": None, "received": None}
+    assert network.parse_ping(b"") == {"rtt_ms": [], "transmitted": None, "received": None}
 
 
 def test_rtt_summary() -> None:
-    s = bench.rtt_summary(bench.parse_ping(PING_BUSYBOX))
+    s = network.rtt_summary(network.parse_ping(PING_BUSYBOX))
     assert s is not None
     assert (s["n"], s["min"], s["p50"], s["max"]) == (3, 0.957, 1.289, 17.3)
     assert s["avg"] == pytest.approx((17.3 + 1.289 + 0.957) / 3)
     assert (s["sent"], s["received"], s["loss_pct"]) == (4, 3, 25.0)
-    assert bench.rtt_summary({"rtt_ms": [1.0], "transmitted": None, "received": None})["loss_pct"] is None
-    assert bench.rtt_summary({"rtt_ms": [], "transmitted": 5, "received": 0}) is None
+    assert network.rtt_summary({"rtt_ms": [1.0], "transmitted": None, "received": None})["loss_pct"] is None
+    assert network.rtt_summary({"rtt_ms": [], "transmitted": 5, "received": 0}) is None
 
 
 PROC_NET_TCP = """  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
@@ -341,15 +335,15 @@ PROC_NET_TCP = """  sl  local_address rem_address   st tx_queue rx_queue tr tm->
 
 
 def test_tcp_listening() -> None:
-    assert bench.tcp_listening(PROC_NET_TCP, 8080)  # 0x1F90, v4 listener
-    assert bench.tcp_listening(PROC_NET_TCP.encode(), 5003)  # 0x138B, v6 listener
-    assert not bench.tcp_listening(PROC_NET_TCP, 5001)  # 0x1389 is only an established connection
-    assert not bench.tcp_listening("", 5001)
+    assert network.tcp_listening(PROC_NET_TCP, 8080)  # 0x1F90, v4 listener
+    assert network.tcp_listening(PROC_NET_TCP.encode(), 5003)  # 0x138B, v6 listener
+    assert not network.tcp_listening(PROC_NET_TCP, 5001)  # 0x1389 is only an established connection
+    assert not network.tcp_listening("", 5001)
 
 
 def test_mib_per_s() -> None:
-    assert bench.mib_per_s(32 << 20, 2.0) == 16.0
-    assert bench.mib_per_s(1, 0.0) is None
+    assert stats.mib_per_s(32 << 20, 2.0) == 16.0
+    assert stats.mib_per_s(1, 0.0) is None
 
 
 def _free_port() -> int:
@@ -361,7 +355,7 @@ def _free_port() -> int:
 
 
 def _peer_tcp(*args: str) -> list[str]:
-    return [sys.executable, "-c", bench.PEER_TCP, *args, "20"]
+    return [sys.executable, "-c", network.PEER_TCP, *args, "20"]
 
 
 def test_peer_tcp_send_waits_for_the_servers_eof() -> None:
@@ -445,7 +439,7 @@ def test_peer_tcp_get_counts_the_body() -> None:
 
 NETWORK = {
     "guest_addr": "10.199.0.2", "peer_addr": "10.199.0.1", "mtu": 1500, "boot_s": 3.2, "ping_interval_s": 0.2,
-    "rtt_ms": {"peer_to_guest": bench.rtt_summary(bench.parse_ping(PING_BUSYBOX)), "guest_to_peer": None},
+    "rtt_ms": {"peer_to_guest": network.rtt_summary(network.parse_ping(PING_BUSYBOX)), "guest_to_peer": None},
     "tcp": {"peer_to_guest": {"bytes": 32 << 20, "seconds": 0.31, "mib_s": 103.2},
             "guest_to_peer": {"bytes": 32 << 20, "seconds": 9.42, "mib_s": 3.4},
             "guest_to_peer_httpd": {"bytes": 32 << 20, "seconds": 0.13, "mib_s": 248.2}},
@@ -454,22 +448,22 @@ NETWORK = {
 
 
 def test_report_renders_the_network_section() -> None:
-    text = bench.report({"host": {}, "network": NETWORK})
+    text = report.report({"host": {}, "network": NETWORK})
     assert "Network (peer netns <-> guest, tap + tc redirect): 10.199.0.1 <-> 10.199.0.2, MTU 1500" in text
     line = next(x for x in text.splitlines() if "ping peer -> guest" in x)
     assert line.split()[4:] == ["0.96", "6.5", "1.3", "14.1", "17.3", "3/4"]
     assert "ping guest -> peer" in text and "no reply" in text
     assert "248.2" in text and "103.2" in text and "dd | nc in the guest" in text
     assert "1 other guest(s) were running" in text
-    partial = bench.network_lines({"guest_addr": "g", "peer_addr": "p", "mtu": 1500})
+    partial = report.network_lines({"guest_addr": "g", "peer_addr": "p", "mtu": 1500})
     assert partial[-1] == "  (not measured)"
 
 
 def test_network_presets_and_flags() -> None:
-    quick = bench.parse_args(["--quick", "--out", "x.json"])
+    quick = options.parse_args(["--quick", "--out", "x.json"])
     assert (quick.pings, quick.net_mib, quick.no_network) == (20, 32, False)
-    full = bench.parse_args(["--no-network", "--net-mib", "8", "--out", "x.json"])
+    full = options.parse_args(["--no-network", "--net-mib", "8", "--out", "x.json"])
     assert (full.pings, full.net_mib, full.no_network) == (100, 8, True)
     with pytest.raises(SystemExit):
-        bench.parse_args(["--pings", "0", "--out", "x.json"])
-    assert len(bench.NET_GUEST.split(".")) == 4 and bench.NET_MTU == 1500
+        options.parse_args(["--pings", "0", "--out", "x.json"])
+    assert len(network.NET_GUEST.split(".")) == 4 and network.NET_MTU == 1500

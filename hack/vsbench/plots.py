@@ -1,0 +1,99 @@
+"""One PNG per series next to the JSON (needs matplotlib: ``pip install '.[bench]'``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .host import say
+from .phases import PHASES
+from .stats import pick as p
+
+__all__ = ["plots"]
+
+
+def plots(res: Mapping[str, Any], out: Path) -> list[str]:
+    """One PNG per series next to the JSON; returns their paths."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        say("matplotlib is missing (.venv/bin/pip install '.[bench]'): no plots")
+        return []
+    made: list[str] = []
+    title = f"vmsandbox ({(res.get('host') or {}).get('virt_type')}, {res.get('started_at')})"
+
+    def save(fig: Any, suffix: str) -> None:
+        path = out.with_name(f"{out.stem}-{suffix}.png")
+        fig.suptitle(title, fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(str(path))
+
+    ser = res.get("serial") or {}
+    if ser.get("controller") or ser.get("bare"):
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        rows: list[tuple[str, dict[str, Any]]] = []
+        for kind in ("controller", "bare"):
+            for i, s in enumerate((ser.get(kind) or {}).get("samples", [])):
+                rows.append((f"{'ours' if kind == 'controller' else 'bare'} {i}", s["phases_ms"]))
+        colors = [plt.get_cmap("tab10")(j) for j in range(10)]
+        lefts = [0.0] * len(rows)
+        for j, (key, label, _e) in enumerate(PHASES):
+            widths = [ph.get(key) or 0.0 for _n, ph in rows]
+            ax.barh([n for n, _ph in rows], widths, left=lefts, color=colors[j % 10], label=label)
+            lefts = [a + b for a, b in zip(lefts, widths)]
+        ax.invert_yaxis()
+        ax.set_xlabel("ms since create (serial starts, one bar each)")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3)
+        save(fig, "serial")
+    par = res.get("parallel") or []
+    if par:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ns = [r["n"] for r in par]
+        ax.plot(ns, [r["all_ready_s"] for r in par], "o-", label="all ready (s)")
+        ax.set_xlabel("sandboxes started at once")
+        ax.set_ylabel("seconds until all answered")
+        ax2 = ax.twinx()
+        ax2.plot(ns, [r["sandboxes_per_s"] for r in par], "s--", color="tab:orange", label="sandboxes/s")
+        ax2.set_ylabel("sandboxes per second")
+        ax.set_xticks(ns)
+        ax.set_ylim(bottom=0)
+        ax2.set_ylim(bottom=0)
+        fig.legend(fontsize=8, loc="lower right")
+        save(fig, "parallel")
+    ops = res.get("operations") or {}
+    if ops:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        names = ["status", "platform", "metrics", "list", "exec_true", "stop", "shutdown"]
+        width = 0.8 / max(1, len(ops))
+        for j, (lv, o) in enumerate(ops.items()):
+            xs = [i + j * width for i in range(len(names))]
+            p50 = [(o.get(nm) or {}).get("p50", 0) for nm in names]
+            p90 = [(o.get(nm) or {}).get("p90", 0) for nm in names]
+            ax.bar(xs, p50, width, label=f"{lv} running (p50, bar to p90)",
+                   yerr=[[0] * len(names), [b - a for a, b in zip(p50, p90)]])
+        ax.set_xticks([i + width * (len(ops) - 1) / 2 for i in range(len(names))], names)
+        ax.set_yscale("log")
+        ax.set_ylabel("ms (log)")
+        ax.legend(fontsize=8)
+        save(fig, "operations")
+    mem = res.get("memory") or []
+    if mem:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ns = [m["running"] for m in mem]
+        ax.plot(ns, [(p(m["qemu_pss_kib"], "mean") or 0) / 1024 for m in mem], "o-", label="QEMU PSS per sandbox")
+        ax.plot(ns, [(m["controller_rss_kib"] or 0) / 1024 for m in mem], "s--", label="controller RSS")
+        ax.set_xlabel("sandboxes running")
+        ax.set_xticks(ns)
+        ax.set_ylabel("MiB")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+        save(fig, "memory")
+    return made
+
+
