@@ -307,6 +307,37 @@ def test_a_create_step_failing_rolls_everything_back(rig: Rig, fail: Callable[[R
     assert rig.ctl.start("a").pid > 0
 
 
+def test_a_create_whose_tap_name_is_taken_is_refused_and_leaves_that_tap_alone(rig: Rig) -> None:
+    plan = rig.pod_netns()
+    theirs, = rig.net.tap_names("a", 1)
+    rig.net.host_taps.add(theirs)  # not made by this create: another state dir's, or a person's
+    with pytest.raises(errors.AlreadyExists, match=theirs):
+        rig.ctl.create(Sandbox("a"), netns_path=plan.netns_path)
+    assert rig.net.host_taps == {theirs}  # neither adopted nor deleted by the rollback
+    assert rig.hv.domains == {} and not rig.sandbox_dir("a").exists()
+    assert "a" not in [r.id for r in rig.ctl.list()]
+
+
+def test_a_sandbox_recorded_with_the_old_tap_names_still_starts_stops_and_is_removed(rig: Rig) -> None:
+    plan = rig.pod_netns()
+    rig.ctl.create(Sandbox("a"), netns_path=plan.netns_path)
+    rig.ctl.close()
+    # What an earlier version left: its record and its host tap carry the old name.
+    legacy = "vsbx0ca5d9140"
+    record = rig.record("a")
+    rig.net.host_taps.difference_update(record["taps"])
+    rig.net.host_taps.add(legacy)
+    record["taps"] = [legacy]
+    (rig.sandbox_dir("a") / "record.json").write_text(json.dumps(record))
+    rig.restart()
+    rig.ctl.start("a")
+    assert rig.netns().taps == {legacy} and not rig.netns().has_addresses
+    rig.ctl.stop("a")
+    assert rig.netns().has_addresses
+    rig.ctl.shutdown("a")
+    assert rig.net.all_taps() == set() and rig.leftovers("a") == []
+
+
 def test_a_failing_record_save_undefines_the_new_domain(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     from vmsandbox.sandbox.store import Store
 
