@@ -1194,6 +1194,22 @@ def test_the_console_log_is_read_whole_or_its_tail(rig: Rig) -> None:
         rig.ctl.read_console_log("nope")
 
 
+def test_the_console_log_rotated_by_virtlogd_is_read_in_order_with_its_backups(rig: Rig) -> None:
+    sid = created(rig)
+    log = rig.ctl.console_log(sid)
+    # virtlogd's rollover: console.log -> .0 -> .1 -> ... (the highest number is the oldest).
+    Path(f"{log}.2").write_bytes(b"boot: Linux version\n")
+    Path(f"{log}.1").write_bytes(b"boot: init started\n")
+    Path(f"{log}.0").write_bytes(b"boot: agent ready\n")
+    log.write_bytes(b"later\n")
+    Path(f"{log}.old").write_bytes(b"not a backup\n")
+    assert rig.ctl.read_console_log(sid) == (b"boot: Linux version\nboot: init started\nboot: agent ready\n"
+                                             b"later\n")
+    assert rig.ctl.read_console_log(sid, 10) == b"t ready\nlater\n"[-10:]  # a tail across a rotation
+    assert rig.ctl.read_console_log(sid, 6) == b"later\n"
+    assert rig.ctl.read_console_log(sid, 10_000) == rig.ctl.read_console_log(sid)
+
+
 def test_the_guest_image_is_built_once(rig: Rig) -> None:
     created(rig, "a")
     created(rig, "b")
