@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.rig import Rig
+from tests.unit.rig import Rig, command_on_path
 from vmsandbox import errors
 from vmsandbox.cgroupsv2 import from_any
 from vmsandbox.guest.fake import POWEROFF, ExecCall
@@ -98,14 +98,7 @@ def rootfs_file(tmp_path: Path, name: str = "rootfs.img") -> Path:
 @pytest.fixture
 def fake_mkfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A ``mkfs.ext4`` first on PATH that only notes each call in the returned file."""
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    calls = tmp_path / "mkfs-calls"
-    script = bindir / "mkfs.ext4"
-    script.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
-    script.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
-    return calls
+    return command_on_path(tmp_path, monkeypatch, "mkfs.ext4", 'echo "$@" >> "$CALLS"')
 
 
 # =========================================================================== the happy path

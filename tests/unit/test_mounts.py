@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.rig import command_on_path
 from vmsandbox import InvalidArgument, Mount
 from vmsandbox.sandbox.mounts import QCOW2_MAGIC, DiskPlan, materialize, plan_mounts
 
@@ -221,14 +222,7 @@ def test_overlay_layers_that_the_option_string_cannot_carry_are_refused(
 def fake_mount(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """``mount`` first on PATH: notes its arguments (one per line) and fails, so nothing is
     mounted and materialize stops right after it."""
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    calls = tmp_path / "mount-calls"
-    script = bindir / "mount"
-    script.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" >> {calls}\nexit 32\n')
-    script.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
-    return calls
+    return command_on_path(tmp_path, monkeypatch, "mount", 'printf "%s\\n" "$@" >> "$CALLS"\nexit 32')
 
 
 def test_materialize_mounts_the_overlay_read_only_with_upperdir_on_top(tmp_path: Path, sdir: Path,
