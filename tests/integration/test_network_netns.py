@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from vmsandbox.errors import FailedPrecondition, InvalidArgument, NotFound
+from vmsandbox.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from vmsandbox.network import (
     Address,
     Interface,
@@ -35,6 +35,7 @@ from vmsandbox.network import (
     read_counters,
     tap_names,
 )
+from vmsandbox.network._netlink import Rtnl
 
 pytestmark = [
     pytest.mark.integration,
@@ -207,12 +208,13 @@ def test_inspect_refuses_a_namespace_file_left_after_unmount(spaces: Namespaces)
 
 
 # --- taps --------------------------------------------------------------------------------
-def test_create_taps_is_idempotent_and_makes_persistent_taps(spaces: Namespaces) -> None:
+def test_create_taps_makes_persistent_taps_with_all_15_characters(spaces: Namespaces) -> None:
     taps = spaces.new_taps(2)
     create_taps(taps)
-    create_taps(taps)
     for name in taps:
+        assert len(name) == 15
         link = link_json_host(name)
+        assert link["ifname"] == name
         info = link["linkinfo"]["info_data"]  # type: ignore[index]
         assert info["type"] == "tap" and info["persist"] is True and info["pi"] is False
 
@@ -222,13 +224,40 @@ def link_json_host(name: str) -> dict[str, object]:
     return result
 
 
+def test_create_taps_refuses_a_tap_that_exists_and_leaves_it_alone(spaces: Namespaces) -> None:
+    taps = spaces.new_taps(2)
+    # Someone else's tap with our second name (made by ip, with an owner ours never have).
+    sh("ip", "tuntap", "add", "dev", taps[1], "mode", "tap", "user", "65534")
+    spaces.host_links.append(taps[1])
+    before = link_json_host(taps[1])
+    with pytest.raises(AlreadyExists, match=taps[1]):
+        create_taps(taps)
+    assert not host_link_exists(taps[0])  # what the call made is gone again
+    after = link_json_host(taps[1])
+    assert after["ifindex"] == before["ifindex"] and after["linkinfo"] == before["linkinfo"]
+    # And a second create of taps this test made is refused too: nothing is adopted.
+    create_taps(taps[:1])
+    with pytest.raises(AlreadyExists, match=taps[0]):
+        create_taps(taps[:1])
+    assert host_link_exists(taps[0])
+
+
+def test_a_tap_made_between_the_check_and_the_create_is_refused_too(spaces: Namespaces) -> None:
+    # TUNSETIFF without IFF_TUN_EXCL would open the existing tap and succeed.
+    tap, = spaces.new_taps(1)
+    sh("ip", "tuntap", "add", "dev", tap, "mode", "tap")
+    with Rtnl.host() as host, pytest.raises(AlreadyExists, match=tap):
+        host.add_tap(tap)
+    assert host_link_exists(tap)
+
+
 def test_create_taps_rolls_back_when_a_name_is_taken(spaces: Namespaces) -> None:
     taps = spaces.new_taps(2)
     other = spaces.new_netns("o")
     # A link of this test's with a tap's name, but a veth (no dummy driver on some hosts).
     sh("ip", "link", "add", taps[1], "type", "veth", "peer", "name", "peer0", "netns", other)
     spaces.host_links.append(taps[1])
-    with pytest.raises(FailedPrecondition, match=taps[1]):
+    with pytest.raises(AlreadyExists, match=f"{taps[1]}.*veth"):
         create_taps(taps)
     assert not host_link_exists(taps[0])
     assert host_link_exists(taps[1])  # not ours to delete

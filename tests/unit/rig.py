@@ -11,6 +11,7 @@ Keyword arguments override the rig's Config (``Rig(tmp_path, stop_timeout=0.3)``
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,19 @@ from vmsandbox.network.fake import FakeNetns, FakeNetwork
 from vmsandbox.sandbox.controller import DOMAIN_PREFIX, SandboxController
 from vmsandbox.sandbox.events import LifecycleEvent
 from vmsandbox.sandbox.ports import DomainState
+
+
+def command_on_path(tmp_path: Path, monkeypatch: Any, name: str, body: str) -> Path:
+    """Put a shell script ``name`` first on PATH; ``body`` may write to ``$CALLS``, the file
+    returned (``tmp_path/<name>-calls``), to note how it was called."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    calls = tmp_path / f"{name}-calls"
+    script = bindir / name
+    script.write_text(f"#!/bin/sh\nCALLS={calls}\n{body}\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
+    return calls
 
 
 class FakeImages:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.rig import Rig
+from tests.unit.rig import Rig, command_on_path
 from vmsandbox import errors
 from vmsandbox.cgroupsv2 import from_any
 from vmsandbox.guest.fake import POWEROFF, ExecCall
@@ -98,14 +98,7 @@ def rootfs_file(tmp_path: Path, name: str = "rootfs.img") -> Path:
 @pytest.fixture
 def fake_mkfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A ``mkfs.ext4`` first on PATH that only notes each call in the returned file."""
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    calls = tmp_path / "mkfs-calls"
-    script = bindir / "mkfs.ext4"
-    script.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
-    script.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
-    return calls
+    return command_on_path(tmp_path, monkeypatch, "mkfs.ext4", 'echo "$@" >> "$CALLS"')
 
 
 # =========================================================================== the happy path
@@ -308,6 +301,37 @@ def test_a_create_step_failing_rolls_everything_back(rig: Rig, fail: Callable[[R
     # Safe to retry: the failpoint fired once, the same create now succeeds and boots.
     rig.ctl.create(Sandbox("a"), netns_path=plan.netns_path)
     assert rig.ctl.start("a").pid > 0
+
+
+def test_a_create_whose_tap_name_is_taken_is_refused_and_leaves_that_tap_alone(rig: Rig) -> None:
+    plan = rig.pod_netns()
+    theirs, = rig.net.tap_names("a", 1)
+    rig.net.host_taps.add(theirs)  # not made by this create: another state dir's, or a person's
+    with pytest.raises(errors.AlreadyExists, match=theirs):
+        rig.ctl.create(Sandbox("a"), netns_path=plan.netns_path)
+    assert rig.net.host_taps == {theirs}  # neither adopted nor deleted by the rollback
+    assert rig.hv.domains == {} and not rig.sandbox_dir("a").exists()
+    assert "a" not in [r.id for r in rig.ctl.list()]
+
+
+def test_a_sandbox_recorded_with_the_old_tap_names_still_starts_stops_and_is_removed(rig: Rig) -> None:
+    plan = rig.pod_netns()
+    rig.ctl.create(Sandbox("a"), netns_path=plan.netns_path)
+    rig.ctl.close()
+    # What an earlier version left: its record and its host tap carry the old name.
+    legacy = "vsbx0ca5d9140"
+    record = rig.record("a")
+    rig.net.host_taps.difference_update(record["taps"])
+    rig.net.host_taps.add(legacy)
+    record["taps"] = [legacy]
+    (rig.sandbox_dir("a") / "record.json").write_text(json.dumps(record))
+    rig.restart()
+    rig.ctl.start("a")
+    assert rig.netns().taps == {legacy} and not rig.netns().has_addresses
+    rig.ctl.stop("a")
+    assert rig.netns().has_addresses
+    rig.ctl.shutdown("a")
+    assert rig.net.all_taps() == set() and rig.leftovers("a") == []
 
 
 def test_a_failing_record_save_undefines_the_new_domain(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1164,6 +1188,22 @@ def test_the_console_log_is_read_whole_or_its_tail(rig: Rig) -> None:
     assert rig.ctl.read_console_log(sid, 9) == b"line two\n"
     with pytest.raises(errors.NotFound):
         rig.ctl.read_console_log("nope")
+
+
+def test_the_console_log_rotated_by_virtlogd_is_read_in_order_with_its_backups(rig: Rig) -> None:
+    sid = created(rig)
+    log = rig.ctl.console_log(sid)
+    # virtlogd's rollover: console.log -> .0 -> .1 -> ... (the highest number is the oldest).
+    Path(f"{log}.2").write_bytes(b"boot: Linux version\n")
+    Path(f"{log}.1").write_bytes(b"boot: init started\n")
+    Path(f"{log}.0").write_bytes(b"boot: agent ready\n")
+    log.write_bytes(b"later\n")
+    Path(f"{log}.old").write_bytes(b"not a backup\n")
+    assert rig.ctl.read_console_log(sid) == (b"boot: Linux version\nboot: init started\nboot: agent ready\n"
+                                             b"later\n")
+    assert rig.ctl.read_console_log(sid, 10) == b"t ready\nlater\n"[-10:]  # a tail across a rotation
+    assert rig.ctl.read_console_log(sid, 6) == b"later\n"
+    assert rig.ctl.read_console_log(sid, 10_000) == rig.ctl.read_console_log(sid)
 
 
 def test_the_guest_image_is_built_once(rig: Rig) -> None:

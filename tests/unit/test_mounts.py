@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.rig import command_on_path
 from vmsandbox import InvalidArgument, Mount
 from vmsandbox.sandbox.mounts import QCOW2_MAGIC, DiskPlan, materialize, plan_mounts
 
@@ -188,6 +189,65 @@ def test_overlay_without_lowerdir_or_with_a_missing_layer_is_refused(tmp_path: P
         plan_mounts([Mount("overlay", "overlay", "", (f"upperdir={tmp_path}",))], sdir)
     with pytest.raises(InvalidArgument, match="does not exist"):
         plan_mounts([Mount("overlay", "overlay", "", (f"lowerdir={tmp_path}/gone",))], sdir)
+
+
+def _overlay(*options: str) -> Mount:
+    return Mount("overlay", "overlay", "", options)
+
+
+@pytest.mark.parametrize("layout", [
+    # A lower layer whose name carries an option: unescaped it becomes upperdir=/...
+    pytest.param(lambda t: ([f"{t}/lo,upperdir={t}/x"], {}), id="comma-in-lowerdir"),
+    # An upper layer with a colon: joined into lowerdir it reads as two layers.
+    pytest.param(lambda t: ([f"{t}/lo"], {"upperdir": f"{t}/u:v"}), id="colon-in-upperdir"),
+    pytest.param(lambda t: ([f"{t}/lo"], {"upperdir": f"{t}/u,v", "workdir": f"{t}/w"}), id="comma-in-upperdir"),
+    pytest.param(lambda t: ([f"{t}/lo\\"], {}), id="backslash-in-lowerdir"),
+    pytest.param(lambda t: ([f"{t}/l\\:o"], {}), id="escaped-colon-in-lowerdir"),
+    pytest.param(lambda t: (["lo"], {}), id="relative-lowerdir"),
+])
+def test_overlay_layers_that_the_option_string_cannot_carry_are_refused(
+        tmp_path: Path, sdir: Path, monkeypatch: pytest.MonkeyPatch,
+        layout: object) -> None:
+    monkeypatch.chdir(tmp_path)
+    lower, extra = layout(tmp_path)  # type: ignore[operator]
+    for d in [*lower, *extra.values(), f"{tmp_path}/x"]:
+        os.makedirs(d if os.path.isabs(d) else tmp_path / d, exist_ok=True)
+    joined = ":".join(lower)
+    opts = (f"lowerdir={joined}", *(f"{k}={v}" for k, v in extra.items()))
+    with pytest.raises(InvalidArgument, match="overlay (lowerdir|upperdir|workdir) "):
+        plan_mounts([_overlay(*opts)], sdir)
+
+
+@pytest.fixture
+def fake_mount(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``mount`` first on PATH: notes its arguments (one per line) and fails, so nothing is
+    mounted and materialize stops right after it."""
+    return command_on_path(tmp_path, monkeypatch, "mount", 'printf "%s\\n" "$@" >> "$CALLS"\nexit 32')
+
+
+def test_materialize_mounts_the_overlay_read_only_with_upperdir_on_top(tmp_path: Path, sdir: Path,
+                                                                        fake_mount: Path) -> None:
+    for n in ("l1", "l2", "up", "work"):
+        (tmp_path / n).mkdir()
+    (p,) = plan_mounts([_overlay(f"lowerdir={tmp_path}/l1:{tmp_path}/l2", f"upperdir={tmp_path}/up",
+                                 f"workdir={tmp_path}/work")], sdir)
+    with pytest.raises(Exception, match="mounting the overlay"):
+        materialize(p)
+    args = fake_mount.read_text().splitlines()
+    assert args[:4] == ["-t", "overlay", "overlay", "-o"]
+    assert args[4] == f"ro,lowerdir={tmp_path}/up:{tmp_path}/l1:{tmp_path}/l2"
+
+
+def test_materialize_never_passes_an_injected_option_to_mount(tmp_path: Path, sdir: Path, fake_mount: Path) -> None:
+    # A plan made without plan_mounts' checks (say, from an old record): refused all the same.
+    evil = f"{tmp_path}/lo,upperdir={tmp_path}/x"
+    os.makedirs(evil)
+    os.makedirs(f"{tmp_path}/x")
+    m = _overlay(f"lowerdir={evil}")
+    plan = DiskPlan(0, m, "vsbx-m0", "ext4", "", False, (), str(sdir / "disks" / "m0.img"), False, "raw", "overlay")
+    with pytest.raises(InvalidArgument, match="overlay lowerdir "):
+        materialize(plan)
+    assert not fake_mount.exists()
 
 
 def test_planning_touches_nothing(tmp_path: Path, raw: str, sdir: Path) -> None:

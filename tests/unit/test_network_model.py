@@ -4,8 +4,10 @@ checks that must fail before any netlink call, the error table and the retry pol
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -35,6 +37,7 @@ from vmsandbox.network import (
     tap_names,
 )
 from vmsandbox.network import _netlink
+from vmsandbox.network._names import check_tap_names
 from vmsandbox.network._netlink import RouteEntry
 from vmsandbox.network._wiring import _plan_routes
 
@@ -84,6 +87,45 @@ def test_tap_names_fit_ifnamsiz_up_to_the_maximum_count() -> None:
     assert max(len(n) for n in names) == 15
     assert len(set(names)) == 1000
     assert tap_names("x", 0) == []
+
+
+def _ids_sharing_32_bits() -> tuple[str, str]:
+    """Two sandbox ids whose sha256 digests start with the same 32 bits (a birthday search
+    over ~2^16 ids: what a node with that many sandbox ids over its life will meet)."""
+    seen: dict[bytes, str] = {}
+    for i in range(2_000_000):
+        sid = f"pod-{i}"
+        head = hashlib.sha256(sid.encode()).digest()[:4]
+        if head in seen:
+            return seen[head], sid
+        seen[head] = sid
+    raise AssertionError("no 32-bit collision found")
+
+
+def test_tap_names_of_sandboxes_whose_digests_share_32_bits_differ() -> None:
+    a, b = _ids_sharing_32_bits()
+    assert set(tap_names(a, 3)).isdisjoint(tap_names(b, 3))
+
+
+def test_tap_names_fill_all_15_characters_with_hash() -> None:
+    names = tap_names("5f1c0d2e-sandbox", 1000)
+    assert {len(n) for n in names} == {15}
+    # 11 base32 characters (55 bits) of the hash, a fresh hash per index: no two names of
+    # one sandbox share the part after the prefix, not even a common start of it.
+    tails = [n[len("vsbx"):] for n in names]
+    assert all(re.fullmatch(r"[a-z2-7]{11}", t) for t in tails), tails[:3]
+    assert len({t[:4] for t in tails}) > 900
+
+
+def test_tap_names_made_by_the_old_scheme_are_still_ours() -> None:
+    # Records written before the naming changed keep their taps (vsbx + 8 hex + index).
+    legacy = ["vsbx0a1b2c3d0", "vsbx0a1b2c3d1", "vsbx0a1b2c3d999"]
+    assert check_tap_names(legacy) == legacy
+    assert check_tap_names(tap_names("a", 2)) == tap_names("a", 2)
+    for bad in ("vsbx0a1b2c3d01", "vsbx0a1b2c3d1000", "vsbxabcdefghij", "vsbxABCDEFGHIJK", "vsbxabcdefghij1",
+                "vsbx0a1b2c3d0\n"):
+        with pytest.raises(InvalidArgument):
+            check_tap_names([bad])
 
 
 @pytest.mark.parametrize(("sandbox_id", "count"), [("", 1), ("a", -1), ("a", 1001), ("a", True)])

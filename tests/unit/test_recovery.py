@@ -161,6 +161,36 @@ def test_a_folder_without_a_record_is_removed_with_its_domain(rig: Rig) -> None:
     assert rig.leftovers("half") == [] and rig.ctl.list() == []
 
 
+def test_the_taps_of_an_interrupted_create_are_removed_and_the_create_can_be_retried(rig: Rig) -> None:
+    plan = rig.pod_netns("half")
+    rig.ctl.close()
+    # A create killed after it made its taps and noted them, before it saved the record.
+    taps = rig.net.tap_names("half", 1)
+    rig.sandbox_dir("half").mkdir()
+    notes = rig.config.state_dir / "taps"
+    notes.mkdir()
+    (notes / "half.json").write_text(json.dumps({"netns_path": plan.netns_path, "taps": taps}))
+    rig.net.host_taps.update(taps)
+    rig.net.host_taps.add("vsbx0a1b2c3d0")  # someone else's: not noted, so never touched
+    rig.restart()
+    assert rig.leftovers("half") == [] and rig.net.host_taps == {"vsbx0a1b2c3d0"}
+    rig.ctl.create(Sandbox("half"), netns_path=plan.netns_path)
+    rig.ctl.start("half")
+    assert rig.netns("half").taps == set(taps)
+
+
+def test_taps_a_failed_rollback_could_not_remove_are_removed_at_the_next_start_up(rig: Rig) -> None:
+    plan = rig.pod_netns()
+    rig.hv.fp.fail("define", errors.Unavailable("libvirtd went away"))
+    rig.net.fp.fail("detach", errors.Internal("netlink failed while undoing"))
+    with pytest.raises(errors.Unavailable):
+        rig.ctl.create(Sandbox("a"), netns_path=plan.netns_path)
+    assert rig.net.host_taps == set(rig.net.tap_names("a", 1))  # the rollback could not remove it
+    rig.restart()
+    assert rig.net.all_taps() == set() and rig.leftovers("a") == []
+    assert not list((rig.config.state_dir / "taps").iterdir())
+
+
 def test_a_domain_of_this_state_dir_without_a_record_is_destroyed_and_undefined(rig: Rig) -> None:
     sid = running(rig)
     rig.ctl.close()

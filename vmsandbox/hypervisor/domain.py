@@ -121,6 +121,8 @@ def build_domain_xml(spec: DomainSpec) -> str:
         _sub(n, "target", dev=nic.tap, managed="no")
         _sub(n, "model", type="virtio")
         _sub(n, "mtu", size=str(nic.mtu))
+    # libvirt gives a file chardev to virtlogd (qemu.conf stdio_handler="logd", the default),
+    # which rotates it at max_size (2 MiB, 3 backups): a chatty guest cannot fill the disk.
     serial = _sub(devices, "serial", type="file")
     _sub(serial, "source", path=spec.console_log)
     _sub(serial, "target", port="0")

@@ -12,7 +12,6 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any as _Any
 
 import libvirt
@@ -21,6 +20,7 @@ from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_expo
 from ..errors import AlreadyExists, FailedPrecondition, Internal, NotFound, Unavailable, VmSandboxError
 from ..sandbox.ports import DomainInfo, DomainState, StopReason
 from .domain import METADATA_NS, parse_metadata, plan_memory_change
+from .pidfile import qemu_pid
 
 __all__ = ["LibvirtHypervisor", "DomainState", "StopReason", "DomainInfo"]
 
@@ -309,13 +309,10 @@ class LibvirtHypervisor:
             return str(conn.lookupByName(name).XMLDesc(0))
 
     def pid(self, name: str) -> int:
-        """The QEMU process id of a running domain, 0 when unknown or not running."""
-        for run_dir in ("/run/libvirt/qemu", "/var/run/libvirt/qemu"):
-            try:
-                return int(Path(run_dir, f"{name}.pid").read_text().strip())
-            except (OSError, ValueError):
-                continue
-        return 0
+        """The QEMU process id of a running domain, 0 when unknown or not running (or its
+        QEMU runs on another host). Read from the pid file of the daemon ``uri`` names:
+        the system one's or the session one's, and checked against the process."""
+        return qemu_pid(self.uri, name)
 
     def stats(self, names: list[str]) -> dict[str, dict[str, _Any]]:
         """Bulk domain stats (one libvirt call) for the named running domains."""

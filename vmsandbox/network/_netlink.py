@@ -9,9 +9,11 @@ thread in another namespace).
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import socket
+import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from typing import Any, TypeVar
 import tenacity
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
+from pyroute2.netlink.rtnl.ifinfmsg import tuntap as _tuntap
 
 from ..errors import (
     AlreadyExists,
@@ -49,6 +52,12 @@ RTN_UNICAST = 1
 RTPROT_KERNEL = 2
 RTNH_F_ONLINK = 0x4
 IFLA_TUN_TYPE_TAP = 2
+_IFF_TAP = 0x0002  # linux/if_tun.h
+_IFF_NO_PI = 0x1000
+_IFF_TUN_EXCL = 0x8000  # fail with EBUSY instead of opening a tap that already exists
+# The ioctl numbers differ between architectures; pyroute2 has the table.
+_TUNSETIFF: int | None = getattr(_tuntap, "TUNSETIFF", None)
+_TUNSETPERSIST: int | None = getattr(_tuntap, "TUNSETPERSIST", None)
 _TC_ACT_MIRRED_EGRESS_REDIRECT = 1
 
 REDIRECT_PRIO = 1
@@ -333,8 +342,25 @@ class Rtnl:
         return _link(msgs[0]) if msgs else None
 
     def add_tap(self, name: str) -> None:
+        """A new persistent tap in the calling thread's namespace (the host's: call it on
+        :meth:`host`). AlreadyExists when the name is taken, even by a tap made a moment ago:
+        TUNSETIFF without IFF_TUN_EXCL (what pyroute2 and ``ip tuntap`` send) would open
+        an existing tap instead of failing."""
+        if _TUNSETIFF is None or _TUNSETPERSIST is None:
+            raise FailedPrecondition(f"creating tap {name}: pyroute2 knows no tun ioctls for this architecture")
         # IFF_NO_PI like `ip tuntap add mode tap`; the opener (libvirt) sets its own flags.
-        self._call(f"creating tap {name}", "link", "add", ifname=name, kind="tuntap", mode="tap", ifr={"no_pi": 1})
+        ifr = struct.pack("16sH", name.encode("ascii"), _IFF_TAP | _IFF_NO_PI | _IFF_TUN_EXCL)
+        try:
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                fcntl.ioctl(fd, _TUNSETIFF, ifr)
+                fcntl.ioctl(fd, _TUNSETPERSIST, 1)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                raise AlreadyExists(f"creating tap {name} in {self.where}: a tap of that name exists") from e
+            raise translate(e, f"creating tap {name} in {self.where}") from e
 
     def delete_link(self, link: Link) -> None:
         self._call(f"deleting {link.name}", "link", "del", index=link.index)

@@ -137,19 +137,21 @@ def create_taps(names: list[str]) -> None:
     """Create persistent taps called ``names`` in the host namespace (down, no owner: only
     a process with CAP_NET_ADMIN, such as libvirtd, can open them).
 
-    Idempotent: a tap that already exists is left as it is. If one cannot be created, those
-    made by this call are deleted again before the error is raised. Raises InvalidArgument
-    for names :func:`tap_names` would not make, FailedPrecondition when a name is taken by
-    a link that is not a tap (or without CAP_NET_ADMIN), Unavailable/Internal otherwise.
+    All or nothing: a name that already exists is refused, never adopted (it may be another
+    sandbox's tap, or anybody's link), and the taps this call made are deleted again before
+    any error is raised. So a retry after a failed call starts from scratch; the caller
+    removes what a successful call made (:func:`detach`) when its own later steps fail.
+    Raises InvalidArgument for names :func:`tap_names` would not make, AlreadyExists naming
+    the first name that is taken (by a tap or any other link), FailedPrecondition without
+    CAP_NET_ADMIN, Unavailable/Internal otherwise.
     """
     taps = check_tap_names(names)
     with Rtnl.host() as host, ExitStack() as undo:
         for name in taps:
             existing = host.link(name)
             if existing is not None:
-                if not existing.is_tap:
-                    raise FailedPrecondition(f"{name} exists in the host namespace but is a {existing.kind or 'link'}")
-                continue
+                kind = "tap" if existing.is_tap else (existing.kind or "link")
+                raise AlreadyExists(f"{name} already exists in the host namespace (a {kind}): not ours to adopt")
             host.add_tap(name)
             created = host.link(name)
             if created is None:

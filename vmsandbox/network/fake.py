@@ -12,9 +12,9 @@ import threading
 from dataclasses import dataclass, field
 
 from .._failpoints import Failpoints
-from ..errors import InvalidArgument, NotFound
+from ..errors import AlreadyExists, InvalidArgument, NotFound
 from ._model import InterfaceCounters, NetworkPlan
-from ._names import tap_names
+from ._names import check_tap_names, tap_names
 
 __all__ = ["FakeNetwork", "FakeNetns"]
 
@@ -53,11 +53,17 @@ class FakeNetwork:
         return tap_names(sandbox_id, count)
 
     def create_taps(self, names: list[str]) -> None:
+        taps = check_tap_names(names)
         self.fp.hit("create_taps")
         with self._lock:
-            self.host_taps.update(names)
+            # Like the real one: a name taken in the host namespace is refused, all or nothing.
+            taken = [t for t in taps if t in self.host_taps]
+            if taken:
+                raise AlreadyExists(f"tap {taken[0]} already exists in the host namespace: not ours to adopt")
+            self.host_taps.update(taps)
 
     def attach(self, plan: NetworkPlan, taps: list[str]) -> None:
+        taps = check_tap_names(taps)
         self.fp.hit("attach")
         with self._lock:
             ns = self.netns.get(plan.netns_path)
@@ -71,6 +77,7 @@ class FakeNetwork:
             ns.has_addresses = False
 
     def detach(self, netns_path: str, taps: list[str], plan: NetworkPlan | None = None) -> None:
+        taps = check_tap_names(taps)
         self.fp.hit("detach")
         if plan is not None and plan.netns_path != netns_path:
             raise InvalidArgument(f"the plan is for {plan.netns_path}, not {netns_path}")

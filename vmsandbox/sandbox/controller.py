@@ -111,7 +111,8 @@ class SandboxController:
         self._exits.bind(self._hv)
         self._agents = Agents(guest, self._store, self._hv)
         self._view = StatusView(self._registry, self._exits, self._hv, network, virt_type)
-        self._recovery = Recovery(config, self._registry, self._exits, self._hv, owner=self.owner, unwire=self._unwire)
+        self._recovery = Recovery(config, self._registry, self._exits, self._hv, owner=self.owner, unwire=self._unwire,
+                                  drop_taps=self._drop_taps)
         try:
             self._recovery.recover()
         except BaseException:
@@ -199,11 +200,15 @@ class SandboxController:
                 undo.callback(os.close, lock)
                 for plan in plans:
                     mountplan.materialize(plan)
+                if (noted := self._store.noted_taps(sid)) is not None:
+                    self._drop_taps(sid, *noted)  # an earlier create's, that its rollback could not remove
                 taps: list[str] = []
                 if netplan is not None:
                     taps = self._net.tap_names(sid, len(netplan.interfaces))
-                    undo.callback(quietly(self._net.detach, netns_path, taps, None))
+                    # All or nothing, and a taken name is refused: only what it made is ours.
                     self._net.create_taps(taps)
+                    undo.callback(quietly(self._drop_taps, sid, netns_path, taps))
+                    self._store.note_taps(sid, netns_path, taps)
                 host_key = write_guest_files(sdir, settings=settings, disks=plans, network=netplan)
                 now = utcnow()
                 spec = domain_spec(
@@ -237,6 +242,7 @@ class SandboxController:
                 entry.record = record
                 undo.pop_all()
                 os.close(lock)
+            self._store.forget_taps(sid)  # the record holds them now
             self._emit(sid, Step.CREATED)
             log.info("sandbox %s: created (%d vCPU, %d MiB, %d disk(s))", sid, size.vcpus, size.memory_mib, len(plans))
         finally:
@@ -297,6 +303,11 @@ class SandboxController:
             self._remove_locked(e)
         except Exception:  # noqa: BLE001 - the start's own error is the one to report
             log.exception("sandbox %s: removing it after a failed start failed; its record is kept", e.record.id)
+
+    def _drop_taps(self, sandbox_id: str, netns_path: str, taps: list[str]) -> None:
+        """Remove taps a create made, then their note (kept when the removal fails)."""
+        self._net.detach(netns_path, taps, None)
+        self._store.forget_taps(sandbox_id)
 
     def _unwire(self, rec: SandboxRecord) -> None:
         """Give the netns its interfaces back (addresses, no redirects); taps stay for a restart."""

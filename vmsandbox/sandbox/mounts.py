@@ -90,6 +90,36 @@ def _split_options(m: Mount) -> tuple[bool, tuple[str, ...], dict[str, str]]:
     return readonly, tuple(flags), kv
 
 
+def _overlay_dirs(key: str, value: str) -> list[str]:
+    """The layer paths of one overlay option (``lowerdir``: ``:``-separated), each checked.
+
+    A path with ``,``, ``:`` or ``\\`` is refused rather than escaped: containerd hands us
+    option strings as it would pass them to mount(2), so such a character may be a path's
+    own or already an escape; and how an escape is read depends on the host (libmount's
+    option splitting, overlayfs' legacy parser before Linux 6.5 and its fs_context one
+    after). Guessing wrong would merge directories nobody asked for; containerd's
+    snapshotters never make such paths (and its own mount would break on them too).
+    """
+    dirs = value.split(":") if key == "lowerdir" else [value]
+    for d in dirs:
+        if any(c in d for c in ",:\\"):
+            raise InvalidArgument(f"overlay {key} {d!r}: a layer path containing ',', ':' or '\\' is not supported")
+        if not os.path.isabs(d):
+            raise InvalidArgument(f"overlay {key} {d!r} is not an absolute path")
+        if not os.path.isdir(d):
+            raise InvalidArgument(f"overlay {key} {d} does not exist")
+    return dirs
+
+
+def _overlay_option(kv: dict[str, str]) -> str:
+    """The ``lowerdir=`` option that merges an overlay read-only: upperdir on top of the
+    lower layers. The only way layer paths reach the mount option string."""
+    if "lowerdir" not in kv:
+        raise InvalidArgument("overlay mount without lowerdir")
+    layers = _overlay_dirs("upperdir", kv["upperdir"]) if "upperdir" in kv else []
+    return "lowerdir=" + ":".join(layers + _overlay_dirs("lowerdir", kv["lowerdir"]))
+
+
 def plan_mounts(mounts: Sequence[Mount], sandbox_dir: Path) -> list[DiskPlan]:
     """Validate the mounts and decide how each becomes a disk. Touches nothing.
 
@@ -116,12 +146,9 @@ def plan_mounts(mounts: Sequence[Mount], sandbox_dir: Path) -> list[DiskPlan]:
             targets.add(target)
         serial = f"vsbx-m{i}"
         if m.type == "overlay":
-            if "lowerdir" not in kv:
-                raise InvalidArgument("overlay mount without lowerdir")
-            dirs = kv["lowerdir"].split(":") + [kv[k] for k in ("upperdir", "workdir") if k in kv]
-            for d in dirs:
-                if not os.path.isdir(d):
-                    raise InvalidArgument(f"overlay directory {d} does not exist")
+            _overlay_option(kv)
+            if "workdir" in kv:
+                _overlay_dirs("workdir", kv["workdir"])
             plans.append(DiskPlan(i, m, serial, "ext4", target, readonly, flags,
                                   str(sandbox_dir / "disks" / f"m{i}.img"), False, "raw", "overlay"))
             continue
@@ -210,10 +237,9 @@ def materialize(plan: DiskPlan) -> None:
     # Merge the overlay exactly as the kernel would (whiteouts, opaque dirs) by mounting it
     # read-only on a private temporary mountpoint, then copy the merged view.
     _, _, kv = _split_options(plan.mount)
+    opts = _overlay_option(kv)
     mnt = tempfile.mkdtemp(prefix="vsbx-overlay-")
     try:
-        opts = f"lowerdir={kv['lowerdir']}" if "upperdir" not in kv else \
-            f"lowerdir={kv['upperdir']}:{kv['lowerdir']}"
         r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"ro,{opts}", mnt], capture_output=True, text=True)
         if r.returncode != 0:
             raise Internal(f"mounting the overlay to copy it failed: {r.stderr.strip()}")

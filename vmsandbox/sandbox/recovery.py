@@ -2,8 +2,8 @@
 
 Every controller rebuilds its entries from the records and notices exits it missed. Only
 the owner of the state dir cleans up interrupted work: a boot cut short is powered off and
-unwired, a half-made folder and a domain of ours without a record are removed (a
-quarantined record's domain is left alone). After the hypervisor connection comes back,
+unwired, a half-made folder, the taps it noted and a domain of ours without a record are
+removed (a quarantined record's domain is left alone). After the hypervisor connection comes back,
 :meth:`Recovery.reconcile` looks for sandboxes that stopped meanwhile.
 """
 
@@ -34,7 +34,8 @@ RECONCILE_WORKERS = 4
 
 class Recovery:
     def __init__(self, config: Config, registry: Registry, exits: Exits, hv: Hypervisor, *, owner: bool,
-                 unwire: Callable[[SandboxRecord], None]) -> None:
+                 unwire: Callable[[SandboxRecord], None],
+                 drop_taps: Callable[[str, str, list[str]], None]) -> None:
         self.config = config
         self.owner = owner
         self._registry = registry
@@ -42,6 +43,7 @@ class Recovery:
         self._exits = exits
         self._hv = hv
         self._unwire = unwire
+        self._drop_taps = drop_taps
 
     def recover(self) -> None:
         """Rebuild in-memory state from records and libvirt; the owner also cleans up
@@ -82,6 +84,7 @@ class Recovery:
             self._hv.destroy(DOMAIN_PREFIX + d.name)
             self._hv.undefine(DOMAIN_PREFIX + d.name)
             self._store.remove(d.name)
+        self._drop_noted_taps()
         # A quarantined record's VM may be running someone's pod: leave it for a person.
         known |= {DOMAIN_PREFIX + sid for sid in self._store.quarantined()}
         for info in self._hv.list_tagged():
@@ -89,6 +92,21 @@ class Recovery:
                 log.warning("removing domain %s: ours, but it has no record", info.name)
                 self._hv.destroy(info.name)
                 self._hv.undefine(info.name)
+
+    def _drop_noted_taps(self) -> None:
+        """Remove the taps of creates that were cut short or could not roll them back."""
+        for sid in self._store.noted_tap_ids():
+            if self._store.load(sid) is not None:
+                self._store.forget_taps(sid)  # the record took them over
+                continue
+            noted = self._store.noted_taps(sid)
+            if noted is None or self._store.exists(sid):  # a create still holds its folder
+                continue
+            log.warning("sandbox %s: removing taps %s left by a create that did not finish", sid, ", ".join(noted[1]))
+            try:
+                self._drop_taps(sid, *noted)
+            except VmSandboxError as err:  # the note stays: the next start-up or create tries again
+                log.warning("sandbox %s: removing its taps failed: %s", sid, err)
 
     def reconcile(self) -> None:
         """After libvirtd came back: notice sandboxes that stopped while it was away."""

@@ -170,14 +170,43 @@ class StatusView:
         return self._store.dir(self._registry.get(sandbox_id).record.id) / "console.log"
 
     def read_console_log(self, sandbox_id: str, max_bytes: int = 0) -> bytes:
-        """The console log's last ``max_bytes`` bytes (all when 0; empty before the first boot)."""
+        """The console log's last ``max_bytes`` bytes (all when 0; empty before the first boot).
+
+        With the backups virtlogd rotated out (``console.log.N``, the highest N the oldest)
+        before the live file, so the boot stays readable after the guest wrote more than
+        virtlogd's max_size. A snapshot: output rotated while it reads may be missed.
+        """
+        return _read_tail(_rotated_files(self.console_log(sandbox_id)), max_bytes)
+
+
+def _rotated_files(log: Path) -> list[Path]:
+    """``log``'s rotated backups, oldest first, then ``log`` itself."""
+    try:
+        names = os.listdir(log.parent)
+    except FileNotFoundError:
+        return [log]
+    prefix = log.name + "."
+    backups = sorted((int(n[len(prefix):]), n) for n in names if n.startswith(prefix) and n[len(prefix):].isdigit())
+    return [log.parent / n for _, n in reversed(backups)] + [log]
+
+
+def _read_tail(files: list[Path], max_bytes: int) -> bytes:
+    parts: list[bytes] = []
+    left = max_bytes if max_bytes > 0 else -1
+    for path in reversed(files):  # newest first, until max_bytes are collected
         try:
-            with open(self.console_log(sandbox_id), "rb") as f:
-                if max_bytes > 0:
-                    f.seek(max(0, f.seek(0, os.SEEK_END) - max_bytes))
-                return f.read()
+            with open(path, "rb") as f:
+                if left >= 0:
+                    f.seek(max(0, f.seek(0, os.SEEK_END) - left))
+                data = f.read()
         except FileNotFoundError:
-            return b""
+            continue  # rotated away meanwhile, or no boot yet
+        parts.append(data)
+        if left >= 0:
+            left -= len(data)
+            if left <= 0:
+                break
+    return b"".join(reversed(parts))
 
 
 def instance_of(rec: SandboxRecord) -> ControllerInstance:

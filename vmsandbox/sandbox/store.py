@@ -165,6 +165,7 @@ class Store:
     def __init__(self, state_dir: Path) -> None:
         self.root = state_dir / "sandboxes"
         self.quarantine_root = state_dir / "quarantine"
+        self.taps_root = state_dir / "taps"
 
     def dir(self, sandbox_id: str) -> Path:
         return self.root / sandbox_id
@@ -174,22 +175,40 @@ class Store:
 
     def save(self, record: SandboxRecord) -> None:
         """Atomically replace the record (temp file, fsync, rename, fsync of the folder)."""
-        d = self.dir(record.id)
-        data = json.dumps(record_to_json(record), indent=1, sort_keys=True).encode()
-        fd, tmp = tempfile.mkstemp(prefix=".record-", dir=d)
+        _write_atomic(self.dir(record.id), RECORD, json.dumps(record_to_json(record), indent=1, sort_keys=True))
+
+    def note_taps(self, sandbox_id: str, netns_path: str, taps: list[str]) -> None:
+        """Note the taps a create made (``<state_dir>/taps/<id>.json``) until its record
+        holds them: if the create is cut short, or its rollback fails to remove them, they
+        are known to be ours (:meth:`noted_taps`), for recovery and a retry to remove."""
+        self.taps_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _write_atomic(self.taps_root, f"{sandbox_id}.json", json.dumps({"netns_path": netns_path, "taps": list(taps)}))
+
+    def noted_taps(self, sandbox_id: str) -> tuple[str, list[str]] | None:
+        """(netns path, taps) that :meth:`note_taps` noted for the sandbox, None when none."""
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, d / RECORD)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        _fsync_dir(d)  # the rename itself survives a power cut only once the folder is synced
+            d = json.loads((self.taps_root / f"{sandbox_id}.json").read_text())
+            return str(d["netns_path"]), [str(t) for t in d["taps"]]
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("ignoring the unreadable tap note of sandbox %s: %s", sandbox_id, e)
+            return None
+
+    def noted_tap_ids(self) -> list[str]:
+        """The sandboxes with a tap note, sorted."""
+        if not self.taps_root.is_dir():
+            return []
+        return sorted(p.stem for p in self.taps_root.glob("*.json") if not p.name.startswith("."))
+
+    def forget_taps(self, sandbox_id: str) -> None:
+        """Drop the tap note (the record holds the taps now, or they are gone). Never raises."""
+        try:
+            os.unlink(self.taps_root / f"{sandbox_id}.json")
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("could not remove the tap note of sandbox %s: %s", sandbox_id, e)
 
     def load_all(self, *, quarantine: bool = True) -> tuple[list[SandboxRecord], list[Path]]:
         """(records, folders without a record: leftovers of an interrupted create).
@@ -268,6 +287,24 @@ class Store:
     def remove(self, sandbox_id: str) -> None:
         """Delete the sandbox's folder and everything in it (idempotent)."""
         shutil.rmtree(self.dir(sandbox_id), ignore_errors=True)
+
+
+def _write_atomic(d: Path, name: str, text: str) -> None:
+    """Replace ``d/name`` by ``text`` atomically (temp file, fsync, rename, fsync of ``d``)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{Path(name).stem}-", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(text.encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, d / name)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(d)  # the rename itself survives a power cut only once the folder is synced
 
 
 def _fsync_dir(d: Path) -> None:
