@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from google.protobuf.message import DecodeError
 
 from .errors import InvalidArgument
-from .model import Any
+from .model import AnyMessage
 from .proto.k8s.runtime.v1 import api_pb2
 
 __all__ = [
@@ -75,7 +75,7 @@ class PodConfig:
     overhead_memory_limit_bytes: int = 0
 
 
-def parse_pod_config(any: Any | None) -> PodConfig | None:
+def parse_pod_config(any: AnyMessage | None) -> PodConfig | None:
     """Decode Create's options when they hold a ``runtime.v1.PodSandboxConfig``.
 
     Returns None for no options or options of another type (the caller keeps unknown types

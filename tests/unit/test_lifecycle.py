@@ -25,7 +25,7 @@ from tests.unit.rig import Rig
 from vmsandbox import errors
 from vmsandbox.cgroupsv2 import from_any
 from vmsandbox.guest.fake import POWEROFF, ExecCall
-from vmsandbox.model import Any, ExecResult, ExitStatus, Mount, Phase, Platform, Runtime, Sandbox, SandboxState, utcnow
+from vmsandbox.model import AnyMessage, ExecResult, ExitStatus, Mount, Phase, Platform, Runtime, Sandbox, SandboxState, utcnow
 from vmsandbox.proto.k8s.runtime.v1 import api_pb2
 from vmsandbox.sandbox.controller import EXIT_CLEAN, EXIT_FAILED, EXIT_KILLED, SandboxController, state_dir_owner
 from vmsandbox.sandbox.ports import DomainState, StopReason
@@ -36,7 +36,7 @@ MiB = 1024 * 1024
 
 # --------------------------------------------------------------------------- helpers
 def pod_options(*, cpu_quota: int = 0, cpu_period: int = 0, memory_bytes: int = 0, cgroup_parent: str = "",
-                annotations: dict[str, str] | None = None) -> Any:
+                annotations: dict[str, str] | None = None) -> AnyMessage:
     """Create's options as containerd's CRI sends them: a runtime.v1.PodSandboxConfig."""
     msg = api_pb2.PodSandboxConfig()
     msg.metadata.name = "web"
@@ -47,12 +47,12 @@ def pod_options(*, cpu_quota: int = 0, cpu_period: int = 0, memory_bytes: int = 
     msg.linux.cgroup_parent = cgroup_parent
     for k, v in (annotations or {}).items():
         msg.annotations[k] = v
-    return Any("runtime.v1.PodSandboxConfig", msg.SerializeToString())
+    return AnyMessage("runtime.v1.PodSandboxConfig", msg.SerializeToString())
 
 
-def spec_with_annotations(**annotations: str) -> Any:
+def spec_with_annotations(**annotations: str) -> AnyMessage:
     """An OCI runtime spec in an Any, as containerd stores Sandbox.spec."""
-    return Any("types.containerd.io/opencontainers/runtime-spec/1/Spec",
+    return AnyMessage("types.containerd.io/opencontainers/runtime-spec/1/Spec",
                json.dumps({"ociVersion": "1.1.0", "annotations": annotations}).encode())
 
 
@@ -215,7 +215,7 @@ def test_the_guest_boots_with_exactly_the_requested_memory(rig: Rig) -> None:
     pytest.param(Sandbox("a"), {"rootfs": [Mount("ext4", "/nonexistent/rootfs.img")]}, id="missing-mount-source"),
     pytest.param(Sandbox("a"), {"rootfs": ["/rootfs.img"]}, id="mount-not-a-Mount"),
     pytest.param(Sandbox("a"), {"netns_path": "/nonexistent/netns"}, id="missing-netns"),
-    pytest.param(Sandbox("a"), {"options": Any("runtime.v1.PodSandboxConfig", b"\xff\xff\xff")}, id="undecodable-pod"),
+    pytest.param(Sandbox("a"), {"options": AnyMessage("runtime.v1.PodSandboxConfig", b"\xff\xff\xff")}, id="undecodable-pod"),
     pytest.param(Sandbox("a"), {"options": pod_options(cgroup_parent="/kubepods/../../etc")}, id="unsafe-cgroup"),
 ])
 def test_a_bad_create_is_invalid_argument_and_leaves_nothing(rig: Rig, sandbox: object, kwargs: dict[str, object]) -> None:
@@ -922,7 +922,7 @@ def test_exec_recovers_from_a_half_dead_agent_connection(rig: Rig) -> None:
 # =========================================================================== update
 def test_update_stores_the_named_fields(rig: Rig) -> None:
     sid = running(rig)
-    ext = Any("example.com/Thing", b"\x01")
+    ext = AnyMessage("example.com/Thing", b"\x01")
     rig.ctl.update(sid, Sandbox(sid, labels={"team": "x"}, extensions={"thing": ext}, runtime=Runtime("io.vm"),
                                 sandboxer="vmsandbox"), "labels", "extensions")
     info = verbose(rig, sid)
@@ -946,7 +946,7 @@ def test_update_takes_annotations_from_the_oci_spec(rig: Rig) -> None:
     sid = created(rig, annotations={"old": "1"})
     rig.ctl.update(sid, Sandbox(sid, spec=spec_with_annotations(new="2")), "spec")
     assert json.loads(verbose(rig, sid)["annotations"]) == {"old": "1", "new": "2"}
-    rig.ctl.update(sid, Sandbox(sid, spec=Any("x", b"not json")), "spec")  # not JSON: no annotations in it
+    rig.ctl.update(sid, Sandbox(sid, spec=AnyMessage("x", b"not json")), "spec")  # not JSON: no annotations in it
     assert json.loads(verbose(rig, sid)["annotations"]) == {"old": "1", "new": "2"}
 
 
@@ -962,13 +962,13 @@ def test_update_grows_and_shrinks_memory_within_the_boot_maximum(rig: Rig) -> No
 def test_update_through_cri_updated_resources(rig: Rig) -> None:
     sid = running(rig, options=pod_options(memory_bytes=200 * MiB))
     doc = {"linux": {"memory_limit_in_bytes": 300 * MiB}}
-    rig.ctl.update(sid, Sandbox(sid, extensions={"updated-resources": Any("x", json.dumps(doc).encode())}), "extensions")
+    rig.ctl.update(sid, Sandbox(sid, extensions={"updated-resources": AnyMessage("x", json.dumps(doc).encode())}), "extensions")
     assert rig.domain(sid).memory_mib == 300 and verbose(rig, sid)["memory_mib"] == "300"
 
 
 def test_update_ignores_what_it_does_not_size(rig: Rig) -> None:
     sid = running(rig)
-    rig.ctl.update(sid, Sandbox(sid, extensions={"updated-resources": Any("x", b'{"windows": {}}')}), "extensions")
+    rig.ctl.update(sid, Sandbox(sid, extensions={"updated-resources": AnyMessage("x", b'{"windows": {}}')}), "extensions")
     rig.ctl.update(sid, Sandbox(sid), "spec")  # no spec at all: no annotations from it
     assert rig.domain(sid).memory_mib == 256 and verbose(rig, sid)["memory_mib"] == "256"
 
@@ -1002,7 +1002,7 @@ def test_update_of_vcpus_is_failed_precondition_unless_unchanged(rig: Rig) -> No
     pytest.param("a", ("labels",), errors.InvalidArgument, id="not-a-Sandbox"),
     pytest.param(Sandbox("a", labels={"vmsandbox.io/memory-mib": "lots"}), ("labels",), errors.InvalidArgument,
                  id="bad-memory-label"),
-    pytest.param(Sandbox("a", extensions={"updated-resources": Any("x", b"{oops")}), ("extensions",),
+    pytest.param(Sandbox("a", extensions={"updated-resources": AnyMessage("x", b"{oops")}), ("extensions",),
                  errors.InvalidArgument, id="updated-resources-not-json"),
 ])
 def test_a_bad_update_is_refused_and_changes_nothing(rig: Rig, sandbox: object, fields: tuple[str, ...],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vmsandbox.errors import InvalidArgument
-from vmsandbox.model import Any
+from vmsandbox.model import AnyMessage
 from vmsandbox.podconfig import (
     POD_SANDBOX_CONFIG_TYPE,
     PodConfig,
@@ -47,8 +47,8 @@ def full_config() -> api_pb2.PodSandboxConfig:
     return cfg
 
 
-def as_any(cfg: api_pb2.PodSandboxConfig, url: str = POD_SANDBOX_CONFIG_TYPE) -> Any:
-    return Any(type_url=url, value=cfg.SerializeToString())
+def as_any(cfg: api_pb2.PodSandboxConfig, url: str = POD_SANDBOX_CONFIG_TYPE) -> AnyMessage:
+    return AnyMessage(type_url=url, value=cfg.SerializeToString())
 
 
 def test_parses_every_field() -> None:
@@ -111,24 +111,24 @@ def test_prefixed_type_url_accepted() -> None:
 
 def test_none_and_other_types_give_none() -> None:
     assert parse_pod_config(None) is None
-    assert parse_pod_config(Any("containerd.runc.v1.Options", b"\x08\x01")) is None
-    assert parse_pod_config(Any("runtime.v1alpha2.PodSandboxConfig", full_config().SerializeToString())) is None
+    assert parse_pod_config(AnyMessage("containerd.runc.v1.Options", b"\x08\x01")) is None
+    assert parse_pod_config(AnyMessage("runtime.v1alpha2.PodSandboxConfig", full_config().SerializeToString())) is None
 
 
 def test_garbage_bytes_are_invalid_argument() -> None:
     with pytest.raises(InvalidArgument):
-        parse_pod_config(Any(POD_SANDBOX_CONFIG_TYPE, b"\x0a\xff\xff\xff\xff"))
+        parse_pod_config(AnyMessage(POD_SANDBOX_CONFIG_TYPE, b"\x0a\xff\xff\xff\xff"))
 
 
 def test_unknown_fields_tolerated() -> None:
     """Fields we do not declare (windows=9, a newer kubelet's additions) are skipped."""
     raw = full_config().SerializeToString() + b"\x4a\x02\x0a\x00" + b"\xa0\x06\x01"  # field 9 msg; field 100 varint
-    pc = parse_pod_config(Any(POD_SANDBOX_CONFIG_TYPE, raw))
+    pc = parse_pod_config(AnyMessage(POD_SANDBOX_CONFIG_TYPE, raw))
     assert pc is not None and pc.hostname == "web-0"
 
 
 def test_empty_config() -> None:
-    pc = parse_pod_config(Any(POD_SANDBOX_CONFIG_TYPE, b""))
+    pc = parse_pod_config(AnyMessage(POD_SANDBOX_CONFIG_TYPE, b""))
     assert pc == PodConfig()
     assert vcpus_from(pc) is None and memory_mib_from(pc) is None
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from vmsandbox import Any, InvalidArgument, Sandbox
+from vmsandbox import AnyMessage, InvalidArgument, Sandbox
 from vmsandbox.podconfig import PodConfig
 from vmsandbox.sandbox.resources import ResourceChange, resources_from_update
 
@@ -14,7 +14,7 @@ LIMITS = {"max_vcpus": 8, "max_memory_mib": 4096}
 
 
 def cri(linux: dict[str, int]) -> Sandbox:
-    ext = Any("io.containerd.cri.v1/UpdatedResources", json.dumps({"Linux": linux}).encode())
+    ext = AnyMessage("io.containerd.cri.v1/UpdatedResources", json.dumps({"Linux": linux}).encode())
     return Sandbox("s", extensions={"updated-resources": ext})
 
 
@@ -41,6 +41,6 @@ def test_bad_values_are_invalid_argument() -> None:
         resources_from_update(Sandbox("s", labels={"vmsandbox.io/vcpus": "0"}), {}, {"labels"}, **LIMITS)
     with pytest.raises(InvalidArgument):
         resources_from_update(Sandbox(
-            "s", extensions={"updated-resources": Any("x", b"not json")}), {}, {"extensions"}, **LIMITS)
+            "s", extensions={"updated-resources": AnyMessage("x", b"not json")}), {}, {"extensions"}, **LIMITS)
     with pytest.raises(InvalidArgument):
         resources_from_update(cri({"memory_limit_in_bytes": 1 << 20}), {}, {"extensions"}, **LIMITS)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vmsandbox import Any, Mount, Phase, Runtime, Sandbox
+from vmsandbox import AnyMessage, Mount, Phase, Runtime, Sandbox
 from vmsandbox.network import Address, Interface, NetworkPlan, Route
 from vmsandbox.sandbox import store as store_mod
 from vmsandbox.sandbox.store import SandboxRecord, Store, record_from_json, record_to_json
@@ -21,10 +21,10 @@ def full_record(sid: str = "sb-1") -> SandboxRecord:
     """A record with every field set to something non-default."""
     sandbox = Sandbox(
         id=sid,
-        runtime=Runtime("io.containerd.vmsandbox.v1", Any("type.googleapis.com/runtimeoptions.v1.Options", b"\x0a\x01x")),
-        spec=Any("types.containerd.io/opencontainers/runtime-spec/1/Spec", b'{"ociVersion":"1.1.0"}'),
+        runtime=Runtime("io.containerd.vmsandbox.v1", AnyMessage("type.googleapis.com/runtimeoptions.v1.Options", b"\x0a\x01x")),
+        spec=AnyMessage("types.containerd.io/opencontainers/runtime-spec/1/Spec", b'{"ociVersion":"1.1.0"}'),
         labels={"name": "web", "io.kubernetes.pod.namespace": "default", "ünï": "cødé"},
-        extensions={"ext": Any("example.com/Ext", bytes(range(256)))},
+        extensions={"ext": AnyMessage("example.com/Ext", bytes(range(256)))},
         sandboxer="vmsandbox",
         created_at=T0,
         updated_at=T0 + timedelta(seconds=1),
@@ -42,7 +42,7 @@ def full_record(sid: str = "sb-1") -> SandboxRecord:
         agent_socket="/var/lib/vmsandbox/sock/x.sock",
         host_key="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB host",
         rootfs=(Mount("ext4", "/r.img"), Mount("bind", "/srv/d", "/data", ("ro", "nosuid"))),
-        options=Any("k8s.io/PodSandboxConfig", b"\x00\xff"),
+        options=AnyMessage("k8s.io/PodSandboxConfig", b"\x00\xff"),
         netns_path="/var/run/netns/cni-1",
         annotations={"vmsandbox.io/vcpus": "2", "k": ""},
         started_at=T0 + timedelta(seconds=2),

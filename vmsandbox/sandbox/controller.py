@@ -28,7 +28,7 @@ from ..errors import (
 from ..hypervisor.domain import build_domain_xml
 from ..image import GuestImage
 from ..model import (
-    Any,
+    AnyMessage,
     ControllerInstance,
     ControllerStatus,
     ExecResult,
@@ -149,7 +149,7 @@ class SandboxController:
         sandbox: Sandbox,
         *,
         rootfs: Iterable[Mount] = (),
-        options: Any | None = None,
+        options: AnyMessage | None = None,
         netns_path: str = "",
         annotations: Mapping[str, str] | None = None,
     ) -> None:

@@ -15,7 +15,7 @@ from typing import Any as _Any
 
 from ..config import Config
 from ..errors import FailedPrecondition, InvalidArgument
-from ..model import Any, Phase, Sandbox, utcnow
+from ..model import AnyMessage, Phase, Sandbox, utcnow
 from ..podconfig import PodConfig, memory_mib_from, parse_pod_config, vcpus_from
 from .store import SandboxRecord
 from .validate import resources_from_annotations
@@ -138,7 +138,7 @@ def plan_update(rec: SandboxRecord, sandbox: Sandbox, names: Set[str], config: C
     return UpdatePlan(new_sandbox, annotations, rec.vcpus, mem)
 
 
-def spec_annotations(spec: Any | None) -> dict[str, str]:
+def spec_annotations(spec: AnyMessage | None) -> dict[str, str]:
     """The annotations of an OCI runtime spec held in an Any (JSON, as containerd writes it)."""
     if spec is None:
         return {}

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any as _Any
 
 from ..errors import VmSandboxError
-from ..model import Any, Mount, Phase, Runtime, Sandbox
+from ..model import AnyMessage, Mount, Phase, Runtime, Sandbox
 from ..network._model import NetworkPlan
 
 __all__ = ["SandboxRecord", "Store"]
@@ -46,7 +46,7 @@ class SandboxRecord:
     agent_socket: str
     host_key: str
     rootfs: tuple[Mount, ...] = ()
-    options: Any | None = None
+    options: AnyMessage | None = None
     netns_path: str = ""
     annotations: dict[str, str] = field(default_factory=dict)
     started_at: datetime | None = None
@@ -61,12 +61,12 @@ class SandboxRecord:
         return replace(self, **changes)
 
 
-def _any_to(a: Any | None) -> dict[str, str] | None:
+def _any_to(a: AnyMessage | None) -> dict[str, str] | None:
     return None if a is None else {"type_url": a.type_url, "value": base64.b64encode(a.value).decode()}
 
 
-def _any_from(d: dict[str, str] | None) -> Any | None:
-    return None if d is None else Any(d["type_url"], base64.b64decode(d["value"]))
+def _any_from(d: dict[str, str] | None) -> AnyMessage | None:
+    return None if d is None else AnyMessage(d["type_url"], base64.b64decode(d["value"]))
 
 
 def _dt_to(t: datetime | None) -> str | None:
