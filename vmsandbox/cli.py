@@ -259,7 +259,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     with _controller(args) as c:
         m = c.metrics(args.id)
     try:
-        from .cgroupsv2 import from_any
+        from .payloads.cgroupsv2 import from_any
 
         decoded: _Any = from_any(m.data)
     except VmSandboxError:

@@ -1,11 +1,11 @@
-"""vmsandbox.cgroupsv2: typed metrics <-> io.containerd.cgroups.v2.Metrics in an Any."""
+"""vmsandbox.payloads.cgroupsv2: typed metrics <-> io.containerd.cgroups.v2.Metrics in an Any."""
 
 from __future__ import annotations
 
 import pytest
 
-from vmsandbox import cgroupsv2
-from vmsandbox.cgroupsv2 import CgroupV2Metrics, CPUStat, IOEntry, MemoryStat, NetworkStat, PidsStat
+from vmsandbox.payloads import cgroupsv2
+from vmsandbox.payloads.cgroupsv2 import CgroupV2Metrics, CPUStat, IOEntry, MemoryStat, NetworkStat, PidsStat
 from vmsandbox.errors import InvalidArgument
 from vmsandbox.model import AnyMessage
 from vmsandbox.proto.cgroups.v2 import metrics_pb2

@@ -23,7 +23,7 @@ import pytest
 
 from tests.unit.rig import Rig
 from vmsandbox import errors
-from vmsandbox.cgroupsv2 import from_any
+from vmsandbox.payloads.cgroupsv2 import from_any
 from vmsandbox.guest.fake import POWEROFF, ExecCall
 from vmsandbox.model import AnyMessage, ExecResult, ExitStatus, Mount, Phase, Platform, Runtime, Sandbox, SandboxState, utcnow
 from vmsandbox.proto.k8s.runtime.v1 import api_pb2

@@ -1,4 +1,4 @@
-"""vmsandbox.podconfig: CRI's runtime.v1.PodSandboxConfig in Create options."""
+"""vmsandbox.payloads.podconfig: CRI's runtime.v1.PodSandboxConfig in Create options."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 from vmsandbox.errors import InvalidArgument
 from vmsandbox.model import AnyMessage
-from vmsandbox.podconfig import (
+from vmsandbox.payloads.podconfig import (
     POD_SANDBOX_CONFIG_TYPE,
     PodConfig,
     PortMapping,

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from vmsandbox import AnyMessage, InvalidArgument, Sandbox
-from vmsandbox.podconfig import PodConfig
+from vmsandbox.payloads.podconfig import PodConfig
 from vmsandbox.sandbox.resources import ResourceChange, resources_from_update
 
 LIMITS = {"max_vcpus": 8, "max_memory_mib": 4096}

@@ -19,7 +19,8 @@ import grpc
 import pytest
 from google.protobuf import any_pb2
 
-from vmsandbox import cgroupsv2, errors
+from vmsandbox import errors
+from vmsandbox.payloads import cgroupsv2
 from vmsandbox.controller import Controller
 from vmsandbox.model import (
     AnyMessage,

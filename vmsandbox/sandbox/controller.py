@@ -41,8 +41,8 @@ from ..model import (
     SandboxSummary,
     utcnow,
 )
-from ..cgroupsv2 import CgroupV2Metrics
-from ..podconfig import parse_pod_config
+from ..payloads.cgroupsv2 import CgroupV2Metrics
+from ..payloads.podconfig import parse_pod_config
 from .ports import DomainState, GuestFactory, HypervisorFactory, Images, Network, StopReason
 from .resources import plan_update, updated_fields
 from . import mounts as mountplan

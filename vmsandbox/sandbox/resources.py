@@ -16,7 +16,7 @@ from typing import Any as _Any
 from ..config import Config
 from ..errors import FailedPrecondition, InvalidArgument
 from ..model import AnyMessage, Phase, Sandbox, utcnow
-from ..podconfig import PodConfig, memory_mib_from, parse_pod_config, vcpus_from
+from ..payloads.podconfig import PodConfig, memory_mib_from, parse_pod_config, vcpus_from
 from .store import SandboxRecord
 from .validate import resources_from_annotations
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any as _Any
 
-from ..cgroupsv2 import CgroupV2Metrics, to_any
+from ..payloads.cgroupsv2 import CgroupV2Metrics, to_any
 from ..config import VirtType
 from ..errors import FailedPrecondition, NotFound, Unavailable, VmSandboxError
 from ..image import GuestImage

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
-from .errors import InvalidArgument
-from .model import AnyMessage
-from .proto.cgroups.v2 import metrics_pb2
+from ..errors import InvalidArgument
+from ..model import AnyMessage
+from ..proto.cgroups.v2 import metrics_pb2
 
 __all__ = [
     "TYPE_URL",

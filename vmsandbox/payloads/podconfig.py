@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
 
-from .errors import InvalidArgument
-from .model import AnyMessage
-from .proto.k8s.runtime.v1 import api_pb2
+from ..errors import InvalidArgument
+from ..model import AnyMessage
+from ..proto.k8s.runtime.v1 import api_pb2
 
 __all__ = [
     "POD_SANDBOX_CONFIG_TYPE",
