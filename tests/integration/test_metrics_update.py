@@ -103,9 +103,10 @@ def test_memory_update_reaches_the_guest(controller, running):  # type: ignore[n
     assert total <= 160 * 1024 < total_before, (total, total_before)
     assert decode(controller, sid).memory.usage_limit == 160 * 1024 * 1024
 
-    # CRI's updated-resources extension grows it back (within the boot-time maximum).
+    # CRI's updated-resources extension grows it back (within the boot-time maximum), in the
+    # shape containerd's UpdatePodSandboxResources writes (Go's JSON of UpdatedResources).
     ext = AnyMessage("io.containerd.cri.v1/UpdatedResources",
-              json.dumps({"Linux": {"memory_limit_in_bytes": 320 * 1024 * 1024}}).encode())
+                     json.dumps({"Overhead": None, "Resources": {"memory_limit_in_bytes": 320 * 1024 * 1024}}).encode())
     controller.update(sid, Sandbox(sid, extensions={"updated-resources": ext}), "extensions")
     # The guest kernel keeps ~40 MiB for itself, so compare growth, not the absolute figure.
     deadline = time.monotonic() + 30

@@ -961,7 +961,8 @@ def test_update_grows_and_shrinks_memory_within_the_boot_maximum(rig: Rig) -> No
 
 def test_update_through_cri_updated_resources(rig: Rig) -> None:
     sid = running(rig, options=pod_options(memory_bytes=200 * MiB))
-    doc = {"linux": {"memory_limit_in_bytes": 300 * MiB}}
+    # What containerd's UpdatePodSandboxResources stores: Go's JSON of UpdatedResources.
+    doc = {"Overhead": None, "Resources": {"memory_limit_in_bytes": 300 * MiB, "cpu_shares": 2}}
     rig.ctl.update(sid, Sandbox(sid, extensions={"updated-resources": AnyMessage("x", json.dumps(doc).encode())}), "extensions")
     assert rig.domain(sid).memory_mib == 300 and verbose(rig, sid)["memory_mib"] == "300"
 

@@ -10,6 +10,6 @@ errors, nothing else (no libvirt, pyroute2, paramiko or grpc, no I/O).
 
 from __future__ import annotations
 
-from . import cgroupsv2, podconfig
+from . import cgroupsv2, podconfig, updated_resources
 
-__all__ = ["cgroupsv2", "podconfig"]
+__all__ = ["cgroupsv2", "podconfig", "updated_resources"]
