@@ -36,7 +36,7 @@ MiB = 1024 * 1024
 
 # --------------------------------------------------------------------------- helpers
 def pod_options(*, cpu_quota: int = 0, cpu_period: int = 0, memory_bytes: int = 0, cgroup_parent: str = "",
-                annotations: dict[str, str] | None = None) -> AnyMessage:
+                annotations: dict[str, str] | None = None, overhead_bytes: int = 0) -> AnyMessage:
     """Create's options as containerd's CRI sends them: a runtime.v1.PodSandboxConfig."""
     msg = api_pb2.PodSandboxConfig()
     msg.metadata.name = "web"
@@ -44,6 +44,7 @@ def pod_options(*, cpu_quota: int = 0, cpu_period: int = 0, memory_bytes: int = 
     msg.linux.resources.cpu_quota = cpu_quota
     msg.linux.resources.cpu_period = cpu_period
     msg.linux.resources.memory_limit_in_bytes = memory_bytes
+    msg.linux.overhead.memory_limit_in_bytes = overhead_bytes
     msg.linux.cgroup_parent = cgroup_parent
     for k, v in (annotations or {}).items():
         msg.annotations[k] = v
@@ -967,6 +968,44 @@ def test_update_through_cri_updated_resources(rig: Rig) -> None:
     assert rig.domain(sid).memory_mib == 300 and verbose(rig, sid)["memory_mib"] == "300"
 
 
+def cri_memory(sid: str, memory_bytes: int) -> Sandbox:
+    """An update as containerd's UpdatePodSandboxResources makes it (no overhead carried)."""
+    doc = {"Overhead": None, "Resources": {"memory_limit_in_bytes": memory_bytes}}
+    return Sandbox(sid, extensions={"updated-resources": AnyMessage("io.containerd.cri.v1/UpdatedResources",
+                                                                   json.dumps(doc).encode())})
+
+
+def edit_record(rig: Rig, sid: str, edit: Callable[[dict[str, object]], None]) -> None:
+    path = rig.sandbox_dir(sid) / "record.json"
+    d = json.loads(path.read_text())
+    edit(d)
+    path.write_text(json.dumps(d))
+
+
+def test_start_and_update_use_the_pod_config_recorded_at_create(rig: Rig) -> None:
+    """Create decodes the PodSandboxConfig once into the record; the raw options are only kept
+    (containerd may want them back), so later calls work even when they could not be decoded."""
+    sid = created(rig, options=pod_options(memory_bytes=200 * MiB, overhead_bytes=56 * MiB))
+    pod = rig.record(sid)["pod"]
+    assert (pod["name"], pod["memory_limit_bytes"], pod["overhead_memory_limit_bytes"]) == ("web", 200 * MiB, 56 * MiB)
+    edit_record(rig, sid, lambda d: d["options"].update(value="CgP///8="))  # type: ignore[attr-defined]
+    rig.restart()
+    rig.ctl.start(sid)
+    rig.ctl.update(sid, cri_memory(sid, 300 * MiB), "extensions")
+    assert rig.domain(sid).memory_mib == 356  # the pod's 300 MiB plus create's overhead
+    assert rig.record(sid)["options"]["value"] == "CgP///8="
+
+
+def test_a_record_from_before_the_typed_pod_config_is_sized_from_its_options(rig: Rig) -> None:
+    sid = running(rig, options=pod_options(memory_bytes=200 * MiB, overhead_bytes=56 * MiB))
+    edit_record(rig, sid, lambda d: [d.pop("pod"), d.pop("platform")])
+    rig.restart()
+    rig.ctl.update(sid, cri_memory(sid, 300 * MiB), "extensions")
+    assert rig.domain(sid).memory_mib == 356
+    assert rig.record(sid)["pod"]["overhead_memory_limit_bytes"] == 56 * MiB  # written typed from now on
+    assert rig.ctl.platform(sid) == Platform("linux", "amd64")  # from the image manifest, as before
+
+
 def test_update_ignores_what_it_does_not_size(rig: Rig) -> None:
     sid = running(rig)
     rig.ctl.update(sid, Sandbox(sid, extensions={"updated-resources": AnyMessage("x", b'{"windows": {}}')}), "extensions")
@@ -1147,9 +1186,19 @@ def test_platform_comes_from_the_guest_image(rig: Rig) -> None:
         rig.ctl.platform("nope")
 
 
+def test_the_platform_is_the_one_recorded_at_create(rig: Rig) -> None:
+    sid = created(rig)
+    assert rig.record(sid)["platform"] == {"os": "linux", "architecture": "amd64", "variant": "", "os_version": ""}
+    (rig.images.dir / "manifest.json").write_text("{not json")
+    rig.restart()
+    assert rig.ctl.platform(sid) == Platform("linux", "amd64")
+
+
 def test_an_unreadable_image_manifest_is_failed_precondition(rig: Rig) -> None:
     sid = created(rig)
+    edit_record(rig, sid, lambda d: d.pop("platform"))  # a record from before the platform was kept
     (rig.images.dir / "manifest.json").write_text("{not json")
+    rig.restart()
     with pytest.raises(errors.FailedPrecondition, match="manifest"):
         rig.ctl.platform(sid)
 

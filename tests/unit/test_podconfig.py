@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from vmsandbox.errors import InvalidArgument
@@ -131,6 +133,29 @@ def test_empty_config() -> None:
     pc = parse_pod_config(AnyMessage(POD_SANDBOX_CONFIG_TYPE, b""))
     assert pc == PodConfig()
     assert vcpus_from(pc) is None and memory_mib_from(pc) is None
+
+
+def test_json_round_trip_keeps_every_field() -> None:
+    pc = parse_pod_config(as_any(full_config()))
+    assert pc is not None
+    doc = json.loads(json.dumps(pc.to_json()))
+    assert doc["port_mappings"][0]["protocol"] == "UDP" and doc["dns_searches"][1] == "svc.cluster.local"
+    assert PodConfig.from_json(doc) == pc
+    assert PodConfig.from_json({}) == PodConfig()  # a field the writer did not know takes its default
+
+
+@pytest.mark.parametrize("doc, match", [
+    pytest.param([], "must be an object", id="a-list"),
+    pytest.param({"attempt": True}, r"attempt must be an integer", id="bool-for-int"),
+    pytest.param({"hostname": 5}, r"hostname must be a string", id="int-for-str"),
+    pytest.param({"dns_servers": "10.0.0.1"}, r"dns_servers must be a list", id="str-for-list"),
+    pytest.param({"labels": {"a": None}}, r"labels\['a'\] must be a string", id="null-label"),
+    pytest.param({"port_mappings": [{"protocol": "TCP"}]}, r"port_mappings\[0\] lacks 'container_port'",
+                 id="port-without-container-port"),
+])
+def test_json_that_is_no_pod_config_is_invalid_argument(doc: object, match: str) -> None:
+    with pytest.raises(InvalidArgument, match=match):
+        PodConfig.from_json(doc)
 
 
 def test_sizing_with_overhead() -> None:

@@ -232,6 +232,8 @@ class SandboxController:
                     annotations=annotations,
                     taps=tuple(taps),
                     network=netplan,
+                    pod=pod,
+                    platform=image.platform,
                 )
                 self._store.save(record)
                 entry.record = record
@@ -276,9 +278,8 @@ class SandboxController:
                 if rec.rootfs:
                     self._agents.check_mounts(agent, rec)
                 pid = self._hv.pid(rec.domain)
-                pod = parse_pod_config(rec.options)
-                if pod is not None and pod.cgroup_parent and pid:
-                    place_process(pid, pod.cgroup_parent)
+                if rec.pod is not None and rec.pod.cgroup_parent and pid:
+                    place_process(pid, rec.pod.cgroup_parent)
                 with e.state_lock:
                     rec = self._registry.save(e, phase=Phase.RUNNING, started_at=started, pid=pid)
             except BaseException as err:
@@ -372,7 +373,7 @@ class SandboxController:
         return self._view.status(sandbox_id, verbose=verbose)
 
     def platform(self, sandbox_id: str) -> Platform:
-        """The guest's OS/architecture in OCI names, from the image manifest (cached)."""
+        """The guest's OS/architecture in OCI names, as recorded at create from the guest image."""
         return self._view.platform(sandbox_id)
 
     def resource_metrics(self, sandbox_id: str) -> CgroupV2Metrics:

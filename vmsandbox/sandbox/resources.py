@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from ..config import Config
 from ..errors import FailedPrecondition, InvalidArgument
 from ..model import AnyMessage, Phase, Sandbox, utcnow
-from ..payloads.podconfig import PodConfig, memory_mib_from, parse_pod_config, vcpus_from
+from ..payloads.podconfig import PodConfig, memory_mib_from, vcpus_from
 from ..payloads.updated_resources import EXTENSION as UPDATED_RESOURCES_EXTENSION
 from ..payloads.updated_resources import parse_updated_resources, resized
 from .store import SandboxRecord
@@ -101,7 +101,7 @@ def plan_update(rec: SandboxRecord, sandbox: Sandbox, names: Set[str], config: C
     if names & {"spec", "annotations"}:
         annotations.update(spec_annotations(sandbox.spec))
     change = resources_from_update(new_sandbox, annotations, names, max_vcpus=config.max_vcpus,
-                                   max_memory_mib=config.max_memory_mib, pod=parse_pod_config(rec.options))
+                                   max_memory_mib=config.max_memory_mib, pod=rec.pod)
     if change.vcpus is not None and change.vcpus != rec.vcpus:
         raise FailedPrecondition(
             f"cannot change vCPUs from {rec.vcpus} to {change.vcpus}: vCPU hot-plug is not supported; "
