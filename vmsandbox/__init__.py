@@ -19,7 +19,7 @@ from .errors import (
     VmSandboxError,
 )
 from .model import (
-    Any,
+    AnyMessage,
     ControllerInstance,
     ControllerStatus,
     CreateOptions,
@@ -44,7 +44,7 @@ __all__ = [
     "Controller",
     "Config",
     "VirtType",
-    "Any",
+    "AnyMessage",
     "Runtime",
     "Sandbox",
     "Mount",

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Protocol, runtime_checkable
 
-from .model import Any, ControllerInstance, ControllerStatus, ExitStatus, Metric, Mount, Platform, Sandbox
+from .model import AnyMessage, ControllerInstance, ControllerStatus, ExitStatus, Metric, Mount, Platform, Sandbox
 
 __all__ = ["Controller"]
 
@@ -26,7 +26,7 @@ class Controller(Protocol):
         sandbox: Sandbox,
         *,
         rootfs: Iterable[Mount] = (),
-        options: Any | None = None,
+        options: AnyMessage | None = None,
         netns_path: str = "",
         annotations: Mapping[str, str] | None = None,
     ) -> None:

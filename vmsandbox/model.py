@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 __all__ = [
-    "Any",
+    "AnyMessage",
     "Runtime",
     "Sandbox",
     "Mount",
@@ -39,7 +39,7 @@ def utcnow() -> datetime:
 
 
 @dataclass(frozen=True)
-class Any:
+class AnyMessage:
     """A protobuf ``google.protobuf.Any``: a type URL and the serialized value.
 
     containerd writes bare type URLs (``io.containerd.cgroups.v2.Metrics``); both the bare
@@ -60,7 +60,7 @@ class Runtime:
     """``Sandbox.Runtime``: the CRI runtime_type and its options."""
 
     name: str = ""
-    options: Any | None = None
+    options: AnyMessage | None = None
 
 
 @dataclass(frozen=True)
@@ -69,9 +69,9 @@ class Sandbox:
 
     id: str
     runtime: Runtime = field(default_factory=Runtime)
-    spec: Any | None = None
+    spec: AnyMessage | None = None
     labels: dict[str, str] = field(default_factory=dict)
-    extensions: dict[str, Any] = field(default_factory=dict)
+    extensions: dict[str, AnyMessage] = field(default_factory=dict)
     sandboxer: str = ""
     created_at: datetime | None = None
     updated_at: datetime | None = None
@@ -96,7 +96,7 @@ class CreateOptions:
     """Options of ``Controller.Create`` (``sandbox.CreateOptions``)."""
 
     rootfs: tuple[Mount, ...] = ()
-    options: Any | None = None
+    options: AnyMessage | None = None
     netns_path: str = ""
     annotations: dict[str, str] = field(default_factory=dict)
 
@@ -158,7 +158,7 @@ class ControllerStatus:
     info: dict[str, str] = field(default_factory=dict)
     created_at: datetime = EPOCH
     exited_at: datetime | None = None
-    extra: Any | None = None
+    extra: AnyMessage | None = None
     address: str = ""
     version: int = 0
 
@@ -183,7 +183,7 @@ class Metric:
 
     timestamp: datetime
     id: str
-    data: Any
+    data: AnyMessage
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import unique
-from vmsandbox import Any, FailedPrecondition, InvalidArgument, Mount, NotFound, Sandbox
+from vmsandbox import AnyMessage, FailedPrecondition, InvalidArgument, Mount, NotFound, Sandbox
 from vmsandbox.proto.cgroups.v2 import metrics_pb2
 
 pytestmark = pytest.mark.integration
@@ -95,7 +95,7 @@ def test_metrics_follow_cpu_and_disk_work(controller, running):  # type: ignore[
 def test_memory_update_reaches_the_guest(controller, running):  # type: ignore[no-untyped-def]
     sid = running
     total_before = meminfo_kib(controller, sid)
-    # Below the boot size (192 MiB): the balloon takes 32 MiB back.
+    # Below the boot size: the balloon takes memory back.
     controller.update(sid, Sandbox(sid, labels={"vmsandbox.io/memory-mib": "160"}), "labels")
     deadline = time.monotonic() + 30
     while meminfo_kib(controller, sid) > total_before - 24 * 1024 and time.monotonic() < deadline:
@@ -104,9 +104,10 @@ def test_memory_update_reaches_the_guest(controller, running):  # type: ignore[n
     assert total <= total_before - 24 * 1024 and total <= 160 * 1024, (total, total_before)
     assert decode(controller, sid).memory.usage_limit == 160 * 1024 * 1024
 
-    # CRI's updated-resources extension grows it past the boot size (virtio-mem), within the maximum.
-    ext = Any("io.containerd.cri.v1/UpdatedResources",
-              json.dumps({"Linux": {"memory_limit_in_bytes": 320 * 1024 * 1024}}).encode())
+    # CRI's updated-resources extension grows it past the boot size (virtio-mem), in the
+    # shape containerd's UpdatePodSandboxResources writes (Go's JSON of UpdatedResources).
+    ext = AnyMessage("io.containerd.cri.v1/UpdatedResources",
+                     json.dumps({"Overhead": None, "Resources": {"memory_limit_in_bytes": 320 * 1024 * 1024}}).encode())
     controller.update(sid, Sandbox(sid, extensions={"updated-resources": ext}), "extensions")
     # The guest kernel keeps ~40 MiB for itself, so compare growth, not the absolute figure.
     deadline = time.monotonic() + 30
@@ -176,7 +177,7 @@ def test_update_rejects_what_it_cannot_do(controller, running):  # type: ignore[
 
 def test_update_stores_metadata_and_verbose_status_parses(controller, running):  # type: ignore[no-untyped-def]
     sid = running
-    spec = Any("types.containerd.io/opencontainers/runtime-spec/1/Spec",
+    spec = AnyMessage("types.containerd.io/opencontainers/runtime-spec/1/Spec",
                json.dumps({"ociVersion": "1.1.0", "annotations": {"team": "infra"}}).encode())
     controller.update(sid, Sandbox(sid, labels={"app": "web"}, spec=spec), "labels", "spec")
     st = controller.status(sid, verbose=True)

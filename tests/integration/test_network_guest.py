@@ -138,7 +138,7 @@ def test_peer_and_guest_reach_each_other(controller, sandbox_ids, podnet):  # ty
         assert got.stdout.strip() == "hello-from-guest"
 
     # Metrics carry the guest's interface counters, read inside the netns.
-    from vmsandbox.cgroupsv2 import from_any
+    from vmsandbox.payloads.cgroupsv2 import from_any
 
     net = {n.name: n for n in from_any(controller.metrics(sid).data).network}
     assert net["eth0"].rx_packets >= 5 and net["eth0"].tx_packets >= 5

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import unique
-from vmsandbox import Any, Sandbox
+from vmsandbox import AnyMessage, Sandbox
 from vmsandbox.proto.k8s.runtime.v1 import api_pb2 as cri
 from vmsandbox.sandbox.cgroups import CGROUP_ROOT
 
@@ -28,7 +28,7 @@ def test_vmm_is_placed_in_the_pods_cgroup(controller, sandbox_ids):  # type: ign
     try:
         cfg = cri.PodSandboxConfig(metadata=cri.PodSandboxMetadata(name=sid),
                                    linux=cri.LinuxPodSandboxConfig(cgroup_parent=f"/{name}"))
-        controller.create(Sandbox(sid), options=Any("runtime.v1.PodSandboxConfig", cfg.SerializeToString()))
+        controller.create(Sandbox(sid), options=AnyMessage("runtime.v1.PodSandboxConfig", cfg.SerializeToString()))
         pid = controller.start(sid).pid
         assert str(pid) in (cg / "cgroup.procs").read_text().split()
         controller.shutdown(sid)
@@ -49,7 +49,7 @@ def test_pod_annotations_and_resources_size_the_guest(controller, sandbox_ids): 
         annotations={"vmsandbox.io/vcpus": "2", "team": "infra"},
         linux=cri.LinuxPodSandboxConfig(resources=cri.LinuxContainerResources(memory_limit_in_bytes=300 << 20)),
     )
-    controller.create(Sandbox(sid), options=Any("type.googleapis.com/runtime.v1.PodSandboxConfig",
+    controller.create(Sandbox(sid), options=AnyMessage("type.googleapis.com/runtime.v1.PodSandboxConfig",
                                                 cfg.SerializeToString()))
     st = controller.status(sid, verbose=True)
     assert st.info["vcpus"] == "2" and st.info["memory_mib"] == "300"

@@ -60,6 +60,16 @@ def test_the_server_depends_on_the_contract_only() -> None:
         assert not bad, f"server/{p.name} imports {bad}"
 
 
+def test_payloads_are_pure() -> None:
+    """What containerd carries in an Any is decoded by protobuf alone: no adapter library, no
+    grpc, nothing of the orchestration or the adapters."""
+    allowed = ("vmsandbox.payloads", "vmsandbox.proto", "vmsandbox.errors", "vmsandbox.model", "google.protobuf")
+    for p in (PKG / "payloads").glob("*.py"):
+        bad = {i for i in imports(p) if i.startswith("vmsandbox") or i.split(".")[0] in (*ADAPTER_OF, "grpc", "google")}
+        bad = {i for i in bad if not i.startswith(allowed)}
+        assert not bad, f"payloads/{p.name} imports {bad}"
+
+
 def test_no_module_is_over_500_lines() -> None:
     long = {p.relative_to(PKG).as_posix(): n for p in modules() if (n := len(p.read_text().splitlines())) > 500}
     assert not long, long

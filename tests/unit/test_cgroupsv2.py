@@ -1,13 +1,13 @@
-"""vmsandbox.cgroupsv2: typed metrics <-> io.containerd.cgroups.v2.Metrics in an Any."""
+"""vmsandbox.payloads.cgroupsv2: typed metrics <-> io.containerd.cgroups.v2.Metrics in an Any."""
 
 from __future__ import annotations
 
 import pytest
 
-from vmsandbox import cgroupsv2
-from vmsandbox.cgroupsv2 import CgroupV2Metrics, CPUStat, IOEntry, MemoryStat, NetworkStat, PidsStat
+from vmsandbox.payloads import cgroupsv2
+from vmsandbox.payloads.cgroupsv2 import CgroupV2Metrics, CPUStat, IOEntry, MemoryStat, NetworkStat, PidsStat
 from vmsandbox.errors import InvalidArgument
-from vmsandbox.model import Any
+from vmsandbox.model import AnyMessage
 from vmsandbox.proto.cgroups.v2 import metrics_pb2
 
 SAMPLE = CgroupV2Metrics(
@@ -81,7 +81,7 @@ def test_decodes_message_built_by_someone_else() -> None:
     msg.cpu.usage_usec = 42
     msg.memory.usage = 7
     msg.memory.swap_usage = 99  # not modelled: ignored
-    got = cgroupsv2.from_any(Any(cgroupsv2.TYPE_URL, msg.SerializeToString()))
+    got = cgroupsv2.from_any(AnyMessage(cgroupsv2.TYPE_URL, msg.SerializeToString()))
     assert got.cpu.usage_usec == 42 and got.memory.usage == 7
 
 
@@ -89,7 +89,7 @@ def test_decodes_message_built_by_someone_else() -> None:
     "url", ["io.containerd.cgroups.v2.Metrics", "type.googleapis.com/io.containerd.cgroups.v2.Metrics"]
 )
 def test_both_type_url_styles(url: str) -> None:
-    assert cgroupsv2.from_any(Any(url, cgroupsv2.to_any(SAMPLE).value)) == SAMPLE
+    assert cgroupsv2.from_any(AnyMessage(url, cgroupsv2.to_any(SAMPLE).value)) == SAMPLE
 
 
 @pytest.mark.parametrize(
@@ -97,9 +97,9 @@ def test_both_type_url_styles(url: str) -> None:
 )
 def test_other_types_rejected(url: str) -> None:
     with pytest.raises(InvalidArgument):
-        cgroupsv2.from_any(Any(url, b""))
+        cgroupsv2.from_any(AnyMessage(url, b""))
 
 
 def test_garbage_bytes_rejected() -> None:
     with pytest.raises(InvalidArgument):
-        cgroupsv2.from_any(Any(cgroupsv2.TYPE_URL, b"\xff\xff\xff"))
+        cgroupsv2.from_any(AnyMessage(cgroupsv2.TYPE_URL, b"\xff\xff\xff"))

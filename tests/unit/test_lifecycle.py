@@ -23,9 +23,9 @@ import pytest
 
 from tests.unit.rig import Rig, command_on_path
 from vmsandbox import errors
-from vmsandbox.cgroupsv2 import from_any
+from vmsandbox.payloads.cgroupsv2 import from_any
 from vmsandbox.guest.fake import POWEROFF, ExecCall
-from vmsandbox.model import Any, ExecResult, ExitStatus, Mount, Phase, Platform, Runtime, Sandbox, SandboxState, utcnow
+from vmsandbox.model import AnyMessage, ExecResult, ExitStatus, Mount, Phase, Platform, Runtime, Sandbox, SandboxState, utcnow
 from vmsandbox.proto.k8s.runtime.v1 import api_pb2
 from vmsandbox.sandbox.controller import EXIT_CLEAN, EXIT_FAILED, EXIT_KILLED, SandboxController, state_dir_owner
 from vmsandbox.sandbox.ports import DomainState, StopReason
@@ -36,7 +36,7 @@ MiB = 1024 * 1024
 
 # --------------------------------------------------------------------------- helpers
 def pod_options(*, cpu_quota: int = 0, cpu_period: int = 0, memory_bytes: int = 0, cgroup_parent: str = "",
-                annotations: dict[str, str] | None = None) -> Any:
+                annotations: dict[str, str] | None = None, overhead_bytes: int = 0) -> AnyMessage:
     """Create's options as containerd's CRI sends them: a runtime.v1.PodSandboxConfig."""
     msg = api_pb2.PodSandboxConfig()
     msg.metadata.name = "web"
@@ -44,15 +44,16 @@ def pod_options(*, cpu_quota: int = 0, cpu_period: int = 0, memory_bytes: int = 
     msg.linux.resources.cpu_quota = cpu_quota
     msg.linux.resources.cpu_period = cpu_period
     msg.linux.resources.memory_limit_in_bytes = memory_bytes
+    msg.linux.overhead.memory_limit_in_bytes = overhead_bytes
     msg.linux.cgroup_parent = cgroup_parent
     for k, v in (annotations or {}).items():
         msg.annotations[k] = v
-    return Any("runtime.v1.PodSandboxConfig", msg.SerializeToString())
+    return AnyMessage("runtime.v1.PodSandboxConfig", msg.SerializeToString())
 
 
-def spec_with_annotations(**annotations: str) -> Any:
+def spec_with_annotations(**annotations: str) -> AnyMessage:
     """An OCI runtime spec in an Any, as containerd stores Sandbox.spec."""
-    return Any("types.containerd.io/opencontainers/runtime-spec/1/Spec",
+    return AnyMessage("types.containerd.io/opencontainers/runtime-spec/1/Spec",
                json.dumps({"ociVersion": "1.1.0", "annotations": annotations}).encode())
 
 
@@ -211,7 +212,7 @@ def test_the_guest_boots_with_exactly_the_requested_memory(rig: Rig) -> None:
     pytest.param(Sandbox("a"), {"rootfs": [Mount("ext4", "/nonexistent/rootfs.img")]}, id="missing-mount-source"),
     pytest.param(Sandbox("a"), {"rootfs": ["/rootfs.img"]}, id="mount-not-a-Mount"),
     pytest.param(Sandbox("a"), {"netns_path": "/nonexistent/netns"}, id="missing-netns"),
-    pytest.param(Sandbox("a"), {"options": Any("runtime.v1.PodSandboxConfig", b"\xff\xff\xff")}, id="undecodable-pod"),
+    pytest.param(Sandbox("a"), {"options": AnyMessage("runtime.v1.PodSandboxConfig", b"\xff\xff\xff")}, id="undecodable-pod"),
     pytest.param(Sandbox("a"), {"options": pod_options(cgroup_parent="/kubepods/../../etc")}, id="unsafe-cgroup"),
 ])
 def test_a_bad_create_is_invalid_argument_and_leaves_nothing(rig: Rig, sandbox: object, kwargs: dict[str, object]) -> None:
@@ -949,7 +950,7 @@ def test_exec_recovers_from_a_half_dead_agent_connection(rig: Rig) -> None:
 # =========================================================================== update
 def test_update_stores_the_named_fields(rig: Rig) -> None:
     sid = running(rig)
-    ext = Any("example.com/Thing", b"\x01")
+    ext = AnyMessage("example.com/Thing", b"\x01")
     rig.ctl.update(sid, Sandbox(sid, labels={"team": "x"}, extensions={"thing": ext}, runtime=Runtime("io.vm"),
                                 sandboxer="vmsandbox"), "labels", "extensions")
     info = verbose(rig, sid)
@@ -973,7 +974,7 @@ def test_update_takes_annotations_from_the_oci_spec(rig: Rig) -> None:
     sid = created(rig, annotations={"old": "1"})
     rig.ctl.update(sid, Sandbox(sid, spec=spec_with_annotations(new="2")), "spec")
     assert json.loads(verbose(rig, sid)["annotations"]) == {"old": "1", "new": "2"}
-    rig.ctl.update(sid, Sandbox(sid, spec=Any("x", b"not json")), "spec")  # not JSON: no annotations in it
+    rig.ctl.update(sid, Sandbox(sid, spec=AnyMessage("x", b"not json")), "spec")  # not JSON: no annotations in it
     assert json.loads(verbose(rig, sid)["annotations"]) == {"old": "1", "new": "2"}
 
 
@@ -988,14 +989,53 @@ def test_update_grows_and_shrinks_memory_within_the_boot_maximum(rig: Rig) -> No
 
 def test_update_through_cri_updated_resources(rig: Rig) -> None:
     sid = running(rig, options=pod_options(memory_bytes=200 * MiB))
-    doc = {"linux": {"memory_limit_in_bytes": 300 * MiB}}
-    rig.ctl.update(sid, Sandbox(sid, extensions={"updated-resources": Any("x", json.dumps(doc).encode())}), "extensions")
+    # What containerd's UpdatePodSandboxResources stores: Go's JSON of UpdatedResources.
+    doc = {"Overhead": None, "Resources": {"memory_limit_in_bytes": 300 * MiB, "cpu_shares": 2}}
+    rig.ctl.update(sid, Sandbox(sid, extensions={"updated-resources": AnyMessage("x", json.dumps(doc).encode())}), "extensions")
     assert rig.domain(sid).memory_mib == 300 and verbose(rig, sid)["memory_mib"] == "300"
+
+
+def cri_memory(sid: str, memory_bytes: int) -> Sandbox:
+    """An update as containerd's UpdatePodSandboxResources makes it (no overhead carried)."""
+    doc = {"Overhead": None, "Resources": {"memory_limit_in_bytes": memory_bytes}}
+    return Sandbox(sid, extensions={"updated-resources": AnyMessage("io.containerd.cri.v1/UpdatedResources",
+                                                                   json.dumps(doc).encode())})
+
+
+def edit_record(rig: Rig, sid: str, edit: Callable[[dict[str, object]], None]) -> None:
+    path = rig.sandbox_dir(sid) / "record.json"
+    d = json.loads(path.read_text())
+    edit(d)
+    path.write_text(json.dumps(d))
+
+
+def test_start_and_update_use_the_pod_config_recorded_at_create(rig: Rig) -> None:
+    """Create decodes the PodSandboxConfig once into the record; the raw options are only kept
+    (containerd may want them back), so later calls work even when they could not be decoded."""
+    sid = created(rig, options=pod_options(memory_bytes=200 * MiB, overhead_bytes=56 * MiB))
+    pod = rig.record(sid)["pod"]
+    assert (pod["name"], pod["memory_limit_bytes"], pod["overhead_memory_limit_bytes"]) == ("web", 200 * MiB, 56 * MiB)
+    edit_record(rig, sid, lambda d: d["options"].update(value="CgP///8="))  # type: ignore[attr-defined]
+    rig.restart()
+    rig.ctl.start(sid)
+    rig.ctl.update(sid, cri_memory(sid, 300 * MiB), "extensions")
+    assert rig.domain(sid).memory_mib == 356  # the pod's 300 MiB plus create's overhead
+    assert rig.record(sid)["options"]["value"] == "CgP///8="
+
+
+def test_a_record_from_before_the_typed_pod_config_is_sized_from_its_options(rig: Rig) -> None:
+    sid = running(rig, options=pod_options(memory_bytes=200 * MiB, overhead_bytes=56 * MiB))
+    edit_record(rig, sid, lambda d: [d.pop("pod"), d.pop("platform")])
+    rig.restart()
+    rig.ctl.update(sid, cri_memory(sid, 300 * MiB), "extensions")
+    assert rig.domain(sid).memory_mib == 356
+    assert rig.record(sid)["pod"]["overhead_memory_limit_bytes"] == 56 * MiB  # written typed from now on
+    assert rig.ctl.platform(sid) == Platform("linux", "amd64")  # from the image manifest, as before
 
 
 def test_update_ignores_what_it_does_not_size(rig: Rig) -> None:
     sid = running(rig)
-    rig.ctl.update(sid, Sandbox(sid, extensions={"updated-resources": Any("x", b'{"windows": {}}')}), "extensions")
+    rig.ctl.update(sid, Sandbox(sid, extensions={"updated-resources": AnyMessage("x", b'{"windows": {}}')}), "extensions")
     rig.ctl.update(sid, Sandbox(sid), "spec")  # no spec at all: no annotations from it
     assert rig.domain(sid).memory_mib == 256 and verbose(rig, sid)["memory_mib"] == "256"
 
@@ -1029,7 +1069,7 @@ def test_update_of_vcpus_is_failed_precondition_unless_unchanged(rig: Rig) -> No
     pytest.param("a", ("labels",), errors.InvalidArgument, id="not-a-Sandbox"),
     pytest.param(Sandbox("a", labels={"vmsandbox.io/memory-mib": "lots"}), ("labels",), errors.InvalidArgument,
                  id="bad-memory-label"),
-    pytest.param(Sandbox("a", extensions={"updated-resources": Any("x", b"{oops")}), ("extensions",),
+    pytest.param(Sandbox("a", extensions={"updated-resources": AnyMessage("x", b"{oops")}), ("extensions",),
                  errors.InvalidArgument, id="updated-resources-not-json"),
 ])
 def test_a_bad_update_is_refused_and_changes_nothing(rig: Rig, sandbox: object, fields: tuple[str, ...],
@@ -1173,9 +1213,19 @@ def test_platform_comes_from_the_guest_image(rig: Rig) -> None:
         rig.ctl.platform("nope")
 
 
+def test_the_platform_is_the_one_recorded_at_create(rig: Rig) -> None:
+    sid = created(rig)
+    assert rig.record(sid)["platform"] == {"os": "linux", "architecture": "amd64", "variant": "", "os_version": ""}
+    (rig.images.dir / "manifest.json").write_text("{not json")
+    rig.restart()
+    assert rig.ctl.platform(sid) == Platform("linux", "amd64")
+
+
 def test_an_unreadable_image_manifest_is_failed_precondition(rig: Rig) -> None:
     sid = created(rig)
+    edit_record(rig, sid, lambda d: d.pop("platform"))  # a record from before the platform was kept
     (rig.images.dir / "manifest.json").write_text("{not json")
+    rig.restart()
     with pytest.raises(errors.FailedPrecondition, match="manifest"):
         rig.ctl.platform(sid)
 

@@ -1,12 +1,14 @@
-"""vmsandbox.podconfig: CRI's runtime.v1.PodSandboxConfig in Create options."""
+"""vmsandbox.payloads.podconfig: CRI's runtime.v1.PodSandboxConfig in Create options."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
 from vmsandbox.errors import InvalidArgument
-from vmsandbox.model import Any
-from vmsandbox.podconfig import (
+from vmsandbox.model import AnyMessage
+from vmsandbox.payloads.podconfig import (
     POD_SANDBOX_CONFIG_TYPE,
     PodConfig,
     PortMapping,
@@ -47,8 +49,8 @@ def full_config() -> api_pb2.PodSandboxConfig:
     return cfg
 
 
-def as_any(cfg: api_pb2.PodSandboxConfig, url: str = POD_SANDBOX_CONFIG_TYPE) -> Any:
-    return Any(type_url=url, value=cfg.SerializeToString())
+def as_any(cfg: api_pb2.PodSandboxConfig, url: str = POD_SANDBOX_CONFIG_TYPE) -> AnyMessage:
+    return AnyMessage(type_url=url, value=cfg.SerializeToString())
 
 
 def test_parses_every_field() -> None:
@@ -111,26 +113,49 @@ def test_prefixed_type_url_accepted() -> None:
 
 def test_none_and_other_types_give_none() -> None:
     assert parse_pod_config(None) is None
-    assert parse_pod_config(Any("containerd.runc.v1.Options", b"\x08\x01")) is None
-    assert parse_pod_config(Any("runtime.v1alpha2.PodSandboxConfig", full_config().SerializeToString())) is None
+    assert parse_pod_config(AnyMessage("containerd.runc.v1.Options", b"\x08\x01")) is None
+    assert parse_pod_config(AnyMessage("runtime.v1alpha2.PodSandboxConfig", full_config().SerializeToString())) is None
 
 
 def test_garbage_bytes_are_invalid_argument() -> None:
     with pytest.raises(InvalidArgument):
-        parse_pod_config(Any(POD_SANDBOX_CONFIG_TYPE, b"\x0a\xff\xff\xff\xff"))
+        parse_pod_config(AnyMessage(POD_SANDBOX_CONFIG_TYPE, b"\x0a\xff\xff\xff\xff"))
 
 
 def test_unknown_fields_tolerated() -> None:
     """Fields we do not declare (windows=9, a newer kubelet's additions) are skipped."""
     raw = full_config().SerializeToString() + b"\x4a\x02\x0a\x00" + b"\xa0\x06\x01"  # field 9 msg; field 100 varint
-    pc = parse_pod_config(Any(POD_SANDBOX_CONFIG_TYPE, raw))
+    pc = parse_pod_config(AnyMessage(POD_SANDBOX_CONFIG_TYPE, raw))
     assert pc is not None and pc.hostname == "web-0"
 
 
 def test_empty_config() -> None:
-    pc = parse_pod_config(Any(POD_SANDBOX_CONFIG_TYPE, b""))
+    pc = parse_pod_config(AnyMessage(POD_SANDBOX_CONFIG_TYPE, b""))
     assert pc == PodConfig()
     assert vcpus_from(pc) is None and memory_mib_from(pc) is None
+
+
+def test_json_round_trip_keeps_every_field() -> None:
+    pc = parse_pod_config(as_any(full_config()))
+    assert pc is not None
+    doc = json.loads(json.dumps(pc.to_json()))
+    assert doc["port_mappings"][0]["protocol"] == "UDP" and doc["dns_searches"][1] == "svc.cluster.local"
+    assert PodConfig.from_json(doc) == pc
+    assert PodConfig.from_json({}) == PodConfig()  # a field the writer did not know takes its default
+
+
+@pytest.mark.parametrize("doc, match", [
+    pytest.param([], "must be an object", id="a-list"),
+    pytest.param({"attempt": True}, r"attempt must be an integer", id="bool-for-int"),
+    pytest.param({"hostname": 5}, r"hostname must be a string", id="int-for-str"),
+    pytest.param({"dns_servers": "10.0.0.1"}, r"dns_servers must be a list", id="str-for-list"),
+    pytest.param({"labels": {"a": None}}, r"labels\['a'\] must be a string", id="null-label"),
+    pytest.param({"port_mappings": [{"protocol": "TCP"}]}, r"port_mappings\[0\] lacks 'container_port'",
+                 id="port-without-container-port"),
+])
+def test_json_that_is_no_pod_config_is_invalid_argument(doc: object, match: str) -> None:
+    with pytest.raises(InvalidArgument, match=match):
+        PodConfig.from_json(doc)
 
 
 def test_sizing_with_overhead() -> None:

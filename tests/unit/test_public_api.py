@@ -111,3 +111,10 @@ def test_nothing_public_leaks_from_the_namespace() -> None:
             continue  # `from __future__ import annotations` binds this name; harmless
         leaked.append(attr)
     assert leaked == [], f"public names outside __all__: {leaked}"
+
+
+def test_no_exported_name_shadows_a_typing_name() -> None:
+    """``from vmsandbox import *`` next to ``from typing import *`` must not replace, say, typing.Any."""
+    import typing
+
+    assert sorted(set(vmsandbox.__all__) & set(typing.__all__)) == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,10 @@ def fake_qemu() -> Iterator[subprocess.Popen[bytes]]:
     p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
                           "-name", f"guest={NAME},debug-threads=on"])
     try:
+        # Until the child has exec'd, /proc/<pid>/cmdline is still pytest's (seen under load).
+        deadline = time.monotonic() + 10
+        while b"-name" not in Path(f"/proc/{p.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.01)
         yield p
     finally:
         p.kill()

@@ -6,15 +6,18 @@ import json
 
 import pytest
 
-from vmsandbox import Any, InvalidArgument, Sandbox
-from vmsandbox.podconfig import PodConfig
+from vmsandbox import AnyMessage, InvalidArgument, Sandbox
+from vmsandbox.payloads.podconfig import PodConfig
 from vmsandbox.sandbox.resources import ResourceChange, resources_from_update
 
 LIMITS = {"max_vcpus": 8, "max_memory_mib": 4096}
 
 
-def cri(linux: dict[str, int]) -> Sandbox:
-    ext = Any("io.containerd.cri.v1/UpdatedResources", json.dumps({"Linux": linux}).encode())
+def cri(resources: dict[str, int] | None, overhead: dict[str, int] | None = None) -> Sandbox:
+    """The extension as containerd's UpdatePodSandboxResources stores it: Go's encoding/json of
+    ``UpdatedResources{Overhead, Resources *LinuxContainerResources}`` (a nil pointer is null)."""
+    doc = {"Overhead": overhead, "Resources": resources}
+    ext = AnyMessage("io.containerd.cri.v1/UpdatedResources", json.dumps(doc).encode())
     return Sandbox("s", extensions={"updated-resources": ext})
 
 
@@ -25,6 +28,17 @@ def test_cri_update_is_sized_like_create_including_runtimeclass_overhead() -> No
     assert resources_from_update(same, {}, {"extensions"}, pod=pod, **LIMITS) == ResourceChange(2, 320)
     camel = cri({"cpuQuota": 300_000, "cpuPeriod": 100_000, "memoryLimitInBytes": 512 << 20})
     assert resources_from_update(camel, {}, {"extensions"}, **LIMITS) == ResourceChange(3, 512)
+
+
+def test_cri_update_takes_the_overhead_it_carries_over_the_one_from_create() -> None:
+    pod = PodConfig(memory_limit_bytes=256 << 20, overhead_memory_limit_bytes=64 << 20)
+    sb = cri({"memory_limit_in_bytes": 300 << 20}, overhead={"memory_limit_in_bytes": 32 << 20})
+    assert resources_from_update(sb, {}, {"extensions"}, pod=pod, **LIMITS) == ResourceChange(None, 332)
+
+
+def test_cri_update_without_resources_changes_nothing() -> None:
+    assert resources_from_update(cri(None), {}, {"extensions"}, **LIMITS) == ResourceChange()
+    assert resources_from_update(cri({}), {}, {"extensions"}, **LIMITS) == ResourceChange()
 
 
 def test_only_named_fields_count_and_labels_override_annotations() -> None:
@@ -41,6 +55,8 @@ def test_bad_values_are_invalid_argument() -> None:
         resources_from_update(Sandbox("s", labels={"vmsandbox.io/vcpus": "0"}), {}, {"labels"}, **LIMITS)
     with pytest.raises(InvalidArgument):
         resources_from_update(Sandbox(
-            "s", extensions={"updated-resources": Any("x", b"not json")}), {}, {"extensions"}, **LIMITS)
+            "s", extensions={"updated-resources": AnyMessage("x", b"not json")}), {}, {"extensions"}, **LIMITS)
     with pytest.raises(InvalidArgument):
         resources_from_update(cri({"memory_limit_in_bytes": 1 << 20}), {}, {"extensions"}, **LIMITS)
+    with pytest.raises(InvalidArgument, match="memory_limit_in_bytes"):
+        resources_from_update(cri({"memory_limit_in_bytes": "lots"}), {}, {"extensions"}, **LIMITS)  # type: ignore[dict-item]

@@ -10,7 +10,7 @@ from google.protobuf import any_pb2
 from vmsandbox.errors import InvalidArgument
 from vmsandbox.model import (
     EPOCH,
-    Any,
+    AnyMessage,
     ControllerInstance,
     ControllerStatus,
     ExitStatus,
@@ -91,10 +91,10 @@ def test_timestamps() -> None:
 def test_sandbox_round_trip() -> None:
     sb = Sandbox(
         id="s",
-        runtime=Runtime(name="io.containerd.vmsandbox.v1", options=Any("runtimeoptions.v1.Options", b"\x01")),
-        spec=Any("types.containerd.io/opencontainers/runtime-spec/1/Spec", b"{}"),
+        runtime=Runtime(name="io.containerd.vmsandbox.v1", options=AnyMessage("runtimeoptions.v1.Options", b"\x01")),
+        spec=AnyMessage("types.containerd.io/opencontainers/runtime-spec/1/Spec", b"{}"),
         labels={"name": "n"},
-        extensions={"metadata": Any("type.googleapis.com/x.Y", b"z")},
+        extensions={"metadata": AnyMessage("type.googleapis.com/x.Y", b"z")},
         sandboxer="vmsandbox",
         created_at=T0,
         updated_at=None,
@@ -113,9 +113,9 @@ def test_sandbox_unset_fields() -> None:
 
 def test_any_type_url_kept_verbatim() -> None:
     for url in ("io.containerd.cgroups.v2.Metrics", "type.googleapis.com/io.containerd.cgroups.v2.Metrics"):
-        a = convert.any_to_proto(Any(url, b"\x08\x01"))
+        a = convert.any_to_proto(AnyMessage(url, b"\x08\x01"))
         assert a.type_url == url
-        assert convert.any_from_proto(a) == Any(url, b"\x08\x01")
+        assert convert.any_from_proto(a) == AnyMessage(url, b"\x08\x01")
 
 
 def test_mount_round_trip() -> None:
@@ -126,7 +126,7 @@ def test_mount_round_trip() -> None:
 def test_platform_and_metric() -> None:
     p = Platform(os="linux", architecture="arm64", variant="v8", os_version="")
     assert convert.platform_from_proto(convert.platform_to_proto(p)) == p
-    m = Metric(timestamp=T0, id="s", data=Any("io.containerd.cgroups.v2.Metrics", b""))
+    m = Metric(timestamp=T0, id="s", data=AnyMessage("io.containerd.cgroups.v2.Metrics", b""))
     assert convert.metric_from_proto(convert.metric_to_proto(m)) == m
 
 
@@ -143,7 +143,7 @@ def test_create_request_conversion() -> None:
     sb, opts = convert.create_from_request(req)
     assert sb.sandboxer == "fromsb"
     assert opts.rootfs == (Mount(type="bind", source="/x", options=("rbind",)),)
-    assert opts.options == Any("runtime.v1.PodSandboxConfig", b"")  # set-but-empty Any is kept
+    assert opts.options == AnyMessage("runtime.v1.PodSandboxConfig", b"")  # set-but-empty Any is kept
     assert opts.annotations == {"k": "v"} and opts.netns_path == "/run/netns/n"
     with pytest.raises(InvalidArgument):
         convert.create_from_request(api.ControllerCreateRequest(sandbox_id="s", sandbox=types_pb2.Sandbox(sandbox_id="t")))

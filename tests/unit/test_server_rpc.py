@@ -19,10 +19,11 @@ import grpc
 import pytest
 from google.protobuf import any_pb2
 
-from vmsandbox import cgroupsv2, errors
+from vmsandbox import errors
+from vmsandbox.payloads import cgroupsv2
 from vmsandbox.controller import Controller
 from vmsandbox.model import (
-    Any,
+    AnyMessage,
     ControllerInstance,
     ControllerStatus,
     ExitStatus,
@@ -55,7 +56,7 @@ def new_stub(ch: grpc.Channel) -> sandbox_pb2_grpc.ControllerStub:
 class _Record:
     sandbox: Sandbox
     rootfs: tuple[Mount, ...]
-    options: Any | None
+    options: AnyMessage | None
     netns_path: str
     annotations: dict[str, str]
     phase: str = "created"
@@ -90,7 +91,7 @@ class FakeController:
         sandbox: Sandbox,
         *,
         rootfs: Iterable[Mount] = (),
-        options: Any | None = None,
+        options: AnyMessage | None = None,
         netns_path: str = "",
         annotations: Mapping[str, str] | None = None,
     ) -> None:
@@ -147,7 +148,7 @@ class FakeController:
             info={"verbose": str(verbose)} if verbose else {},
             created_at=T0,
             exited_at=rec.exit.exited_at if rec.exit else None,
-            extra=Any("vmsandbox.v1.Extra", b"\x01\x02") if verbose else None,
+            extra=AnyMessage("vmsandbox.v1.Extra", b"\x01\x02") if verbose else None,
             address="ttrpc+unix:///run/vmsandbox/x/task.sock",
             version=3,
         )
@@ -264,16 +265,16 @@ def test_create_passes_everything(stub: sandbox_pb2_grpc.ControllerStub, fake: F
     rec = fake.records["sb1"]
     assert rec.sandbox == Sandbox(
         id="sb1",
-        runtime=Runtime(name="io.containerd.vmsandbox.v1", options=Any("runtimeoptions.v1.Options", b"\x0a\x01x")),
+        runtime=Runtime(name="io.containerd.vmsandbox.v1", options=AnyMessage("runtimeoptions.v1.Options", b"\x0a\x01x")),
         spec=None,
         labels={"name": "web"},
-        extensions={"metadata": Any("github.com/containerd/cri/pkg/store/sandbox/Metadata", b'{"ID":"sb1"}')},
+        extensions={"metadata": AnyMessage("github.com/containerd/cri/pkg/store/sandbox/Metadata", b'{"ID":"sb1"}')},
         sandboxer="vmsandbox",
         created_at=T0,
         updated_at=T0 + timedelta(seconds=1),
     )
     assert rec.rootfs == (Mount(type="ext4", source="/dev/vdb", target="/", options=("ro", "noatime")),)
-    assert rec.options == Any("runtime.v1.PodSandboxConfig", pod_config_any().value)
+    assert rec.options == AnyMessage("runtime.v1.PodSandboxConfig", pod_config_any().value)
     assert rec.netns_path == "/var/run/netns/cni-1234"
     assert rec.annotations == {"a": "b"}
 
@@ -380,7 +381,7 @@ def test_metrics(stub: sandbox_pb2_grpc.ControllerStub, fake: FakeController) ->
     m = stub.Metrics(api.ControllerMetricsRequest(sandbox_id="sb")).metrics
     assert m.id == "sb" and m.timestamp.ToDatetime(tzinfo=timezone.utc) == T0
     assert m.data.type_url == "io.containerd.cgroups.v2.Metrics"
-    assert cgroupsv2.from_any(Any(m.data.type_url, m.data.value)).cpu.usage_usec == 77
+    assert cgroupsv2.from_any(AnyMessage(m.data.type_url, m.data.value)).cpu.usage_usec == 77
 
 
 def test_update(stub: sandbox_pb2_grpc.ControllerStub, fake: FakeController) -> None:
@@ -393,7 +394,7 @@ def test_update(stub: sandbox_pb2_grpc.ControllerStub, fake: FakeController) -> 
     sandbox_id, sandbox, fields = fake.last("update")
     assert sandbox_id == "sb" and fields == ("extensions",)
     assert sandbox == Sandbox(
-        id="sb", extensions={"updated-resources": Any("io.containerd.cri.v1/UpdatedResources", b"{}")}
+        id="sb", extensions={"updated-resources": AnyMessage("io.containerd.cri.v1/UpdatedResources", b"{}")}
     )
 
 

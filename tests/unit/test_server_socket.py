@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 from vmsandbox import errors
-from vmsandbox.model import Any, ControllerInstance, ControllerStatus, ExitStatus, Metric, Mount, Platform, Sandbox
+from vmsandbox.model import AnyMessage, ControllerInstance, ControllerStatus, ExitStatus, Metric, Mount, Platform, Sandbox
 from vmsandbox.proto.containerd.services.sandbox.v1 import sandbox_pb2 as api
 from vmsandbox.proto.containerd.services.sandbox.v1 import sandbox_pb2_grpc
 from vmsandbox.server import ControllerServer, serve
@@ -41,7 +41,7 @@ class TinyController:
         sandbox: Sandbox,
         *,
         rootfs: Iterable[Mount] = (),
-        options: Any | None = None,
+        options: AnyMessage | None = None,
         netns_path: str = "",
         annotations: Mapping[str, str] | None = None,
     ) -> None:

@@ -133,7 +133,7 @@ def platform(args: argparse.Namespace, out: Output) -> int:
 
 
 def metrics(args: argparse.Namespace, out: Output) -> int:
-    from ..cgroupsv2 import from_any
+    from ..payloads.cgroupsv2 import from_any
 
     with wiring.sandboxes(wiring.config_from(args), out.progress.line) as c:
         m = c.metrics(args.id)

@@ -28,7 +28,7 @@ from ..errors import (
 from ..hypervisor.domain import build_domain_xml
 from ..image import GuestImage
 from ..model import (
-    Any,
+    AnyMessage,
     ControllerInstance,
     ControllerStatus,
     ExecResult,
@@ -41,8 +41,8 @@ from ..model import (
     SandboxSummary,
     utcnow,
 )
-from ..cgroupsv2 import CgroupV2Metrics
-from ..podconfig import parse_pod_config
+from ..payloads.cgroupsv2 import CgroupV2Metrics
+from ..payloads.podconfig import parse_pod_config
 from .ports import DomainState, GuestFactory, HypervisorFactory, Images, Network, StopReason
 from .resources import plan_update, updated_fields
 from . import mounts as mountplan
@@ -150,7 +150,7 @@ class SandboxController:
         sandbox: Sandbox,
         *,
         rootfs: Iterable[Mount] = (),
-        options: Any | None = None,
+        options: AnyMessage | None = None,
         netns_path: str = "",
         annotations: Mapping[str, str] | None = None,
     ) -> None:
@@ -237,6 +237,8 @@ class SandboxController:
                     annotations=annotations,
                     taps=tuple(taps),
                     network=netplan,
+                    pod=pod,
+                    platform=image.platform,
                 )
                 self._store.save(record)
                 entry.record = record
@@ -282,9 +284,8 @@ class SandboxController:
                 if rec.rootfs:
                     self._agents.check_mounts(agent, rec)
                 pid = self._hv.pid(rec.domain)
-                pod = parse_pod_config(rec.options)
-                if pod is not None and pod.cgroup_parent and pid:
-                    place_process(pid, pod.cgroup_parent)
+                if rec.pod is not None and rec.pod.cgroup_parent and pid:
+                    place_process(pid, rec.pod.cgroup_parent)
                 with e.state_lock:
                     rec = self._registry.save(e, phase=Phase.RUNNING, started_at=started, pid=pid)
             except BaseException as err:
@@ -383,7 +384,7 @@ class SandboxController:
         return self._view.status(sandbox_id, verbose=verbose)
 
     def platform(self, sandbox_id: str) -> Platform:
-        """The guest's OS/architecture in OCI names, from the image manifest (cached)."""
+        """The guest's OS/architecture in OCI names, as recorded at create from the guest image."""
         return self._view.platform(sandbox_id)
 
     def resource_metrics(self, sandbox_id: str) -> CgroupV2Metrics:

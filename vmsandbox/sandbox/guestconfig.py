@@ -17,7 +17,7 @@ from ..errors import InvalidArgument
 from ..model import Sandbox
 from ..guest.keys import dropbear_private_key, generate_keypair, write_private
 from ..network._model import NetworkPlan
-from ..podconfig import PodConfig
+from ..payloads.podconfig import PodConfig
 from .mounts import DiskPlan
 
 __all__ = ["GuestSettings", "guest_settings", "network_lines", "config_archive", "write_guest_files", "CONFIG_DISK",

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any as _Any
 
-from ..cgroupsv2 import CgroupV2Metrics, CPUStat, IOEntry, MemoryStat, NetworkStat
+from ..payloads.cgroupsv2 import CgroupV2Metrics, CPUStat, IOEntry, MemoryStat, NetworkStat
 from ..network._model import InterfaceCounters
 
 __all__ = ["from_domain_stats", "VIRTIO_BLK_MAJOR"]

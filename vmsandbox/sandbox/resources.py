@@ -2,7 +2,7 @@
 
 Sources, in order (later wins): our annotations (``vmsandbox.io/vcpus``,
 ``vmsandbox.io/memory-mib``, from the OCI spec), the same keys as labels, and CRI's
-``updated-resources`` extension (JSON of ``UpdatedResources{Linux: LinuxContainerResources}``).
+``updated-resources`` extension (:mod:`vmsandbox.payloads.updated_resources`).
 """
 
 from __future__ import annotations
@@ -11,19 +11,19 @@ import json
 from collections.abc import Sequence
 from collections.abc import Mapping, Set
 from dataclasses import dataclass, replace
-from typing import Any as _Any
 
 from ..config import Config
 from ..errors import FailedPrecondition, InvalidArgument
-from ..model import Any, Phase, Sandbox, utcnow
-from ..podconfig import PodConfig, memory_mib_from, parse_pod_config, vcpus_from
+from ..model import AnyMessage, Phase, Sandbox, utcnow
+from ..payloads.podconfig import PodConfig, memory_mib_from, vcpus_from
+from ..payloads.updated_resources import EXTENSION as UPDATED_RESOURCES_EXTENSION
+from ..payloads.updated_resources import parse_updated_resources, resized
 from .store import SandboxRecord
 from .validate import resources_from_annotations
 
 __all__ = ["ResourceChange", "UpdatePlan", "resources_from_update", "plan_update", "updated_fields",
            "UPDATABLE_FIELDS", "UPDATED_RESOURCES_EXTENSION"]
 
-UPDATED_RESOURCES_EXTENSION = "updated-resources"
 UPDATABLE_FIELDS = frozenset({"labels", "extensions", "spec", "annotations", "runtime", "sandboxer"})
 
 
@@ -33,30 +33,10 @@ class ResourceChange:
     memory_mib: int | None = None
 
 
-def _get(d: Mapping[str, _Any], *keys: str) -> int:
-    for k in keys:
-        v = d.get(k)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return int(v)
-    return 0
-
-
-def _from_cri(raw: bytes, pod: PodConfig | None) -> ResourceChange:
-    try:
-        doc = json.loads(raw)
-    except ValueError as e:
-        raise InvalidArgument(f"extension {UPDATED_RESOURCES_EXTENSION} is not JSON: {e}") from e
-    linux = doc.get("Linux") or doc.get("linux") if isinstance(doc, dict) else None
-    if not isinstance(linux, dict):
-        return ResourceChange()
+def _from_cri(ext: AnyMessage, pod: PodConfig | None) -> ResourceChange:
     # The same sizing as at create: the pod's limits plus its RuntimeClass overhead.
-    pc = replace(
-        pod or PodConfig(),
-        cpu_quota=_get(linux, "cpu_quota", "cpuQuota", "CpuQuota"),
-        cpu_period=_get(linux, "cpu_period", "cpuPeriod", "CpuPeriod"),
-        memory_limit_bytes=_get(linux, "memory_limit_in_bytes", "memoryLimitInBytes", "MemoryLimitInBytes"),
-    )
-    return ResourceChange(vcpus_from(pc), memory_mib_from(pc))
+    pc = resized(pod, parse_updated_resources(ext))
+    return ResourceChange() if pc is None else ResourceChange(vcpus_from(pc), memory_mib_from(pc))
 
 
 def resources_from_update(
@@ -81,7 +61,7 @@ def resources_from_update(
         v, m = resources_from_annotations(src, max_vcpus=max_vcpus, max_memory_mib=max_memory_mib)
         vcpus, mem = v or vcpus, m or mem
     if "extensions" in fields and (ext := sandbox.extensions.get(UPDATED_RESOURCES_EXTENSION)) is not None:
-        cri = _from_cri(ext.value, pod)
+        cri = _from_cri(ext, pod)
         vcpus, mem = cri.vcpus or vcpus, cri.memory_mib or mem
     if mem is not None and not 64 <= mem <= max_memory_mib:
         raise InvalidArgument(f"memory of {mem} MiB is out of range [64, {max_memory_mib}]")
@@ -121,7 +101,7 @@ def plan_update(rec: SandboxRecord, sandbox: Sandbox, names: Set[str], config: C
     if names & {"spec", "annotations"}:
         annotations.update(spec_annotations(sandbox.spec))
     change = resources_from_update(new_sandbox, annotations, names, max_vcpus=config.max_vcpus,
-                                   max_memory_mib=config.max_memory_mib, pod=parse_pod_config(rec.options))
+                                   max_memory_mib=config.max_memory_mib, pod=rec.pod)
     if change.vcpus is not None and change.vcpus != rec.vcpus:
         raise FailedPrecondition(
             f"cannot change vCPUs from {rec.vcpus} to {change.vcpus}: vCPU hot-plug is not supported; "
@@ -138,7 +118,7 @@ def plan_update(rec: SandboxRecord, sandbox: Sandbox, names: Set[str], config: C
     return UpdatePlan(new_sandbox, annotations, rec.vcpus, mem)
 
 
-def spec_annotations(spec: Any | None) -> dict[str, str]:
+def spec_annotations(spec: AnyMessage | None) -> dict[str, str]:
     """The annotations of an OCI runtime spec held in an Any (JSON, as containerd writes it)."""
     if spec is None:
         return {}

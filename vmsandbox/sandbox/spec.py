@@ -16,7 +16,7 @@ from ..config import Config, VirtType
 from ..hypervisor.domain import DiskSpec, DomainSpec, NicSpec
 from ..image import GuestImage
 from ..network._model import NetworkPlan
-from ..podconfig import PodConfig, memory_mib_from, vcpus_from
+from ..payloads.podconfig import PodConfig, memory_mib_from, vcpus_from
 from .guestconfig import CONFIG_DISK
 from .mounts import DiskPlan
 from .validate import MIN_MEMORY_MIB, resources_from_annotations

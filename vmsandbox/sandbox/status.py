@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any as _Any
 
-from ..cgroupsv2 import CgroupV2Metrics, to_any
+from ..payloads.cgroupsv2 import CgroupV2Metrics, to_any
 from ..config import VirtType
 from ..errors import FailedPrecondition, NotFound, Unavailable, VmSandboxError
 from ..image import GuestImage
@@ -110,9 +110,12 @@ class StatusView:
         return m
 
     def platform(self, sandbox_id: str) -> Platform:
-        """The guest's OS/architecture in OCI names, from the image manifest (cached)."""
-        e = self._registry.get(sandbox_id)
-        return GuestImage("", Path(e.record.image_dir), self._manifest(e.record.image_dir)).platform
+        """The guest's OS/architecture in OCI names, recorded at create (a record from before
+        that has the image manifest read, once)."""
+        rec = self._registry.get(sandbox_id).record
+        if rec.platform is not None:
+            return rec.platform
+        return GuestImage("", Path(rec.image_dir), self._manifest(rec.image_dir)).platform
 
     def resource_metrics(self, sandbox_id: str) -> CgroupV2Metrics:
         """The sandbox's figures as a typed object (what :meth:`metrics` encodes).

@@ -14,14 +14,15 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any as _Any
 
-from ..errors import VmSandboxError
-from ..model import Any, Mount, Phase, Runtime, Sandbox
+from ..errors import InvalidArgument, VmSandboxError
+from ..model import AnyMessage, Mount, Phase, Platform, Runtime, Sandbox
 from ..network._model import NetworkPlan
+from ..payloads.podconfig import PodConfig, parse_pod_config
 
 __all__ = ["SandboxRecord", "Store"]
 
@@ -46,7 +47,7 @@ class SandboxRecord:
     agent_socket: str
     host_key: str
     rootfs: tuple[Mount, ...] = ()
-    options: Any | None = None
+    options: AnyMessage | None = None
     netns_path: str = ""
     annotations: dict[str, str] = field(default_factory=dict)
     started_at: datetime | None = None
@@ -56,17 +57,28 @@ class SandboxRecord:
     taps: tuple[str, ...] = ()
     network: NetworkPlan | None = None
     max_memory_mib: int = 0  # what memory may grow to while it runs (the domain's <memory>)
+    pod: PodConfig | None = None  # ``options`` decoded at create (the raw Any stays for containerd)
+    platform: Platform | None = None  # the guest image's, at create (None: a record from before)
 
     def evolve(self, **changes: _Any) -> SandboxRecord:
         return replace(self, **changes)
 
 
-def _any_to(a: Any | None) -> dict[str, str] | None:
+def _any_to(a: AnyMessage | None) -> dict[str, str] | None:
     return None if a is None else {"type_url": a.type_url, "value": base64.b64encode(a.value).decode()}
 
 
-def _any_from(d: dict[str, str] | None) -> Any | None:
-    return None if d is None else Any(d["type_url"], base64.b64decode(d["value"]))
+def _any_from(d: dict[str, str] | None) -> AnyMessage | None:
+    return None if d is None else AnyMessage(d["type_url"], base64.b64decode(d["value"]))
+
+
+def _platform_from(d: object) -> Platform | None:
+    if d is None:
+        return None
+    keys = ("os", "architecture", "variant", "os_version")
+    if not isinstance(d, dict) or not all(isinstance(d.get(k, ""), str) for k in keys):
+        raise InvalidArgument(f"platform must be an object of strings, not {d!r}")
+    return Platform(d["os"], d["architecture"], d.get("variant", ""), d.get("os_version", ""))
 
 
 def _dt_to(t: datetime | None) -> str | None:
@@ -127,12 +139,19 @@ def record_to_json(r: SandboxRecord) -> dict[str, _Any]:
         "taps": list(r.taps),
         "network": r.network.to_json() if r.network is not None else None,
         "max_memory_mib": r.max_memory_mib,
+        "pod": r.pod.to_json() if r.pod is not None else None,
+        "platform": asdict(r.platform) if r.platform is not None else None,
     }
 
 
 def record_from_json(d: dict[str, _Any]) -> SandboxRecord:
     created = _dt_from(d["created_at"])
     assert created is not None
+    options = _any_from(d["options"])
+    if "pod" in d:
+        pod = PodConfig.from_json(d["pod"]) if d["pod"] is not None else None
+    else:  # a record written before the field: decoded from the options once, here
+        pod = parse_pod_config(options)
     return SandboxRecord(
         id=d["id"],
         domain=d["domain"],
@@ -145,7 +164,7 @@ def record_from_json(d: dict[str, _Any]) -> SandboxRecord:
         agent_socket=d["agent_socket"],
         host_key=d["host_key"],
         rootfs=tuple(Mount(m["type"], m["source"], m["target"], tuple(m["options"])) for m in d["rootfs"]),
-        options=_any_from(d["options"]),
+        options=options,
         netns_path=d["netns_path"],
         annotations=dict(d["annotations"]),
         started_at=_dt_from(d["started_at"]),
@@ -156,6 +175,8 @@ def record_from_json(d: dict[str, _Any]) -> SandboxRecord:
         network=NetworkPlan.from_json(d["network"]) if d["network"] is not None else None,
         # Records written before this field: the boot-time rule of that version (twice, capped).
         max_memory_mib=int(d["max_memory_mib"]) if "max_memory_mib" in d else 2 * int(d["memory_mib"]),
+        pod=pod,
+        platform=_platform_from(d.get("platform")),
     )
 
 

@@ -16,7 +16,7 @@ from google.protobuf.message import Message
 
 from ..errors import InvalidArgument
 from ..model import (
-    Any,
+    AnyMessage,
     ControllerInstance,
     CreateOptions,
     ControllerStatus,
@@ -91,15 +91,15 @@ def _set_time(ts: timestamp_pb2.Timestamp, dt: datetime | None) -> None:
         ts.CopyFrom(datetime_to_timestamp(dt))
 
 
-def any_from_proto(a: any_pb2.Any) -> Any:
-    return Any(type_url=a.type_url, value=a.value)
+def any_from_proto(a: any_pb2.Any) -> AnyMessage:
+    return AnyMessage(type_url=a.type_url, value=a.value)
 
 
-def any_to_proto(a: Any) -> any_pb2.Any:
+def any_to_proto(a: AnyMessage) -> any_pb2.Any:
     return any_pb2.Any(type_url=a.type_url, value=a.value)
 
 
-def _opt_any(holder: Message, name: str) -> Any | None:
+def _opt_any(holder: Message, name: str) -> AnyMessage | None:
     """The Any field ``name`` of message ``holder``, None when unset."""
     if not holder.HasField(name):
         return None
@@ -108,7 +108,7 @@ def _opt_any(holder: Message, name: str) -> Any | None:
     return any_from_proto(a)
 
 
-def _set_any(target: any_pb2.Any, a: Any | None) -> None:
+def _set_any(target: any_pb2.Any, a: AnyMessage | None) -> None:
     if a is not None:
         target.CopyFrom(any_to_proto(a))
 

@@ -3,19 +3,21 @@
 :func:`parse_pod_config` turns the options Any into a typed :class:`PodConfig`; :func:`vcpus_from`
 and :func:`memory_mib_from` size the VM from the pod's resources plus its RuntimeClass
 overhead. Only the fields vmsandbox uses are decoded; everything else in the message is ignored.
+:meth:`PodConfig.to_json` / :meth:`PodConfig.from_json` keep it in a sandbox's record.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from fractions import Fraction
-from dataclasses import dataclass, field
+from typing import Any, get_args, get_origin, get_type_hints
 
 from google.protobuf.message import DecodeError
 
-from .errors import InvalidArgument
-from .model import Any
-from .proto.k8s.runtime.v1 import api_pb2
+from ..errors import InvalidArgument
+from ..model import AnyMessage
+from ..proto.k8s.runtime.v1 import api_pb2
 
 __all__ = [
     "POD_SANDBOX_CONFIG_TYPE",
@@ -74,8 +76,62 @@ class PodConfig:
     overhead_cpu_period: int = 0
     overhead_memory_limit_bytes: int = 0
 
+    def to_json(self) -> dict[str, Any]:
+        """Every field as JSON values (``json.dumps`` works on it); read back by :meth:`from_json`."""
+        return _to_json(self)
 
-def parse_pod_config(any: Any | None) -> PodConfig | None:
+    @classmethod
+    def from_json(cls, data: object) -> PodConfig:
+        """Rebuild a pod config written by :meth:`to_json` (a field it lacks takes its default).
+
+        Raises InvalidArgument naming the first field that is missing or not of its type.
+        """
+        pod: PodConfig = _from_json(cls, data, "pod config")
+        return pod
+
+
+_JSON_KIND: dict[object, str] = {tuple: "a list", dict: "an object", str: "a string", int: "an integer"}
+
+
+def _to_json(obj: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, tuple):
+            v = [_to_json(x) if is_dataclass(x) else x for x in v]
+        elif isinstance(v, dict):
+            v = dict(v)
+        out[f.name] = v
+    return out
+
+
+def _from_json(cls: Any, data: object, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise InvalidArgument(f"{where} must be an object, not {type(data).__name__}")
+    hints = get_type_hints(cls)
+    values = {}
+    for f in fields(cls):
+        if f.name in data:
+            values[f.name] = _value(hints[f.name], data[f.name], f"{where}.{f.name}")
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise InvalidArgument(f"{where} lacks {f.name!r}")
+    return cls(**values)
+
+
+def _value(hint: Any, v: object, where: str) -> Any:
+    origin, args = get_origin(hint), get_args(hint)
+    if is_dataclass(hint):
+        return _from_json(hint, v, where)
+    if origin is tuple and isinstance(v, list):
+        return tuple(_value(args[0], x, f"{where}[{i}]") for i, x in enumerate(v))
+    if origin is dict and isinstance(v, dict):
+        return {k: _value(args[1], x, f"{where}[{k!r}]") for k, x in v.items()}
+    if hint in (str, int) and type(v) is hint:  # a JSON true is no int here
+        return v
+    raise InvalidArgument(f"{where} must be {_JSON_KIND.get(origin or hint, hint)}, not {v!r}")
+
+
+def parse_pod_config(any: AnyMessage | None) -> PodConfig | None:
     """Decode Create's options when they hold a ``runtime.v1.PodSandboxConfig``.
 
     Returns None for no options or options of another type (the caller keeps unknown types

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
-from .errors import InvalidArgument
-from .model import Any
-from .proto.cgroups.v2 import metrics_pb2
+from ..errors import InvalidArgument
+from ..model import AnyMessage
+from ..proto.cgroups.v2 import metrics_pb2
 
 __all__ = [
     "TYPE_URL",
@@ -182,12 +182,12 @@ def from_proto(msg: metrics_pb2.Metrics) -> CgroupV2Metrics:
     )
 
 
-def to_any(m: CgroupV2Metrics) -> Any:
+def to_any(m: CgroupV2Metrics) -> AnyMessage:
     """``m`` as an Any with containerd's bare type URL and proto bytes (for ``Metric.data``)."""
-    return Any(type_url=TYPE_URL, value=to_proto(m).SerializeToString(deterministic=True))
+    return AnyMessage(type_url=TYPE_URL, value=to_proto(m).SerializeToString(deterministic=True))
 
 
-def from_any(a: Any) -> CgroupV2Metrics:
+def from_any(a: AnyMessage) -> CgroupV2Metrics:
     """Decode an Any holding ``io.containerd.cgroups.v2.Metrics`` (bare or prefixed type URL).
 
     Raises InvalidArgument for another type or undecodable bytes.
