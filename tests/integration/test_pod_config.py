@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,45 @@ def test_pod_annotations_and_resources_size_the_guest(controller, sandbox_ids): 
     import json
 
     assert json.loads(st.info["annotations"])["team"] == "infra"
+
+
+def _vmm_cpu_usec(pid: int) -> int:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1_000_000 // os.sysconf("SC_CLK_TCK")
+
+
+def test_a_vmm_in_the_pods_cgroup_still_reports_its_cpu(controller, sandbox_ids):  # type: ignore[no-untyped-def]
+    """Moving QEMU out of libvirt's cgroup froze libvirt's cpu.time: Metrics said the pod used
+    no CPU while its guest was busy."""
+    from vmsandbox.payloads.cgroupsv2 import from_any
+
+    name = unique("pod")
+    v2 = (CGROUP_ROOT / "cgroup.controllers").exists()
+    # The pod cgroup in every hierarchy, as the kubelet makes it (hybrid hosts: v1 and unified).
+    made = [CGROUP_ROOT / name] if v2 else [h / name for h in sorted(CGROUP_ROOT.iterdir())
+                                            if (h / "cgroup.procs").exists()]
+    for cg in made:
+        cg.mkdir()
+        for f in ("cpuset.cpus", "cpuset.mems"):  # an empty cpuset takes no process
+            if (cg / f).exists():
+                (cg / f).write_text((cg.parent / f).read_text())
+    sid = unique("cgcpu")
+    sandbox_ids.append(sid)
+    try:
+        cfg = cri.PodSandboxConfig(metadata=cri.PodSandboxMetadata(name=sid),
+                                   linux=cri.LinuxPodSandboxConfig(cgroup_parent=f"/{name}"))
+        controller.create(Sandbox(sid), options=AnyMessage("runtime.v1.PodSandboxConfig", cfg.SerializeToString()))
+        pid = controller.start(sid).pid
+        assert all(str(pid) in (cg / "cgroup.procs").read_text().split() for cg in made)
+        before, vmm_before = from_any(controller.metrics(sid).data).cpu.usage_usec, _vmm_cpu_usec(pid)
+        r = controller.exec(sid, ["sh", "-c", "i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done"], timeout=120)
+        assert r.exit_code == 0
+        after, vmm_after = from_any(controller.metrics(sid).data).cpu.usage_usec, _vmm_cpu_usec(pid)
+        vmm_used = vmm_after - vmm_before
+        assert vmm_used > 200_000, vmm_used  # the busy loop cost QEMU real CPU time under TCG
+        # What Metrics reports grew with what the kernel counted for the QEMU process.
+        assert after - before >= vmm_used * 0.8, (after - before, vmm_used)
+    finally:
+        controller.shutdown(sid)
+        for cg in made:
+            cg.rmdir()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from vmsandbox import InvalidArgument
-from vmsandbox.sandbox.cgroups import cgroup_relpath, place_process
+from vmsandbox.sandbox.cgroups import cgroup_relpath, libvirt_partition, place_process
 
 
 def test_relpath_of_both_drivers() -> None:
@@ -41,3 +41,16 @@ def test_v2_unified_and_missing(tmp_path: Path) -> None:
     pod = _cgroup(tmp_path / "kubepods.slice" / "kubepods-pod2.slice")
     assert place_process(42, "kubepods-pod2.slice", root=tmp_path) == [pod]
     assert place_process(42, "kubepods-nothere.slice", root=tmp_path) == []
+
+
+@pytest.mark.parametrize("parent, partition", [
+    ("kubepods-burstable-pod1.slice", "/kubepods/burstable/pod1"),
+    ("kubepods.slice", "/kubepods"),
+    ("/kubepods/burstable/pod1", ""),  # cgroupfs driver: libvirt would look under *.partition
+    ("kubepods--x.slice", ""),
+    ("kubepods", ""),
+])
+def test_libvirt_partition_only_for_systemd_slices(tmp_path: Path, parent: str, partition: str) -> None:
+    (tmp_path / "systemd").mkdir()
+    assert libvirt_partition(parent, systemd_run=tmp_path / "systemd") == partition
+    assert libvirt_partition(parent, systemd_run=tmp_path / "absent") == ""

@@ -504,6 +504,33 @@ def test_start_with_a_pod_cgroup_that_does_not_exist_here_still_runs(rig: Rig) -
     assert rig.ctl.start(sid).pid > 0
 
 
+def test_on_a_systemd_host_a_pod_slice_is_the_domains_libvirt_partition(rig: Rig, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmsandbox.sandbox import cgroups, controller
+
+    (tmp_path / "run-systemd").mkdir()
+    monkeypatch.setattr(cgroups, "SYSTEMD_RUN", tmp_path / "run-systemd")
+    moved: list[tuple[int, str]] = []
+    monkeypatch.setattr(controller, "place_process", lambda pid, parent: moved.append((pid, parent)))
+    sid = created(rig, options=pod_options(cgroup_parent="kubepods-burstable-pod12_34.slice"))
+    assert ET.fromstring(rig.domain(sid).xml).findtext("resource/partition") == "/kubepods/burstable/pod12_34"
+    rig.ctl.start(sid)
+    assert moved == []  # libvirt (machined) placed it; nothing is moved behind its back
+
+
+def test_without_systemd_the_vmm_is_moved_into_the_pod_cgroup(rig: Rig, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmsandbox.sandbox import cgroups, controller
+
+    monkeypatch.setattr(cgroups, "SYSTEMD_RUN", tmp_path / "no-systemd")
+    moved: list[tuple[int, str]] = []
+    monkeypatch.setattr(controller, "place_process", lambda pid, parent: moved.append((pid, parent)))
+    sid = created(rig, options=pod_options(cgroup_parent="kubepods-burstable-pod12_34.slice"))
+    assert ET.fromstring(rig.domain(sid).xml).find("resource") is None
+    pid = rig.ctl.start(sid).pid
+    assert moved == [(pid, "kubepods-burstable-pod12_34.slice")]
+
+
 def _die_during_boot(rig: Rig) -> None:
     rig.guests.vm_running = lambda socket_path: False  # the agent never answers
     threading.Timer(0.1, rig.hv.crash, ["vmsandbox-a"]).start()

@@ -100,3 +100,16 @@ def test_which_folders_each_uri_reads() -> None:
     for uri in ("qemu+ssh://node-2/system", "qemu://localhost/system", "qemu+tcp://node-2/session", "test:///default", "lxc:///system",
                 "qemu:///embed?root=/srv/x"):
         assert pid_file_dirs(uri, env, euid=0) == []
+
+
+def test_process_cpu_counts_user_and_system_time_of_the_process(tmp_path: Path) -> None:
+    from vmsandbox.hypervisor.pidfile import process_cpu_ns
+
+    tick = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+    (tmp_path / "42").mkdir()
+    # comm may hold spaces and parentheses; fields 14 and 15 are utime and stime in ticks.
+    (tmp_path / "42" / "stat").write_text("42 (qemu (x) y) S 1 42 42 0 -1 4194560 1 0 0 0 300 70 0 0 20 0 5\n")
+    assert process_cpu_ns(42, proc=tmp_path) == (300 * tick, 70 * tick)
+    assert process_cpu_ns(43, proc=tmp_path) is None
+    user, system = process_cpu_ns(os.getpid()) or (-1, -1)
+    assert user >= 0 and system >= 0

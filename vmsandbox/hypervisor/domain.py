@@ -58,6 +58,7 @@ class DomainSpec:
     agent_channel: str = "vmsandbox.agent"
     loader: str = ""  # firmware ROM (e.g. qboot) instead of the default BIOS
     rng: bool = True  # virtio-rng fed from the host: the guest's RNG is ready at once
+    partition: str = ""  # libvirt resource partition (the pod's systemd slice), "" for libvirt's default
     hotplug_block_mib: int = 2  # virtio-mem granule (x86's pageblock: Linux >= 5.17 plugs at this size)
     extra_metadata: dict[str, str] = field(default_factory=dict)
 
@@ -88,6 +89,8 @@ def build_domain_xml(spec: DomainSpec) -> str:
     _sub(dom, "memory", str(spec.memory_mib + hotplug), unit="MiB")
     _sub(dom, "currentMemory", str(spec.memory_mib), unit="MiB")
     _sub(dom, "vcpu", str(spec.max_vcpus), placement="static", current=str(spec.vcpus))
+    if spec.partition:
+        _sub(_sub(dom, "resource"), "partition", spec.partition)
     os_ = _sub(dom, "os")
     _sub(os_, "type", "hvm", arch=spec.arch, machine=spec.machine)
     if spec.loader:

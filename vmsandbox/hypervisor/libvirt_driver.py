@@ -20,7 +20,7 @@ from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_expo
 from ..errors import AlreadyExists, FailedPrecondition, Internal, NotFound, Unavailable, VmSandboxError
 from ..sandbox.ports import DomainInfo, DomainState, StopReason
 from .domain import METADATA_NS, parse_metadata, plan_memory_change
-from .pidfile import qemu_pid
+from .pidfile import process_cpu_ns, qemu_pid
 
 __all__ = ["LibvirtHypervisor", "DomainState", "StopReason", "DomainInfo"]
 
@@ -327,7 +327,16 @@ class LibvirtHypervisor:
             if not doms:
                 return {}
             flags = libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE
-            return {dom.name(): dict(st) for dom, st in conn.domainListGetStats(doms, 0, flags)}
+            out = {dom.name(): dict(st) for dom, st in conn.domainListGetStats(doms, 0, flags)}
+        for name, st in out.items():
+            # libvirt counts its cgroup; a QEMU placed in the pod's cgroup has left it.
+            cpu = process_cpu_ns(qemu_pid(self.uri, name))
+            if cpu is not None:
+                user, system = cpu
+                st["cpu.user"] = max(int(st.get("cpu.user", 0)), user)
+                st["cpu.system"] = max(int(st.get("cpu.system", 0)), system)
+                st["cpu.time"] = max(int(st.get("cpu.time", 0)), user + system)
+        return out
 
     def set_memory(self, name: str, mib: int) -> None:
         """Give the running guest ``mib`` of memory: virtio-mem above its boot size, the

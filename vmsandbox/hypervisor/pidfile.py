@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
-__all__ = ["SYSTEM_PID_DIRS", "pid_file_dirs", "read_qemu_pid", "qemu_pid"]
+__all__ = ["SYSTEM_PID_DIRS", "pid_file_dirs", "read_qemu_pid", "qemu_pid", "process_cpu_ns"]
 
 SYSTEM_PID_DIRS = (Path("/run/libvirt/qemu"), Path("/var/run/libvirt/qemu"))
 _LOCAL_TRANSPORTS = ("", "unix")
@@ -79,3 +79,18 @@ def read_qemu_pid(name: str, dirs: list[Path], *, proc: Path = Path("/proc")) ->
 def qemu_pid(uri: str, name: str) -> int:
     """The QEMU pid of running domain ``name`` on the daemon behind ``uri``; 0 when unknown."""
     return read_qemu_pid(name, pid_file_dirs(uri, os.environ, euid=os.geteuid()))
+
+
+def process_cpu_ns(pid: int, *, proc: Path = Path("/proc")) -> tuple[int, int] | None:
+    """(user, system) CPU time of process ``pid``, all its threads, in ns; None if it is gone.
+
+    libvirt's ``cpu.time`` is its cgroup's counter, which stops when QEMU is moved into the
+    pod's cgroup; the kernel's per-process figure keeps counting wherever the process is.
+    """
+    try:
+        fields = (proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+        utime, stime = int(fields[11]), int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return None
+    tick = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+    return utime * tick, stime * tick

@@ -14,10 +14,11 @@ from pathlib import Path
 
 from ..errors import InvalidArgument
 
-__all__ = ["cgroup_relpath", "place_process", "CGROUP_ROOT"]
+__all__ = ["cgroup_relpath", "place_process", "libvirt_partition", "CGROUP_ROOT", "SYSTEMD_RUN"]
 
 log = logging.getLogger(__name__)
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+SYSTEMD_RUN = Path("/run/systemd/system")  # exists when systemd is init (sd_booted)
 
 
 def cgroup_relpath(parent: str) -> str:
@@ -29,6 +30,23 @@ def cgroup_relpath(parent: str) -> str:
         parts = name.split("-")
         return "/".join("-".join(parts[: i + 1]) + ".slice" for i in range(len(parts)))
     return parent.strip("/")
+
+
+def libvirt_partition(parent: str, *, systemd_run: Path | None = None) -> str:
+    """The libvirt ``<resource><partition>`` that puts the VM in the pod's cgroup, or "".
+
+    It fits only a kubelet with the systemd cgroup driver on a systemd host: libvirt asks
+    machined for a scope in slice ``a-b-c.slice`` for partition ``/a/b/c``, which is where
+    the kubelet made the pod's slice, and libvirt keeps its own cgroup (its CPU figures, its
+    limits) below it. Without systemd, libvirt names partition ``/a/b`` ``a.partition/b.partition``
+    (measured: libvirt 9.0 failed to start with ``/kubepods/burstable/pod1``), which is not the
+    kubelet's cgroupfs layout, so there the VMM is moved by :func:`place_process` instead.
+    """
+    if "/" in parent or not parent.endswith(".slice") or not (systemd_run or SYSTEMD_RUN).is_dir():
+        return ""
+    name = parent[: -len(".slice")]
+    parts = name.split("-")
+    return "/" + "/".join(parts) if all(parts) else ""
 
 
 def _hierarchies(root: Path) -> list[Path]:

@@ -46,7 +46,7 @@ from ..payloads.podconfig import parse_pod_config
 from .ports import DomainState, GuestFactory, HypervisorFactory, Images, Network, StopReason
 from .resources import plan_update, updated_fields
 from . import mounts as mountplan
-from .cgroups import cgroup_relpath, place_process
+from .cgroups import cgroup_relpath, libvirt_partition, place_process
 from .guestconfig import guest_settings, write_guest_files
 from .agents import Agents
 from .events import Emitter, EventSink, Step
@@ -214,7 +214,7 @@ class SandboxController:
                 spec = domain_spec(
                     sandbox_id=sid, domain=domain, config=self.config, virt_type=self.virt_type, image=image,
                     sandbox_dir=sdir, agent_socket=agent_socket_path(self.config.state_dir, sid), size=size, disks=plans, taps=taps,
-                    network=netplan,
+                    network=netplan, partition=libvirt_partition(pod.cgroup_parent) if pod is not None else "",
                 )
                 self._hv.define(build_domain_xml(spec))
                 undo.callback(quietly(self._hv.undefine, domain))
@@ -284,8 +284,8 @@ class SandboxController:
                 if rec.rootfs:
                     self._agents.check_mounts(agent, rec)
                 pid = self._hv.pid(rec.domain)
-                if rec.pod is not None and rec.pod.cgroup_parent and pid:
-                    place_process(pid, rec.pod.cgroup_parent)
+                if rec.pod is not None and rec.pod.cgroup_parent and pid and not libvirt_partition(rec.pod.cgroup_parent):
+                    place_process(pid, rec.pod.cgroup_parent)  # libvirt cannot (see libvirt_partition)
                 with e.state_lock:
                     rec = self._registry.save(e, phase=Phase.RUNNING, started_at=started, pid=pid)
             except BaseException as err:

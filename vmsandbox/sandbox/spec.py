@@ -57,6 +57,7 @@ def domain_spec(
     disks: Sequence[DiskPlan],
     taps: Sequence[str],
     network: NetworkPlan | None,
+    partition: str = "",
 ) -> DomainSpec:
     return DomainSpec(
         name=domain,
@@ -79,6 +80,7 @@ def domain_spec(
         disks=(DiskSpec(str(sandbox_dir / CONFIG_DISK), "vsbx-config", readonly=True),)
         + tuple(DiskSpec(p.source, p.serial, p.format, p.block, p.readonly) for p in disks),
         nics=tuple(NicSpec(t, i.mac, i.mtu) for t, i in zip(taps, network.interfaces)) if network else (),
+        partition=partition,
     )
 
 
