@@ -172,7 +172,7 @@ def test_a_slow_request_does_not_hold_up_a_fast_one_on_the_same_connection(serve
         pending = pool.submit(client.call, SERVICE, "Slow", t.StateRequest(), t.StateResponse)
         assert started.wait(5)
         t0 = time.monotonic()
-        assert client.call(SERVICE, "Echo", t.StateRequest(id="fast"), t.StateResponse).id == "fast"
+        assert client.call(SERVICE, "Echo", t.StateRequest(id="fast"), t.StateResponse, timeout=5).id == "fast"
         assert time.monotonic() - t0 < 1 and not pending.done()
         release.set()
         assert pending.result(5).id == "slow"
