@@ -11,7 +11,17 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from google.protobuf import empty_pb2
 
-from tests.unit.ttrpc_rig import ME, SERVICE, connect, echo_server, frame, read_response, request, socket_dir
+from tests.unit.ttrpc_rig import (
+    ME,
+    SERVICE,
+    connect,
+    echo_server,
+    frame,
+    read_response,
+    request,
+    socket_dir,
+    until_done,
+)
 from vmsandbox import errors
 from vmsandbox.codes import ERROR_CODES, INTERNAL_MESSAGE, Code
 from vmsandbox.proto.containerd.task.v3 import shim_pb2 as t
@@ -106,12 +116,7 @@ def test_the_timeout_becomes_the_handlers_deadline(server: Server, client: Clien
 
 
 def test_a_handler_waiting_on_its_context_ends_at_the_deadline(server: Server) -> None:
-    def wait(req: t.StateRequest, ctx: RequestContext) -> t.StateResponse:
-        ctx.wait()
-        ctx.check()
-        return t.StateResponse()
-
-    server.register(SERVICE, "Wait", t.StateRequest, t.StateResponse, wait)
+    server.register(SERVICE, "Wait", t.StateRequest, t.StateResponse, until_done)
     with connect(server.path) as raw:  # the server's own answer, with no client-side timer
         t0 = time.monotonic()
         raw.sendall(frame(1, 1, request(method="Wait", timeout_nano=300_000_000)))

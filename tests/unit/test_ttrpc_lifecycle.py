@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.unit.ttrpc_rig import ME, SERVICE, connect, echo_server, new_threads, open_fds, socket_dir
+from tests.unit.ttrpc_rig import ME, SERVICE, connect, echo_server, new_threads, open_fds, socket_dir, until_done
 from vmsandbox import errors
 from vmsandbox.proto.containerd.task.v3 import shim_pb2 as t
 from vmsandbox.ttrpc import Client, RequestContext, Server
@@ -101,15 +101,10 @@ def test_stop_finishes_what_ends_in_the_grace_period_and_cancels_the_rest() -> N
         time.sleep(0.3)
         return t.StateResponse(id="finished")
 
-    def forever(req: t.StateRequest, ctx: RequestContext) -> t.StateResponse:  # as containerd's Wait
-        ctx.wait()
-        ctx.check()
-        return t.StateResponse()
-
     with socket_dir() as d:
         s = echo_server(f"{d}/t.sock", stop_grace=1.0)
         s.register(SERVICE, "Quick", t.StateRequest, t.StateResponse, quick)
-        s.register(SERVICE, "Forever", t.StateRequest, t.StateResponse, forever)
+        s.register(SERVICE, "Forever", t.StateRequest, t.StateResponse, until_done)
         with Client(s.path) as c, ThreadPoolExecutor(2) as pool:
             q = pool.submit(c.call, SERVICE, "Quick", t.StateRequest(), t.StateResponse)
             f = pool.submit(c.call, SERVICE, "Forever", t.StateRequest(), t.StateResponse)
@@ -134,14 +129,9 @@ def test_stop_leaves_no_thread_and_no_fd_behind() -> None:
     ResourceWarning) fails the test as a leak."""
     before_threads, before_fds = set(threading.enumerate()), open_fds()
 
-    def wait(req: t.StateRequest, ctx: RequestContext) -> t.StateResponse:
-        ctx.wait()
-        ctx.check()
-        return t.StateResponse()
-
     with socket_dir() as d:
         s = echo_server(f"{d}/t.sock", stop_grace=0.2)
-        s.register(SERVICE, "Wait", t.StateRequest, t.StateResponse, wait)
+        s.register(SERVICE, "Wait", t.StateRequest, t.StateResponse, until_done)
         clients = [Client(s.path) for _ in range(5)]
         with ThreadPoolExecutor(10) as pool:
             waits = [pool.submit(c.call, SERVICE, "Wait", t.StateRequest(), t.StateResponse) for c in clients]

@@ -34,6 +34,13 @@ def echo(req: t.StateRequest, ctx: RequestContext) -> t.StateResponse:
     return t.StateResponse(id=req.id, pid=ctx.stream_id, exec_id=ctx.first("containerd-namespace-ttrpc"))
 
 
+def until_done(req: t.StateRequest, ctx: RequestContext) -> t.StateResponse:
+    """As containerd's Wait: blocks until the deadline passes or the server cancels the request."""
+    ctx.wait()
+    ctx.check()
+    return t.StateResponse()
+
+
 def echo_server(path: str, **kw: object) -> Server:
     s = Server(allowed_uids=(ME,), **kw)  # type: ignore[arg-type]
     s.register(SERVICE, "Echo", t.StateRequest, t.StateResponse, echo)
