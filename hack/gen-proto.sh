@@ -12,11 +12,12 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 mapfile -t protos < <(find vmsandbox/proto -name '*.proto' | LC_ALL=C sort)
 [ "${#protos[@]}" -gt 0 ] || { echo "gen-proto: no .proto files under vmsandbox/proto" >&2; exit 1; }
-mapfile -t services < <(grep -l '^service ' "${protos[@]}")
+# A service served over ttrpc (vmsandbox.ttrpc; it says so in a comment) gets no gRPC stub.
+mapfile -t services < <(grep -l '^service ' "${protos[@]}" | xargs grep -L '^// Served over ttrpc')
 
 find vmsandbox/proto \( -name '*_pb2.py' -o -name '*_pb2.pyi' -o -name '*_pb2_grpc.py' \) -delete
 "$PY" -m grpc_tools.protoc -I . --python_out=. --pyi_out=. "${protos[@]}"
-# gRPC stubs only for files that declare a service (the others would be empty modules).
+# gRPC stubs only for files that declare a gRPC service (the others would be empty modules).
 "$PY" -m grpc_tools.protoc -I . --grpc_python_out=. "${services[@]}"
 
 # Every directory on the way to a generated module must be a regular package so that

@@ -70,6 +70,22 @@ def test_payloads_are_pure() -> None:
         assert not bad, f"payloads/{p.name} imports {bad}"
 
 
+def test_ttrpc_is_the_wire_protocol_only() -> None:
+    """ttrpc needs protobuf and nothing else: no grpc, no adapter, no task, no orchestration."""
+    allowed = ("vmsandbox.ttrpc", "vmsandbox.proto", "vmsandbox.errors", "vmsandbox.codes", "vmsandbox.unixsocket")
+    for p in (PKG / "ttrpc").glob("*.py"):
+        bad = {i for i in imports(p) if i.startswith("vmsandbox") and not i.startswith(allowed)}
+        bad |= {i for i in imports(p) if i.split(".")[0] in (*ADAPTER_OF, "grpc")}
+        assert not bad, f"ttrpc/{p.name} imports {bad}"
+
+
+def test_the_task_service_reaches_no_adapter_library() -> None:
+    for p in (PKG / "task").glob("*.py"):
+        bad = {i for i in imports(p) if i in ADAPTER_MODULES or i.split(".")[0] in (*ADAPTER_OF, "grpc")}
+        bad |= {i for i in imports(p) if i.startswith(("vmsandbox.hypervisor", "vmsandbox.server", "vmsandbox.host"))}
+        assert not bad, f"task/{p.name} imports {bad}"
+
+
 def test_no_module_is_over_500_lines() -> None:
     long = {p.relative_to(PKG).as_posix(): n for p in modules() if (n := len(p.read_text().splitlines())) > 500}
     assert not long, long

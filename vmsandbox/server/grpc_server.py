@@ -22,7 +22,7 @@ from ..controller import Controller
 from ..errors import FailedPrecondition
 from .admin import MAX_MESSAGE_BYTES, AdminServicer, AdminTarget
 from .service import ControllerServicer
-from .unixsocket import prepare_socket_path, remove_socket, secure_socket
+from ..unixsocket import prepare_socket_path, remove_socket, secure_socket
 
 __all__ = ["serve", "ControllerServer", "DEFAULT_STOP_GRACE"]
 

@@ -1,8 +1,9 @@
-"""The one table from :mod:`vmsandbox.errors` classes to gRPC status codes.
+"""Our errors as gRPC status codes: :data:`vmsandbox.codes.ERROR_CODES` in grpc's own type.
 
-containerd's proxy turns each code back into its errdefs class (``errgrpc.ToNative``), so the
-table mirrors containerd/errdefs ``pkg/errgrpc``. Internal and unexpected exceptions become
-INTERNAL with a generic message; their details and traceback go to the log only.
+containerd's proxy turns each code back into its errdefs class (``errgrpc.ToNative``); the
+table itself lives in :mod:`vmsandbox.codes`, shared with the ttrpc task API. Internal and
+unexpected exceptions become INTERNAL with a generic message; their details and traceback go
+to the log only.
 """
 
 from __future__ import annotations
@@ -12,23 +13,18 @@ import logging
 import grpc
 
 from .. import errors
+from ..codes import ERROR_CODES as _CODES
+from ..codes import INTERNAL_MESSAGE, Code, code_for
 
 __all__ = ["ERROR_CODES", "INTERNAL_MESSAGE", "to_status"]
 
 log = logging.getLogger(__name__)
 
-ERROR_CODES: dict[type[errors.VmSandboxError], grpc.StatusCode] = {
-    errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
-    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    errors.Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
-    errors.Internal: grpc.StatusCode.INTERNAL,
-}
+_GRPC_CODE = {sc.value[0]: sc for sc in grpc.StatusCode}
 
-INTERNAL_MESSAGE = "internal error in the vmsandbox controller; details are in its log"
+ERROR_CODES: dict[type[errors.VmSandboxError], grpc.StatusCode] = {
+    cls: _GRPC_CODE[int(code)] for cls, code in _CODES.items()
+}
 
 
 def to_status(exc: BaseException, *, rpc: str, sandbox_id: str) -> tuple[grpc.StatusCode, str]:
@@ -38,14 +34,9 @@ def to_status(exc: BaseException, *, rpc: str, sandbox_id: str) -> tuple[grpc.St
     (NotFound on Stop/Shutdown is routine); Internal and anything unlisted at ERROR with the
     traceback, and only a generic message goes on the wire.
     """
-    code: grpc.StatusCode | None = None
-    if isinstance(exc, errors.VmSandboxError):
-        for cls in type(exc).__mro__:
-            if issubclass(cls, errors.VmSandboxError) and cls in ERROR_CODES:
-                code = ERROR_CODES[cls]
-                break
-    if code is None or code is grpc.StatusCode.INTERNAL:
+    code = code_for(exc)
+    if code is Code.INTERNAL:
         log.error("%s sandbox %s: internal error", rpc, sandbox_id, exc_info=exc)
         return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
     log.info("%s sandbox %s: %s: %s", rpc, sandbox_id, code.name, exc)
-    return code, str(exc)
+    return _GRPC_CODE[int(code)], str(exc)

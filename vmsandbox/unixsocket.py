@@ -1,4 +1,8 @@
-"""The server's unix socket file: safe take-over of a stale path, permissions, removal."""
+"""A server's unix socket file: safe take-over of a stale path, permissions, removal.
+
+Shared by the gRPC servers (vmsandbox.server) and the ttrpc server (vmsandbox.ttrpc), so it
+imports nothing but the errors.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import os
 import socket
 import stat
 
-from ..errors import FailedPrecondition, InvalidArgument
+from .errors import FailedPrecondition, InvalidArgument
 
 __all__ = ["prepare_socket_path", "secure_socket", "remove_socket", "SUN_PATH_MAX"]
 
