@@ -15,6 +15,14 @@ from vmsandbox.sandbox.cgroups import CGROUP_ROOT
 pytestmark = pytest.mark.integration
 
 
+def _start_in_cgroup(controller, sid: str, cgroup_parent: str) -> int:  # type: ignore[no-untyped-def]
+    """Create and start ``sid`` as CRI would for a pod with that cgroup parent; the VMM pid."""
+    cfg = cri.PodSandboxConfig(metadata=cri.PodSandboxMetadata(name=sid),
+                               linux=cri.LinuxPodSandboxConfig(cgroup_parent=cgroup_parent))
+    controller.create(Sandbox(sid), options=AnyMessage("runtime.v1.PodSandboxConfig", cfg.SerializeToString()))
+    return int(controller.start(sid).pid)
+
+
 def test_vmm_is_placed_in_the_pods_cgroup(controller, sandbox_ids):  # type: ignore[no-untyped-def]
     if (CGROUP_ROOT / "cgroup.controllers").exists():
         hierarchy = CGROUP_ROOT
@@ -27,10 +35,7 @@ def test_vmm_is_placed_in_the_pods_cgroup(controller, sandbox_ids):  # type: ign
     sid = unique("cg")
     sandbox_ids.append(sid)
     try:
-        cfg = cri.PodSandboxConfig(metadata=cri.PodSandboxMetadata(name=sid),
-                                   linux=cri.LinuxPodSandboxConfig(cgroup_parent=f"/{name}"))
-        controller.create(Sandbox(sid), options=AnyMessage("runtime.v1.PodSandboxConfig", cfg.SerializeToString()))
-        pid = controller.start(sid).pid
+        pid = _start_in_cgroup(controller, sid, f"/{name}")
         assert str(pid) in (cg / "cgroup.procs").read_text().split()
         controller.shutdown(sid)
         assert (cg / "cgroup.procs").read_text().strip() == ""
@@ -86,10 +91,7 @@ def test_a_vmm_in_the_pods_cgroup_still_reports_its_cpu(controller, sandbox_ids)
     sid = unique("cgcpu")
     sandbox_ids.append(sid)
     try:
-        cfg = cri.PodSandboxConfig(metadata=cri.PodSandboxMetadata(name=sid),
-                                   linux=cri.LinuxPodSandboxConfig(cgroup_parent=f"/{name}"))
-        controller.create(Sandbox(sid), options=AnyMessage("runtime.v1.PodSandboxConfig", cfg.SerializeToString()))
-        pid = controller.start(sid).pid
+        pid = _start_in_cgroup(controller, sid, f"/{name}")
         assert all(str(pid) in (cg / "cgroup.procs").read_text().split() for cg in made)
         before, vmm_before = from_any(controller.metrics(sid).data).cpu.usage_usec, _vmm_cpu_usec(pid)
         r = controller.exec(sid, ["sh", "-c", "i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done"], timeout=120)
