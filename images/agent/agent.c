@@ -3,11 +3,9 @@
  *
  * vsbx-agent PORT HOSTKEY   (PID 1 after /init): reaps every orphan, and bridges the
  *     virtio-serial PORT to a fresh `dropbear -i` per host connection. A virtio-serial port
- *     reports POLLHUP while no host end is connected, so poll() cannot wait for a host: the
- *     agent waits for the port's SIGIO instead and never wakes up periodically. A session
- *     starts once the host connected; when dropbear ends, everything it wrote still goes to
- *     the host; when the host goes away, everything of the session is dropped, so no stale
- *     bytes reach the next SSH handshake (see shared/reference/host-notes.md).
+ *     reports POLLHUP while no host end is connected; a session starts only once the host
+ *     connected and everything of a session is dropped when either side goes away, so no
+ *     stale bytes reach the next SSH handshake (see shared/reference/host-notes.md).
  *
  * vsbx-exec -c "vsbx1 TOKENS"   (root's login shell, run by dropbear for each exec): decodes
  *     hex tokens (a=argv element, e=KEY=VALUE, c=cwd, t=timeout ms, r=run in the guest root
@@ -23,7 +21,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
-#include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -31,13 +28,6 @@
 #include <unistd.h>
 
 #define BUF 65536
-
-/* SIGCHLD (an orphan or dropbear ended) and SIGIO (the port's host end connected or
- * disconnected, or data arrived) stay blocked and are read from this fd, so the agent sleeps
- * in poll() with no timeout and wakes only for them. -1 if signalfd failed: then it polls
- * with timeouts instead (reaping still works, idle costs wake-ups). */
-static int sigfd = -1;
-static sigset_t inherited_mask; /* restored for dropbear */
 
 static void reap(void) {
     while (waitpid(-1, NULL, WNOHANG) > 0) {
@@ -47,25 +37,6 @@ static void reap(void) {
 static void sleep_ms(int ms) {
     struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
     nanosleep(&ts, NULL);
-}
-
-static void drain_signals(void) {
-    struct signalfd_siginfo si;
-    while (sigfd >= 0 && read(sigfd, &si, sizeof si) == (ssize_t)sizeof si) {
-    }
-    reap();
-}
-
-/* Sleep until a signal arrives. */
-static void wait_signal(void) {
-    if (sigfd < 0) {
-        sleep_ms(100);
-        reap();
-        return;
-    }
-    struct pollfd s = {sigfd, POLLIN, 0};
-    poll(&s, 1, -1);
-    drain_signals();
 }
 
 struct pipebuf {
@@ -101,58 +72,9 @@ static void discard_input(int fd) {
     }
 }
 
-/* The port reports POLLHUP, whatever was asked, while no host end is connected. */
-static int host_connected(int port) {
-    struct pollfd p = {port, 0, 0};
-    return poll(&p, 1, 0) >= 0 && !(p.revents & (POLLHUP | POLLERR));
-}
-
-/* SIGIO on every change of the port (host connects or leaves, data arrives): wanted only
- * while waiting for a host, where poll() cannot wait (POLLHUP is reported at once).
- * Returns 1 when the change was made. */
-static int port_sigio(int port, int on) {
-    int fl = fcntl(port, F_GETFL);
-    return sigfd >= 0 && fl >= 0 && fcntl(port, F_SETFL, on ? fl | O_ASYNC : fl & ~O_ASYNC) == 0;
-}
-
-/* Block until a host connects. What the port holds when the wait starts with no host is
- * left over from the connection that ended, and would corrupt the next handshake: drop it.
- * What arrives later is kept: it is the next host's first bytes, which can be read before
- * the kernel has processed that host's port-open message (a workqueue runs it, data comes
- * from the interrupt), and dropping them would break its handshake. */
-static void wait_for_host(int port) {
-    int armed = port_sigio(port, 1);
-    if (!host_connected(port)) discard_input(port);
-    while (!host_connected(port)) { /* checked after SIGIO is armed: no change is missed */
-        if (armed) {
-            wait_signal();
-        } else {
-            sleep_ms(100);
-            reap();
-        }
-    }
-    if (armed) port_sigio(port, 0);
-}
-
-/* The session ended with the host still connected: wait (blocking) for it to leave,
- * dropping what it still sends. */
-static void wait_for_hangup(int port) {
-    for (;;) {
-        struct pollfd p[2] = {{port, POLLIN, 0}, {sigfd, POLLIN, 0}};
-        if (poll(p, 2, sigfd < 0 ? 1000 : -1) < 0 && errno != EINTR) return;
-        if (p[1].revents) drain_signals();
-        if (p[0].revents & POLLIN) discard_input(port);
-        if (p[0].revents & (POLLHUP | POLLERR)) {
-            discard_input(port);
-            return;
-        }
-    }
-}
-
 static pid_t spawn_dropbear(int sock, const char *hostkey) {
     pid_t pid = fork();
     if (pid == 0) {
-        sigprocmask(SIG_SETMASK, &inherited_mask, NULL); /* exec keeps a blocked mask */
         setsid();
         dup2(sock, 0);
         dup2(sock, 1);
@@ -165,14 +87,10 @@ static pid_t spawn_dropbear(int sock, const char *hostkey) {
     return pid;
 }
 
-/* One host connection: run a dropbear session until the host goes away, or until dropbear
- * ended and every byte it wrote reached the port. */
+/* One host connection: run a dropbear session until either side goes away. */
 static void session(int port, const char *hostkey) {
     int sv[2];
-    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) {
-        sleep_ms(100);
-        return;
-    }
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) return;
     pid_t pid = spawn_dropbear(sv[1], hostkey);
     close(sv[1]);
     if (pid < 0) { /* never kill(-1) below: that would be every process */
@@ -183,43 +101,49 @@ static void session(int port, const char *hostkey) {
     fcntl(sv[0], F_SETFL, O_NONBLOCK);
     static struct pipebuf up, down; /* up: dropbear -> host, down: host -> dropbear */
     up.len = down.len = 0;
-    int host_gone = 0;
-    int bear_eof = 0;  /* read all dropbear wrote: its end is closed */
-    int bear_deaf = 0; /* dropbear reads no more: what the host sends is dropped */
-    while (!(bear_eof && up.len == 0)) {
-        short pe = (short)((!bear_deaf && down.len < BUF ? POLLIN : 0) | (up.len ? POLLOUT : 0));
-        short be = (short)((!bear_eof && up.len < BUF ? POLLIN : 0) | (!bear_deaf && down.len ? POLLOUT : 0));
-        /* A closed socket reports POLLHUP whatever was asked: poll it only when there is
-         * something to do with it, or the loop would spin while `up` is full. */
-        struct pollfd p[3] = {{port, pe, 0}, {be ? sv[0] : -1, be, 0}, {sigfd, POLLIN, 0}};
-        if (poll(p, 3, sigfd < 0 ? 1000 : -1) < 0) {
+    int alive = 1, host_gone = 0;
+    while (alive) {
+        struct pollfd p[2] = {
+            {port, (short)((down.len < BUF ? POLLIN : 0) | (up.len ? POLLOUT : 0)), 0},
+            {sv[0], (short)((up.len < BUF ? POLLIN : 0) | (down.len ? POLLOUT : 0)), 0},
+        };
+        if (poll(p, 2, 1000) < 0) {
             if (errno != EINTR) break;
             continue;
         }
-        if (p[2].revents) drain_signals();
-        if (p[0].revents & (POLLHUP | POLLERR)) { /* host disconnected: nobody reads the rest */
+        reap();
+        if (p[0].revents & (POLLHUP | POLLERR)) { /* host disconnected */
             host_gone = 1;
             break;
         }
-        if ((p[0].revents & POLLIN) && !fill(port, &down)) {
-            host_gone = 1;
-            break;
-        }
-        /* Dropbear's end closed (POLLHUP) may still hold what it wrote last: read to EOF. */
-        if ((p[1].revents & (POLLIN | POLLHUP | POLLERR)) && (be & POLLIN) && !fill(sv[0], &up)) bear_eof = 1;
-        if ((p[0].revents & POLLOUT) && up.len && !drain(port, &up)) {
-            host_gone = 1;
-            break;
-        }
-        if ((p[1].revents & POLLOUT) && down.len && !drain(sv[0], &down)) bear_deaf = 1;
-        if (p[1].revents & (POLLHUP | POLLERR)) bear_deaf = 1;
-        if (bear_deaf) down.len = 0;
+        if ((p[0].revents & POLLIN) && !fill(port, &down)) break;
+        if ((p[1].revents & POLLIN) && !fill(sv[0], &up)) alive = 0;
+        if ((p[0].revents & POLLOUT) && up.len && !drain(port, &up)) break;
+        if ((p[1].revents & POLLOUT) && down.len && !drain(sv[0], &down)) alive = 0;
+        if (p[1].revents & (POLLHUP | POLLERR)) alive = 0;
+    }
+    /* Dropbear ended while the host is still there: flush what it said last (the exit
+     * status, say). Never write to a disconnected port: nobody would read it. */
+    for (int i = 0; i < 50 && up.len && !host_gone; i++) {
+        struct pollfd p = {port, POLLOUT, 0};
+        if (poll(&p, 1, 100) > 0 && (p.revents & POLLOUT)) drain(port, &up);
+        if (p.revents & (POLLHUP | POLLERR)) break;
     }
     kill(-pid, SIGKILL);
     kill(pid, SIGKILL);
     close(sv[0]);
-    reap();
-    if (!host_gone) wait_for_hangup(port);
+    /* Wait for the host end to disconnect. Once it has, every byte still readable in the
+     * port came from that dead connection and would corrupt the next handshake: drop it. */
+    for (;;) {
+        struct pollfd p = {port, POLLIN, 0};
+        poll(&p, 1, 200);
+        reap();
+        if (p.revents & POLLIN) discard_input(port);
+        if (p.revents & POLLHUP) {
+            discard_input(port);
+            break;
+        }
+    }
 }
 
 static int agent_main(int argc, char **argv) {
@@ -228,26 +152,25 @@ static int agent_main(int argc, char **argv) {
         return 2;
     }
     signal(SIGPIPE, SIG_IGN);
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGCHLD);
-    sigaddset(&set, SIGIO);
-    sigprocmask(SIG_BLOCK, &set, &inherited_mask);
-    sigfd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
-    if (sigfd < 0) {
-        perror("vsbx-agent: signalfd (polling instead)");
-        sigprocmask(SIG_SETMASK, &inherited_mask, NULL);
-    }
     int port = open(argv[1], O_RDWR | O_NONBLOCK | O_CLOEXEC);
     if (port < 0) {
         perror("vsbx-agent: open port");
         /* Stay PID 1 so the kernel does not panic; just reap. */
-        for (;;) wait_signal();
+        for (;;) {
+            sleep_ms(1000);
+            reap();
+        }
     }
-    fcntl(port, F_SETOWN, getpid());
     for (;;) {
-        wait_for_host(port);
-        session(port, argv[2]);
+        struct pollfd p = {port, POLLIN, 0};
+        int r = poll(&p, 1, 1000);
+        reap();
+        if (r > 0 && (p.revents & POLLHUP)) {
+            discard_input(port); /* leftovers of a connection that is gone */
+            sleep_ms(10);        /* no host connected yet */
+            continue;
+        }
+        if (r > 0) session(port, argv[2]);
     }
 }
 
