@@ -122,6 +122,10 @@ class SshProcess:
             if self._stdin_closed:
                 return
             self._stdin_closed = True
+            if self._tty:
+                # A terminal has no EOF; an SSH EOF would also end our window-changes
+                # (paramiko refuses requests on a channel once it sent EOF).
+                return
             try:
                 self._chan.shutdown_write()
             except _TRANSIENT:

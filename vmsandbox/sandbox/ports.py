@@ -123,7 +123,8 @@ class GuestProcess(Protocol):
         the connection is gone, FailedPrecondition after :meth:`close_stdin`."""
 
     def close_stdin(self) -> None:
-        """EOF on its stdin. Idempotent; succeeds after the process ended."""
+        """EOF on its stdin (for a tty process: no more input, but no EOF: a terminal has
+        none). Idempotent; succeeds after the process ended."""
 
     def resize(self, size: PtySize) -> None:
         """Change the terminal size of a tty process (SIGWINCH in the guest).
