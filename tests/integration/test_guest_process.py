@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -52,18 +53,23 @@ class Sink:
         raise AssertionError("unreachable")
 
 
-@pytest.fixture(scope="module")
-def channel(controller: LibvirtController) -> Iterator[GuestChannel]:
-    sid = unique("proc")
+@contextmanager
+def running_guest(controller: LibvirtController, name: str) -> Iterator[GuestChannel]:
+    """A sandbox without a rootfs, booted; its agent channel (the controller owns the one
+    connection QEMU serves, and hands it out as it does to the task engine)."""
+    sid = unique(name)
     try:
         controller.create(Sandbox(sid))
         controller.start(sid)
-        # The controller owns the sandbox's one agent connection (QEMU serves one at a time);
-        # the task engine will get it the same way once it is wired (issue 11, step 4).
-        e = controller._registry.get(sid)
-        yield controller._agents.connect(e, time.monotonic() + 30)
+        yield controller.guest_channel(sid)
     finally:
         controller.shutdown(sid)
+
+
+@pytest.fixture(scope="module")
+def channel(controller: LibvirtController) -> Iterator[GuestChannel]:
+    with running_guest(controller, "proc") as ch:
+        yield ch
 
 
 def spawn(ch: GuestChannel, argv: list[str], **kw: object) -> tuple[object, Sink, Sink]:

@@ -11,17 +11,24 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import unique
+from tests.integration.test_guest_process import running_guest
 from tests.unit.task_rig import Fifo, fifos
 from vmsandbox import LibvirtController, NotFound, Sandbox
+from vmsandbox.proto.containerd.task.v3 import shim_pb2 as pb
 from vmsandbox.model import PtySize
 from vmsandbox.sandbox.ports import GuestChannel
-from vmsandbox.task import IoSpec, StagedBundle, Status, TaskEngine
+from vmsandbox.task import SERVICE_NAME, IoSpec, StagedBundle, Status, TaskEngine
+from vmsandbox.task.sockets import TaskServingController, TaskSockets
+from vmsandbox.ttrpc import Client
 
 pytestmark = pytest.mark.integration
 
@@ -47,11 +54,11 @@ esac
 class ExecStager:
     """Writes a container's files into the guest over exec (no share, no rootfs)."""
 
-    def __init__(self, ch: GuestChannel) -> None:
-        self.ch = ch
+    def __init__(self, channel: Callable[[], GuestChannel]) -> None:
+        self.channel = channel
 
     def _sh(self, script: str, stdin: bytes | None = None) -> None:
-        r = self.ch.exec(["sh", "-c", script], stdin=stdin, in_guest_root=True, timeout=30)
+        r = self.channel().exec(["sh", "-c", script], stdin=stdin, in_guest_root=True, timeout=30)
         assert r.exit_code == 0, r.stderr
 
     def stage(self, container_id: str, rootfs: object, binds: object) -> StagedBundle:
@@ -73,23 +80,16 @@ class ExecStager:
 
 @pytest.fixture(scope="module")
 def channel(controller: LibvirtController) -> Iterator[GuestChannel]:
-    sid = unique("task")
-    try:
-        controller.create(Sandbox(sid))
-        controller.start(sid)
-        e = controller._registry.get(sid)  # the sandbox's one agent connection (see test_guest_process)
-        ch = controller._agents.connect(e, time.monotonic() + 30)
+    with running_guest(controller, "task") as ch:
         r = ch.exec(["sh", "-c", "mkdir -p /usr/local/bin && cat > /usr/local/bin/crun && chmod +x /usr/local/bin/crun"],
                     stdin=FAKE_CRUN.encode(), in_guest_root=True, timeout=30)
         assert r.exit_code == 0, r.stderr
         yield ch
-    finally:
-        controller.shutdown(sid)
 
 
 @pytest.fixture
 def engine(channel: GuestChannel) -> Iterator[TaskEngine]:
-    eng = TaskEngine("guest", lambda: channel, ExecStager(channel), ready_timeout=60)
+    eng = TaskEngine("guest", lambda: channel, ExecStager(lambda: channel), ready_timeout=60)
     yield eng
     eng.close()
 
@@ -190,3 +190,48 @@ def test_exec_with_stdin_close_io_and_a_tty_resize(engine: TaskEngine, tmp_path:
         engine.kill(cid, signal=9)
         engine.wait(cid)
         engine.delete(cid)
+
+
+def test_start_serves_the_task_api_and_a_container_runs_through_it(controller: LibvirtController,
+                                                                   tmp_path: Path) -> None:
+    """containerd's view: Start's address, then the task rpcs on that socket."""
+    run_dir = Path(tempfile.mkdtemp(prefix="vsbxt-", dir="/tmp"))
+    sockets = TaskSockets(run_dir, controller.guest_channel,
+                          stager_of=lambda sid: ExecStager(lambda: controller.guest_channel(sid)))
+    ctl = TaskServingController(controller, sockets)
+    sid, cid = unique("sock"), unique("c")
+    try:
+        ctl.create(Sandbox(sid))
+        t0 = time.monotonic()
+        inst = ctl.start(sid)
+        booted = time.monotonic() - t0
+        assert inst.version == 3 and inst.address == f"ttrpc+unix://{run_dir}/{sid}/task.sock"
+        assert ctl.status(sid).address == inst.address
+        ch = controller.guest_channel(sid)
+        r = ch.exec(["sh", "-c", "mkdir -p /usr/local/bin && cat > /usr/local/bin/crun && chmod +x /usr/local/bin/crun"],
+                    stdin=FAKE_CRUN.encode(), in_guest_root=True, timeout=30)
+        assert r.exit_code == 0, r.stderr
+        with fifos(tmp_path, "init") as (_, o, e), Client(inst.address) as c:
+            def rpc(name: str, req: object, resp: type) -> object:
+                return c.call(SERVICE_NAME, name, req, resp, timeout=120)  # type: ignore[arg-type]
+            t1 = time.monotonic()
+            created = rpc("Create", pb.CreateTaskRequest(id=cid, bundle=bundle(tmp_path, "echo from-guest; exit 7"),
+                                                         stdout=o.path, stderr=e.path), pb.CreateTaskResponse)
+            create_s = time.monotonic() - t1
+            o.collect()
+            e.collect()
+            assert rpc("Connect", pb.ConnectRequest(id=cid), pb.ConnectResponse).task_pid == created.pid > 1  # type: ignore[attr-defined]
+            rpc("Start", pb.StartRequest(id=cid), pb.StartResponse)
+            w = rpc("Wait", pb.WaitRequest(id=cid), pb.WaitResponse)
+            assert w.exit_status == 7  # type: ignore[attr-defined]
+            assert o.eof.wait(5) and bytes(o.data) == b"from-guest\n"
+            d = rpc("Delete", pb.DeleteRequest(id=cid), pb.DeleteResponse)
+            assert (d.pid, d.exit_status) == (created.pid, 7)  # type: ignore[attr-defined]
+        print(f"boot+socket {booted:.2f}s, Create (supervised create + pid poll) {create_s:.2f}s")
+        ctl.shutdown(sid)
+        assert not (run_dir / sid).exists()
+    finally:
+        ctl.shutdown(sid)
+        sockets.close_all()
+        shutil.rmtree(run_dir)
+        assert not os.path.exists(run_dir)
