@@ -235,3 +235,26 @@ def test_start_serves_the_task_api_and_a_container_runs_through_it(controller: L
         sockets.close_all()
         shutil.rmtree(run_dir)
         assert not os.path.exists(run_dir)
+
+
+def test_a_dropped_guest_connection_ends_every_wait_with_255(engine: TaskEngine, channel: GuestChannel,
+                                                             tmp_path: Path) -> None:
+    cid = unique("drop")
+    with fifos(tmp_path, "init") as (_, o, e), fifos(tmp_path, "x") as (_, xo, xe):
+        pid = started(engine, cid, tmp_path, "exec sleep 60", o, e)
+        engine.start(cid)
+        engine.exec(cid, "x", io=IoSpec("", xo.path, xe.path), process={"args": ["sleep", "60"]})
+        xo.collect()
+        xe.collect()
+        engine.start(cid, "x")
+        t0 = time.monotonic()
+        channel.close()  # the agent connection is gone (guest or QEMU trouble)
+        init, ex = engine.wait(cid), engine.wait(cid, "x")
+        assert init is not None and ex is not None and (init.exit_status, ex.exit_status) == (255, 255)
+        assert time.monotonic() - t0 < 10
+        assert o.eof.wait(5) and xo.eof.wait(5)  # CRI's log copy ends too
+        channel.connect(time.monotonic() + 30)
+        engine.delete(cid, "x")
+        assert channel.exec(["kill", "-0", str(pid)], in_guest_root=True, timeout=10).exit_code == 0  # orphaned
+        assert engine.delete(cid).exit_status == 255  # crun delete --force ends the orphaned init
+        assert channel.exec(["kill", "-0", str(pid)], in_guest_root=True, timeout=10).exit_code != 0
