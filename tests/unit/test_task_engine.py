@@ -332,3 +332,20 @@ def test_spec_of_an_exec_is_checked(rig: Rig, tmp_path: Path) -> None:
         with pytest.raises(InvalidArgument):
             rig.engine.exec(CID, "", io=IoSpec(), process={"args": ["sh"]})
 
+
+
+def test_a_reader_that_stalls_does_not_hang_close(rig: Rig, tmp_path: Path) -> None:
+    with fifos(tmp_path, "init") as (_, o, e):
+        rig.engine.create(CID, bundle=rig.bundle(), rootfs=(), io=io(o, e))  # CRI's reader never reads
+        rig.engine.start(CID)
+        (proc,) = rig.guests.processes
+        flood = threading.Thread(target=lambda: proc.emit(b"x" * (1 << 20)), daemon=True)
+        flood.start()  # blocks once the FIFO is full
+        time.sleep(0.3)
+        assert flood.is_alive()
+        t0 = time.monotonic()
+        rig.engine.close()  # the sandbox goes away
+        flood.join(5)
+        assert not flood.is_alive(), "the output pump is stuck on a reader that never reads"
+        ex = rig.engine.wait(CID)
+        assert ex is not None and ex.exit_status == 255 and time.monotonic() - t0 < 5

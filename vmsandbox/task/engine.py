@@ -347,7 +347,8 @@ class TaskEngine:
             log.warning("sandbox %s: crun delete %s: %s; forgetting it", self.sandbox_id, cid, e)
         deadline = time.monotonic() + GUEST_CALL_TIMEOUT
         if p.wait(lambda: time.monotonic() > deadline) is None and p.guest is not None:
-            p.guest.abort()  # crun delete --force killed it; its channel should have ended
+            p.stdio.cancel()  # crun delete --force killed it: only a stalled reader holds it up
+            p.guest.abort()
         p.wait(lambda: False)
         self._stager.unstage(cid)
         with self._lock:
@@ -367,6 +368,7 @@ class TaskEngine:
             procs = [p for c in self._containers.values() for p in (c.init, *c.execs.values())]
             waiters = list(self._waiters)
         for p in procs:
+            p.stdio.cancel()  # a reader that stalls must not keep the pump (and Wait) stuck
             gp = p.guest
             if gp is not None:
                 gp.abort()

@@ -2,8 +2,8 @@
 
 CRI opens stdout/stderr for reading and stdin for writing before it sends Create or Exec
 (``containerd/fifo``, O_NONBLOCK). We open stdout/stderr O_WRONLY (O_NONBLOCK fails with
-ENXIO until a reader exists, so we retry briefly; then the fd is made blocking: a slow
-reader slows the guest process rather than filling our memory) and stdin O_RDONLY|O_NONBLOCK
+ENXIO until a reader exists, so we retry briefly; a full FIFO makes the writer wait, so a
+slow reader slows the guest process rather than filling our memory, until :meth:`Stdio.cancel`) and stdin O_RDONLY|O_NONBLOCK
 plus a writer of our own on it, so that the stdin FIFO never reads EOF while nobody writes:
 containerd reports the end of stdin with CloseIO, and ``crictl attach`` may open a new
 writer later. A reader that goes away (EPIPE) makes that stream be discarded, never a hang.
@@ -55,7 +55,6 @@ def _open_writer(path: str, timeout: float) -> int:
                 raise FailedPrecondition(f"nobody reads the FIFO {path!r}") from e
             time.sleep(0.02)
             continue
-        os.set_blocking(fd, True)
         return fd
 
 
@@ -65,6 +64,7 @@ class _Out:
     def __init__(self, fd: int | None) -> None:
         self.fd, self.tail = fd, b""
         self._lock = threading.Lock()
+        self.cancelled = threading.Event()
 
     def __call__(self, data: bytes) -> None:
         if not data:
@@ -75,6 +75,12 @@ class _Out:
             while view and self.fd is not None:
                 try:
                     view = view[os.write(self.fd, view):]
+                except BlockingIOError:  # the FIFO is full: wait for the reader, or a cancel
+                    if self.cancelled.is_set():
+                        log.info("stdio reader stalled; discarding the rest")
+                        self._close_locked()
+                    else:
+                        select.select([], [self.fd], [], 0.2)
                 except OSError as e:  # EPIPE: the reader went away; keep the process going
                     log.info("stdio reader went away (%s); discarding the rest", e.strerror)
                     self._close_locked()
@@ -177,6 +183,11 @@ class Stdio:
             os.close(fd)
 
     # ------------------------------------------------------------------ teardown
+    def cancel(self) -> None:
+        """Stop waiting for stalled readers: output from now on is discarded where it would block."""
+        self.stdout.cancelled.set()
+        self.stderr.cancelled.set()
+
     def close(self) -> None:
         """Close everything: after the process ended and its output drained. Idempotent."""
         self._stop.set()
