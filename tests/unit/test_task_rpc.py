@@ -20,6 +20,7 @@ from tests.unit.task_rig import CID, Rig, fifos
 from tests.unit.ttrpc_rig import ME, socket_dir
 from vmsandbox import errors
 from vmsandbox.guest.fake import FakeProcess
+from vmsandbox.model import PtySize
 from vmsandbox.proto.containerd.task.v3 import shim_pb2 as pb
 from vmsandbox.proto.containerd.types import mount_pb2
 from vmsandbox.task import RPCS, SERVICE_NAME, TaskService
@@ -170,3 +171,20 @@ def test_errors_map_to_the_codes_containerd_expects(rig: Rig, client: Client) ->
         req = {n: q for n, q, _ in RPCS}[name]
         with pytest.raises(errors.Unimplemented):
             call(client, name, req(id=CID))
+
+
+def test_resize_pty_of_a_tty_exec(rig: Rig, client: Client, tmp_path: Path) -> None:
+    with fifos(tmp_path, "init") as (_, o, e), fifos(tmp_path, "t") as (_, to, te):
+        call(client, "Create", pb.CreateTaskRequest(id=CID, bundle=rig.bundle(), stdout=o.path, stderr=e.path))
+        call(client, "Start", pb.StartRequest(id=CID))
+        spec = any_pb2.Any(type_url=PROCESS_URL, value=json.dumps({"args": ["sh"], "terminal": True}).encode())
+        call(client, "Exec", pb.ExecProcessRequest(id=CID, exec_id="t", terminal=True, stdout=to.path,
+                                                   stderr=te.path, spec=spec))
+        call(client, "ResizePty", pb.ResizePtyRequest(id=CID, exec_id="t", width=100, height=30))
+        call(client, "Start", pb.StartRequest(id=CID, exec_id="t"))
+        call(client, "ResizePty", pb.ResizePtyRequest(id=CID, exec_id="t", width=120, height=40))
+        proc = rig.guests.processes[-1]
+        assert proc.call.tty and proc.call.size == PtySize(100, 30) and proc.sizes == [PtySize(120, 40)]
+        assert call(client, "State", pb.StateRequest(id=CID, exec_id="t")).terminal  # type: ignore[attr-defined]
+        with pytest.raises(errors.FailedPrecondition):
+            call(client, "ResizePty", pb.ResizePtyRequest(id=CID, width=1, height=1))  # the init has no tty
