@@ -112,7 +112,6 @@ def test_a_running_sandbox_is_taken_over(fresh: tuple[list[str], object]) -> Non
     assert_left_nothing(second.config.state_dir, sid, sock)
 
 
-@pytest.mark.parametrize(("how", "expected_exit"), [("destroyed", 137), ("powered-off", 0)])
 def _exec_then_die(config: Config, sid: str) -> None:
     """A controller in another process that execs in ``sid`` and is SIGKILLed, connected."""
     script = ("import os, signal, sys\n"
@@ -169,6 +168,7 @@ def test_after_each_restart_the_first_exec_reconnects_promptly_and_the_idle_agen
     assert max(idle) < 150, idle
 
 
+@pytest.mark.parametrize(("how", "expected_exit"), [("destroyed", 137), ("powered-off", 0)])
 def test_a_sandbox_that_stopped_while_no_controller_ran(
     fresh: tuple[list[str], object], how: str, expected_exit: int
 ) -> None:
