@@ -1,11 +1,13 @@
 /*
  * vmsandbox guest agent: one static binary, two personalities chosen by argv[0].
  *
- * vsbx-agent PORT HOSTKEY   (PID 1 after /init): reaps every orphan, and bridges the
- *     virtio-serial PORT to a fresh `dropbear -i` per host connection. A virtio-serial port
- *     reports POLLHUP while no host end is connected; a session starts only once the host
- *     connected and everything of a session is dropped when either side goes away, so no
- *     stale bytes reach the next SSH handshake (see shared/reference/host-notes.md).
+ * vsbx-agent PORT HOSTKEY [SERVER ARGV...]   (PID 1 after /init): reaps every orphan, and
+ *     bridges the virtio-serial PORT to a fresh `dropbear -i` (or SERVER, for tests) per
+ *     host connection. A virtio-serial port reports POLLHUP while no host end is connected;
+ *     a session starts at the host's "SSH-" line (bytes before it are a gone connection's
+ *     leftovers), runs until the host leaves or dropbear ended and its last bytes reached
+ *     the port. Idle, the agent sleeps on a signalfd (SIGCHLD, and SIGIO for host
+ *     connect/disconnect): it does not wake up at all (see images/README.md).
  *
  * vsbx-exec -c "vsbx1 TOKENS"   (root's login shell, run by dropbear for each exec): decodes
  *     hex tokens (a=argv element, e=KEY=VALUE, c=cwd, t=timeout ms, r=run in the guest root
@@ -22,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -30,9 +33,22 @@
 
 #define BUF 65536
 
+/* SIGCHLD (reap) and SIGIO (the host end of the port connected or went away, or data came)
+ * arrive on one signalfd, so the agent sleeps in poll() without a timeout while idle: no
+ * periodic wake-ups of an idle guest. */
+static int sigfd = -1;
+
 static void reap(void) {
     while (waitpid(-1, NULL, WNOHANG) > 0) {
     }
+}
+
+/* Consume pending signals from the signalfd and reap; a no-op when none is pending. */
+static void take_signals(void) {
+    struct signalfd_siginfo si;
+    while (sigfd >= 0 && read(sigfd, &si, sizeof si) == (ssize_t)sizeof si) {
+    }
+    reap();
 }
 
 static void sleep_ms(int ms) {
@@ -67,32 +83,76 @@ static int drain(int to, struct pipebuf *b) {
     return 0;
 }
 
-static void discard_input(int fd) {
-    char junk[4096];
-    while (read(fd, junk, sizeof junk) > 0) {
-    }
-}
-
-static pid_t spawn_dropbear(int sock, const char *hostkey) {
+static pid_t spawn_server(int sock, char **server) {
     pid_t pid = fork();
     if (pid == 0) {
+        sigset_t none;
+        sigemptyset(&none);
+        sigprocmask(SIG_SETMASK, &none, NULL); /* a blocked mask survives exec */
+        signal(SIGPIPE, SIG_DFL);
         setsid();
         dup2(sock, 0);
         dup2(sock, 1);
         int devnull = open("/dev/null", O_WRONLY);
         if (devnull >= 0) dup2(devnull, 2);
         for (int fd = 3; fd < 64; fd++) close(fd);
-        execl("/usr/sbin/dropbear", "dropbear", "-i", "-s", "-r", hostkey, (char *)NULL);
+        execv(server[0], server);
         _exit(127);
     }
     return pid;
 }
 
-/* One host connection: run a dropbear session until either side goes away. */
-static void session(int port, const char *hostkey) {
+/* Wait until the port or the signalfd is ready; returns the port's revents (0 on EINTR). */
+static short wait_port(int port, short events) {
+    struct pollfd p[2] = {{port, events, 0}, {sigfd, POLLIN, 0}};
+    if (poll(p, 2, -1) < 0) return 0;
+    if (p[1].revents) take_signals();
+    return p[0].revents;
+}
+
+/* The start of a session: drop whatever precedes the client's "SSH-" identification line
+ * (bytes a gone connection left in the port), keep everything from it on in `down`. A client
+ * speaks first with its version line and never sends other lines before it (RFC 4253 4.2).
+ * Returns 1 once found, 0 when the host went away first. */
+static int await_client(int port, struct pipebuf *down) {
+    static const char tag[] = "SSH-";
+    size_t kept = 0; /* bytes of a tag prefix carried over at the end of the last read */
+    for (;;) {
+        short r = wait_port(port, POLLIN);
+        if (r & (POLLHUP | POLLERR)) return 0; /* what is readable may be the next host's */
+        if (!(r & POLLIN)) continue;
+        char buf[4096];
+        memcpy(buf, tag, kept);
+        ssize_t n = read(port, buf + kept, sizeof buf - kept);
+        if (n <= 0) continue;
+        size_t len = kept + (size_t)n;
+        for (size_t i = 0; i + 4 <= len; i++) {
+            if (memcmp(buf + i, tag, 4) == 0) {
+                memcpy(down->data, buf + i, len - i);
+                down->len = len - i;
+                return 1;
+            }
+        }
+        /* Carry a trailing "S", "SS" or "SSH" into the next read. */
+        kept = 0;
+        for (size_t k = 3; k > 0; k--) {
+            if (len >= k && memcmp(buf + len - k, tag, k) == 0) {
+                kept = k;
+                break;
+            }
+        }
+    }
+}
+
+/* One host connection: run a server session until the host goes away or the server ended
+ * and everything it wrote reached the port. */
+static void session(int port, char **server) {
+    static struct pipebuf up, down; /* up: server -> host, down: host -> server */
+    up.len = down.len = 0;
+    if (!await_client(port, &down)) return;
     int sv[2];
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) return;
-    pid_t pid = spawn_dropbear(sv[1], hostkey);
+    pid_t pid = spawn_server(sv[1], server);
     close(sv[1]);
     if (pid < 0) { /* never kill(-1) below: that would be every process */
         close(sv[0]);
@@ -100,61 +160,58 @@ static void session(int port, const char *hostkey) {
         return;
     }
     fcntl(sv[0], F_SETFL, O_NONBLOCK);
-    static struct pipebuf up, down; /* up: dropbear -> host, down: host -> dropbear */
-    up.len = down.len = 0;
-    int alive = 1, host_gone = 0;
-    while (alive) {
-        struct pollfd p[2] = {
-            {port, (short)((down.len < BUF ? POLLIN : 0) | (up.len ? POLLOUT : 0)), 0},
-            {sv[0], (short)((up.len < BUF ? POLLIN : 0) | (down.len ? POLLOUT : 0)), 0},
+    int server_eof = 0, server_deaf = 0;
+    /* Until the server closed its end and its last bytes are written to the port: the
+     * tail of a session (an exit status, say) must not be lost. */
+    while (!(server_eof && up.len == 0)) {
+        short sv_events = (short)((!server_eof && up.len < BUF ? POLLIN : 0) |
+                                  (!server_deaf && down.len ? POLLOUT : 0));
+        struct pollfd p[3] = {
+            {port, (short)((down.len < BUF && !server_deaf ? POLLIN : 0) | (up.len ? POLLOUT : 0)), 0},
+            /* An fd with nothing to wait for stays out of the set: a hung-up socket would
+             * report POLLHUP at once and spin the loop. */
+            {sv_events ? sv[0] : -1, sv_events, 0},
+            {sigfd, POLLIN, 0},
         };
-        if (poll(p, 2, 1000) < 0) {
+        if (poll(p, 3, -1) < 0) {
             if (errno != EINTR) break;
             continue;
         }
-        reap();
-        if (p[0].revents & (POLLHUP | POLLERR)) { /* host disconnected */
-            host_gone = 1;
-            break;
-        }
+        if (p[2].revents) take_signals();
+        if (p[0].revents & (POLLHUP | POLLERR)) break; /* the host disconnected */
         if ((p[0].revents & POLLIN) && !fill(port, &down)) break;
-        if ((p[1].revents & POLLIN) && !fill(sv[0], &up)) alive = 0;
+        if ((p[1].revents & (POLLIN | POLLHUP | POLLERR)) && !server_eof && up.len < BUF && !fill(sv[0], &up))
+            server_eof = 1;
         if ((p[0].revents & POLLOUT) && up.len && !drain(port, &up)) break;
-        if ((p[1].revents & POLLOUT) && down.len && !drain(sv[0], &down)) alive = 0;
-        if (p[1].revents & (POLLHUP | POLLERR)) alive = 0;
-    }
-    /* Dropbear ended while the host is still there: flush what it said last (the exit
-     * status, say). Never write to a disconnected port: nobody would read it. */
-    for (int i = 0; i < 50 && up.len && !host_gone; i++) {
-        struct pollfd p = {port, POLLOUT, 0};
-        if (poll(&p, 1, 100) > 0 && (p.revents & POLLOUT)) drain(port, &up);
-        if (p.revents & (POLLHUP | POLLERR)) break;
+        if ((p[1].revents & POLLOUT) && down.len && !drain(sv[0], &down)) {
+            server_deaf = 1; /* it stopped reading; still take what it says */
+            down.len = 0;
+        }
+        if (server_deaf) down.len = 0;
     }
     kill(-pid, SIGKILL);
     kill(pid, SIGKILL);
     close(sv[0]);
-    /* Wait for the host end to disconnect. Once it has, every byte still readable in the
-     * port came from that dead connection and would corrupt the next handshake: drop it. */
-    for (;;) {
-        struct pollfd p = {port, POLLIN, 0};
-        poll(&p, 1, 200);
-        reap();
-        if (p.revents & POLLIN) discard_input(port);
-        if (p.revents & POLLHUP) {
-            discard_input(port);
-            break;
-        }
-    }
+    /* Bytes still in the port belong to this connection; a new host's start with its own
+     * "SSH-" line is found by the next await_client(). */
 }
 
 static int agent_main(int argc, char **argv) {
     if (argc < 3) {
-        fprintf(stderr, "usage: vsbx-agent PORT HOSTKEY\n");
+        fprintf(stderr, "usage: vsbx-agent PORT HOSTKEY [SERVER ARGV...]\n");
         return 2;
     }
     signal(SIGPIPE, SIG_IGN);
-    int port = open(argv[1], O_RDWR | O_NONBLOCK | O_CLOEXEC);
-    if (port < 0) {
+    sigset_t mask;
+    sigemptyset(&mask);
+    sigaddset(&mask, SIGCHLD);
+    sigaddset(&mask, SIGIO);
+    sigprocmask(SIG_BLOCK, &mask, NULL);
+    sigfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
+    char *dropbear[] = {"/usr/sbin/dropbear", "-i", "-s", "-r", argv[2], NULL};
+    char **server = argc > 3 ? argv + 3 : dropbear;
+    int port = open(argv[1], O_RDWR | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+    if (port < 0 || sigfd < 0) {
         perror("vsbx-agent: open port");
         /* Stay PID 1 so the kernel does not panic; just reap. */
         for (;;) {
@@ -162,16 +219,30 @@ static int agent_main(int argc, char **argv) {
             reap();
         }
     }
+    /* SIGIO when the host end connects or disconnects (virtio_console notifies a port's
+     * fasync owner of both), so waiting for a host needs no polling loop. */
+    fcntl(port, F_SETOWN, getpid());
+    fcntl(port, F_SETFL, O_NONBLOCK | O_ASYNC);
     for (;;) {
+        take_signals(); /* first: a SIGIO that comes after the port's check stays pending */
         struct pollfd p = {port, POLLIN, 0};
-        int r = poll(&p, 1, 1000);
-        reap();
+        int r = poll(&p, 1, 0);
         if (r > 0 && (p.revents & POLLHUP)) {
-            discard_input(port); /* leftovers of a connection that is gone */
-            sleep_ms(10);        /* no host connected yet */
+            /* No host. Readable bytes are kept: the driver delivers a new host's first bytes
+             * before it reports that host's arrival (control messages are handled later,
+             * in a work queue), so dropping them here loses its "SSH-" line; leftovers of a
+             * gone connection are skipped by await_client. Sleep until a signal: SIGIO
+             * once a host connects (it may already be pending). */
+            struct pollfd s = {sigfd, POLLIN, 0};
+            poll(&s, 1, -1);
             continue;
         }
-        if (r > 0) session(port, argv[2]);
+        if (r > 0 && (p.revents & POLLIN)) {
+            session(port, server);
+            continue;
+        }
+        /* A host is connected but silent: wait for its bytes, its leaving, or a child. */
+        wait_port(port, POLLIN);
     }
 }
 

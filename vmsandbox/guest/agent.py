@@ -39,6 +39,14 @@ MAX_OUTPUT = 32 * 1024 * 1024
 # Readiness: retry transient connection failures while the guest boots, backing off from
 # 50 ms to 0.5 s, until the caller's deadline (the stop condition is set per call).
 READINESS_WAIT = wait_exponential(multiplier=0.05, max=0.5)
+RECONNECT_BANNER_WAITS = (1.0, 2.0, 4.0, 8.0)
+"""How long each reconnect attempt to a booted guest waits for its SSH banner (then 8 s each).
+
+A booted guest's agent answers within milliseconds. When it does not, the connection is
+wedged (QEMU 7.2's char-socket serving a new client before the guest saw the old one leave)
+and a fresh one works: measured after a controller restart, one 10 s wait made the first
+exec take 10.5 s. Short waits first make that prompt; doubling keeps a slow guest reachable.
+"""
 
 
 def encode_exec_request(
@@ -113,14 +121,14 @@ class GuestAgent:
         self._transport: paramiko.Transport | None = None
 
     # ------------------------------------------------------------------ connect
-    def _connect_once(self, timeout: float) -> paramiko.Transport:
+    def _connect_once(self, timeout: float, banner_timeout: float) -> paramiko.Transport:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         t: paramiko.Transport | None = None
         try:
             sock.settimeout(timeout)
             sock.connect(self.socket_path)
             t = paramiko.Transport(sock)
-            t.banner_timeout = timeout
+            t.banner_timeout = banner_timeout
             t.handshake_timeout = timeout
             t.auth_timeout = timeout
             t.start_client(timeout=timeout)
@@ -145,13 +153,17 @@ class GuestAgent:
             sock.close()
             raise
 
-    def connect(self, deadline: float, alive: Callable[[], bool] | None = None) -> None:
+    def connect(self, deadline: float, alive: Callable[[], bool] | None = None, *, booting: bool = False) -> None:
         """Connect (or keep the live transport) before ``deadline`` (time.monotonic()).
 
         Retries while the guest boots (the READINESS policy); ``alive()`` returning False
         (the VM died) ends the wait early with FailedPrecondition. Raises DeadlineExceeded
         when time runs out, FailedPrecondition when the guest presents the wrong host key.
+        ``booting``: the guest may still be starting its agent, so one attempt waits for the
+        banner as long as the deadline allows (up to 10 s); otherwise the attempts wait
+        :data:`RECONNECT_BANNER_WAITS` each, so a wedged connection is replaced promptly.
         """
+        banner_waits = iter(RECONNECT_BANNER_WAITS)
         with self._lock:
             t = self._transport
             if t is not None and t.is_active() and t.is_authenticated():
@@ -161,7 +173,9 @@ class GuestAgent:
             def attempt() -> paramiko.Transport:
                 if alive is not None and not alive():
                     raise FailedPrecondition("the VM stopped while booting", sandbox_id=self.sandbox_id)
-                return self._connect_once(max(0.5, min(deadline - time.monotonic(), 10.0)))
+                timeout = max(0.5, min(deadline - time.monotonic(), 10.0))
+                banner = timeout if booting else min(timeout, next(banner_waits, RECONNECT_BANNER_WAITS[-1]))
+                return self._connect_once(timeout, banner)
 
             retrying = Retrying(
                 retry=retry_if_exception_type(_TRANSIENT),

@@ -149,6 +149,7 @@ class FakeGuests:
     channels: list[FakeChannel] = field(default_factory=list)
     execs: list[ExecCall] = field(default_factory=list)
     host_keys: dict[str, str] = field(default_factory=dict)  # socket -> the key the guest presents
+    connects: list[tuple[str, bool]] = field(default_factory=list)  # (sandbox id, booting) per connect call
 
     def __call__(self, socket_path: str, client_key_pem: bytes, host_key_line: str, sandbox_id: str) -> FakeChannel:
         ch = FakeChannel(self, socket_path, host_key_line, sandbox_id)
@@ -177,8 +178,9 @@ class FakeChannel:
     def connected(self) -> bool:
         return self._connected and self._g.vm_running(self.socket_path)
 
-    def connect(self, deadline: float, alive: Callable[[], bool] | None = None) -> None:
+    def connect(self, deadline: float, alive: Callable[[], bool] | None = None, *, booting: bool = False) -> None:
         self._g.fp.hit("connect")
+        self._g.connects.append((self.sandbox_id, booting))
         with self._lock:
             if self.connected:
                 return

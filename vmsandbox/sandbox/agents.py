@@ -49,12 +49,14 @@ class Agents:
         info = self._hv.info(domain)
         return info is not None and info.state is DomainState.RUNNING
 
-    def connect(self, e: Entry, deadline: float) -> GuestChannel:
-        """The entry's channel, connected before ``deadline`` (FailedPrecondition if the VM dies)."""
+    def connect(self, e: Entry, deadline: float, *, booting: bool = False) -> GuestChannel:
+        """The entry's channel, connected before ``deadline`` (FailedPrecondition if the VM dies).
+
+        ``booting`` only for the start's first contact; later contacts reconnect promptly."""
         agent = self.of(e)
         if not agent.connected:
             domain = e.record.domain
-            agent.connect(deadline, alive=lambda: self.running(domain))
+            agent.connect(deadline, alive=lambda: self.running(domain), booting=booting)
         return agent
 
     def exec(self, e: Entry, argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str | None = None,

@@ -277,7 +277,7 @@ class SandboxController:
                 if plan is not None:
                     self._net.attach(plan, list(rec.taps))
                     self._emit(sandbox_id, Step.WIRED)
-                agent = self._agents.connect(e, deadline)
+                agent = self._agents.connect(e, deadline, booting=True)
                 self._emit(sandbox_id, Step.AGENT_READY)
                 if rec.rootfs:
                     self._agents.check_mounts(agent, rec)

@@ -150,7 +150,9 @@ class GuestChannel(Protocol):
     @property
     def connected(self) -> bool: ...
 
-    def connect(self, deadline: float, alive: Callable[[], bool] | None = None) -> None: ...
+    def connect(self, deadline: float, alive: Callable[[], bool] | None = None, *, booting: bool = False) -> None:
+        """``booting``: the guest may not run its agent yet (wait long per attempt); else a
+        silent connection is replaced quickly."""
 
     def exec(
         self,
