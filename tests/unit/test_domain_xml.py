@@ -52,7 +52,7 @@ SPEC = DomainSpec(
         DiskSpec("/dev/mapper/data", "vsbx-m1", block=True, readonly=True),
     ),
     nics=(NicSpec("vsbx0a1b2c3d0", "52:54:00:12:34:56", 1400),),
-    shares=(ShareSpec("/var/lib/vmsandbox/sandboxes/golden-1/shared", "vsbx-shared"),),
+    shares=(ShareSpec("/var/lib/vmsandbox/sandboxes/golden-1/shared", "vsbx-shared", "/usr/lib/qemu/virtiofsd"),),
     loader="/usr/share/qemu/qboot.rom",
     extra_metadata={"netns": "/var/run/netns/cni-1234"},
 )
@@ -277,7 +277,7 @@ def test_golden_file_itself_loads_into_libvirt(test_driver: Any) -> None:
 
 
 def test_a_share_brings_shared_memfd_memory_and_one_virtiofs_device_per_share() -> None:
-    root = _tree(replace(SPEC, shares=(ShareSpec("/s/a", "tag-a"), ShareSpec("/s/b", "tag-b", "/opt/virtiofsd"))))
+    root = _tree(replace(SPEC, shares=(ShareSpec("/s/a", "tag-a", "/usr/lib/qemu/virtiofsd"), ShareSpec("/s/b", "tag-b", "/opt/virtiofsd"))))
     assert [(m.tag, m.attrib) for m in root.find("memoryBacking")] == [  # type: ignore[union-attr]
         ("source", {"type": "memfd"}), ("access", {"mode": "shared"})]
     fss = root.findall("devices/filesystem")

@@ -28,7 +28,18 @@ def test_create_makes_a_private_share_folder_that_the_domain_serves_over_virtiof
     fs = ET.fromstring(rig.domain("a").xml).find("devices/filesystem")
     assert fs is not None and fs.find("source").get("dir") == str(share)  # type: ignore[union-attr]
     assert fs.find("target").get("dir") == "vsbx-shared"  # type: ignore[union-attr]
+    assert fs.find("binary").get("path") == "/usr/lib/qemu/virtiofsd"  # type: ignore[union-attr]
     assert rig.mounts.mounts == []  # nothing mounted before a boot
+
+
+def test_the_virtiofsd_path_comes_from_the_config(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, virtiofsd="/opt/qemu/virtiofsd")
+    try:
+        rig.ctl.create(Sandbox("a"))
+        binary = ET.fromstring(rig.domain("a").xml).find("devices/filesystem/binary")
+        assert binary is not None and binary.get("path") == "/opt/qemu/virtiofsd"
+    finally:
+        rig.close()
 
 
 def test_start_makes_the_share_a_shared_mount_before_the_domain_boots(rig: Rig) -> None:

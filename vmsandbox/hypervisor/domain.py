@@ -9,7 +9,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
-__all__ = ["DiskSpec", "NicSpec", "ShareSpec", "VIRTIOFSD", "DomainSpec", "build_domain_xml", "hotplug_mib", "MemoryChange", "plan_memory_change", "parse_metadata", "METADATA_NS"]
+__all__ = ["DiskSpec", "NicSpec", "ShareSpec", "DomainSpec", "build_domain_xml", "hotplug_mib", "MemoryChange", "plan_memory_change", "parse_metadata", "METADATA_NS"]
 
 METADATA_NS = "https://vmsandbox.io/xmlns/sandbox/1"
 METADATA_PREFIX = "vmsandbox"
@@ -35,17 +35,13 @@ class NicSpec:
     mtu: int = 1500
 
 
-VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
-"""QEMU 7.2's C virtiofsd (Debian 12: qemu-system-common)."""
-
-
 @dataclass(frozen=True)
 class ShareSpec:
     """A host folder served to the guest over virtio-fs (libvirt runs a virtiofsd for it)."""
 
     source: str
     tag: str
-    virtiofsd: str = VIRTIOFSD
+    virtiofsd: str  # the daemon's path, as <binary path>
 
 
 @dataclass(frozen=True)

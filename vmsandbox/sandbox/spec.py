@@ -83,7 +83,7 @@ def domain_spec(
         + tuple(DiskSpec(p.source, p.serial, p.format, p.block, p.readonly) for p in disks),
         nics=tuple(NicSpec(t, i.mac, i.mtu) for t, i in zip(taps, network.interfaces)) if network else (),
         partition=partition,
-        shares=(ShareSpec(str(share), SHARE_TAG),) if share is not None else (),
+        shares=(ShareSpec(str(share), SHARE_TAG, config.virtiofsd),) if share is not None else (),
     )
 
 
