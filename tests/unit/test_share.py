@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.rig import Rig
+from tests.unit.rig import Rig, command_on_path
 from vmsandbox import errors
-from vmsandbox.hostmount import mount_points, under
+from vmsandbox.hostmount import SystemHostMounts, mount_points, under
 from vmsandbox.model import Sandbox
 
 
@@ -140,3 +140,65 @@ def test_under_is_deepest_first_and_ignores_a_sibling_with_the_same_prefix() -> 
     points = ["/", "/s/a", "/s/a/x", "/s/a/x", "/s/a/x/y", "/s/ab", "/s"]
     assert under(points, "/s/a/") == ["/s/a/x/y", "/s/a/x", "/s/a"]
     assert under(points, "/s/none") == []
+
+
+@pytest.fixture
+def mount_cmds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """mount(8) and umount(8) stand-ins over a mountinfo file: umount drops its target's line
+    (exit 32 "target is busy" for a path listed in ``busy``, unless --lazy)."""
+    info = tmp_path / "mountinfo"
+    busy = tmp_path / "busy"
+    busy.touch()
+    calls = command_on_path(tmp_path, monkeypatch, "umount", f"""echo "umount $*" >> $CALLS
+for a; do p=$a; done
+if [ "$1" != --lazy ] && grep -qxF "$p" {busy}; then echo "umount: $p: target is busy." >&2; exit 32; fi
+grep -v " $p rw" {info} > {info}.new; mv {info}.new {info}""")
+    command_on_path(tmp_path, monkeypatch, "mount", f"""echo "mount $*" >> {calls}
+[ "$1" = --bind ] && echo "99 1 0:9 / $3 rw - none none rw" >> {info}; true""")
+    return info, calls
+
+
+def _info_line(n: int, point: str) -> str:
+    return f"{n} 1 0:{n} / {point} rw shared:{n} - tmpfs tmpfs rw\n"
+
+
+def test_release_unmounts_deepest_first_and_detaches_a_busy_one_lazily(mount_cmds: tuple[Path, Path],
+                                                                      tmp_path: Path) -> None:
+    info, calls = mount_cmds
+    info.write_text(_info_line(1, "/") + _info_line(2, "/s/a") + _info_line(3, "/s/a/c1") + _info_line(4, "/s/ab"))
+    (tmp_path / "busy").write_text("/s/a/c1\n")
+    SystemHostMounts(str(info)).release("/s/a")
+    assert calls.read_text().splitlines() == ["umount /s/a/c1", "umount --lazy /s/a/c1", "umount /s/a"]
+    assert mount_points(str(info)) == ["/", "/s/ab"]  # the sibling with the same prefix stays
+
+
+def test_release_of_nothing_mounted_runs_nothing(mount_cmds: tuple[Path, Path]) -> None:
+    info, calls = mount_cmds
+    info.write_text(_info_line(1, "/"))
+    SystemHostMounts(str(info)).release("/s/a")
+    assert not calls.exists()
+
+
+def test_a_mount_that_cannot_be_taken_down_is_an_internal_error(mount_cmds: tuple[Path, Path],
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                tmp_path: Path) -> None:
+    info, _ = mount_cmds
+    info.write_text(_info_line(1, "/") + _info_line(2, "/s/a"))
+    command_on_path(tmp_path, monkeypatch, "umount", "echo 'umount: /s/a: not permitted' >&2; exit 32")
+    with pytest.raises(errors.Internal, match="not permitted"):
+        SystemHostMounts(str(info)).release("/s/a")
+
+
+def test_share_binds_a_folder_onto_itself_once_then_makes_it_shared(mount_cmds: tuple[Path, Path],
+                                                                    tmp_path: Path) -> None:
+    info, calls = mount_cmds
+    info.write_text(_info_line(1, "/"))
+    share = tmp_path / "shared"
+    share.mkdir()
+    mounts = SystemHostMounts(str(info))
+    mounts.share(str(share))
+    mounts.share(str(share))  # idempotent: already a mount point, only made shared again
+    assert calls.read_text().splitlines() == [f"mount --bind {share} {share}", f"mount --make-shared {share}",
+                                              f"mount --make-shared {share}"]
+    with pytest.raises(errors.FailedPrecondition, match="not a folder"):
+        mounts.share(str(tmp_path / "missing"))

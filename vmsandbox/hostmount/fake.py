@@ -2,7 +2,6 @@
 
 ``mounts`` lists mount points in mount order (a path twice is a stacked mount); a test adds
 one under a share with :meth:`FakeHostMounts.mount` as a later per-container bind would.
-``busy`` paths refuse a plain umount and need the lazy detach, like a file held open.
 Failpoints: ``share``, ``release``.
 """
 
@@ -22,8 +21,6 @@ class FakeHostMounts:
     def __init__(self) -> None:
         self.mounts: list[str] = []
         self.shared: set[str] = set()
-        self.busy: set[str] = set()
-        self.lazy: list[str] = []  # paths that needed the lazy detach
         self.fp = Failpoints()
         self._lock = threading.Lock()
 
@@ -45,8 +42,6 @@ class FakeHostMounts:
         self.fp.hit("release")
         with self._lock:
             for p in under(self.mounts, path):
-                if p in self.busy:
-                    self.lazy.append(p)
                 self.mounts = [m for m in self.mounts if m != p]
                 self.shared.discard(p)
 
