@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the default vmsandbox guest: the kernel from Debian's cloud kernel package and a
-# small initramfs (busybox, the virtio modules, our init, dropbear and the agent).
+# small initramfs (busybox, the virtio and virtio-fs modules, our init, dropbear, the agent
+# and crun).
 # Usage: images/build.sh OUT_DIR   (writes vmlinuz, initramfs.img, manifest.json)
 # Env: VMSANDBOX_KERNEL_PACKAGE (default: what linux-image-cloud-<arch> depends on).
 set -euo pipefail
@@ -33,7 +34,7 @@ kver=$(ls "$work/kernel/lib/modules")
 
 step "assembling initramfs for kernel $kver"
 root=$work/root
-mkdir -p "$root"/{bin,sbin,etc,proc,sys,dev,run,tmp,root,rootfs,lib/modules,usr/bin,usr/sbin,var/log}
+mkdir -p "$root"/{bin,sbin,etc,proc,sys,dev,run,tmp,root,rootfs,newroot,lib/modules,usr/bin,usr/sbin,var/log}
 cp /bin/busybox "$root/bin/busybox"
 for applet in $(/bin/busybox --list); do
   [ "$applet" = busybox ] || ln -sf busybox "$root/bin/$applet"
@@ -55,11 +56,17 @@ while read -r m; do
   echo "$m" >> "$root/etc/modules"
 done < "$here/modules"
 
-cp /usr/sbin/dropbear "$root/usr/sbin/dropbear"
-for lib in $(ldd /usr/sbin/dropbear | grep -o '/[^ ]*'); do
-  mkdir -p "$root$(dirname "$lib")"
-  cp -L "$lib" "$root$lib"
-done
+# A host binary and the shared libraries ldd finds for it.
+with_libs() {
+  [ -x "$1" ] || { echo "image: $1 is missing (hack/setup.sh installs it)" >&2; exit 1; }
+  cp "$1" "$root$1"
+  for lib in $(ldd "$1" | grep -o '/[^ ]*'); do
+    mkdir -p "$root$(dirname "$lib")"
+    cp -L "$lib" "$root$lib"
+  done
+}
+with_libs /usr/sbin/dropbear
+with_libs /usr/bin/crun  # the OCI runtime for containers in the guest (Debian's crun)
 
 gcc -static -O2 -o "$root/sbin/vsbx-agent" "$here/agent/agent.c"
 ln -sf vsbx-agent "$root/sbin/vsbx-exec"
@@ -80,6 +87,7 @@ case $arch in
 esac
 busybox_version=$(/bin/busybox | awk 'NR == 1 {print $2}')  # awk reads all: head would SIGPIPE busybox (exit 141 under pipefail)
 dropbear_version=$(dropbear -V 2>&1 | awk '{print $2}' | head -n1)
+crun_version=$(crun --version | awk 'NR == 1 {print $3}')
 mkdir -p "$out"
 cp "$work/vmlinuz" "$work/initramfs.img" "$out/"
 cat > "$out/manifest.json" <<JSON
@@ -92,6 +100,7 @@ cat > "$out/manifest.json" <<JSON
   "kernel_package": "$pkg",
   "busybox_version": "$busybox_version",
   "dropbear_version": "$dropbear_version",
+  "crun_version": "$crun_version",
   "built_at": "$(date -u +%Y-%m-%dT%H:%M:%SZ)",
   "files": {
     "vmlinuz": "$(sha256sum "$out/vmlinuz" | cut -d' ' -f1)",

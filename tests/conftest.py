@@ -40,7 +40,8 @@ def _missing_prereqs() -> str | None:
         libvirt.open("qemu:///system").close()
     except Exception as e:  # noqa: BLE001
         return f"libvirtd does not answer on qemu:///system ({e}); run hack/setup.sh"
-    for tool in ("mkfs.ext4", "gcc", "cpio", "/bin/busybox", "/usr/sbin/dropbear"):
+    for tool in ("mkfs.ext4", "gcc", "cpio", "/bin/busybox", "/usr/sbin/dropbear", "/usr/bin/crun",
+                 "/usr/lib/qemu/virtiofsd"):
         if not (shutil.which(tool) or os.path.exists(tool)):
             return f"{tool} is missing; run hack/setup.sh"
     return None

@@ -91,6 +91,7 @@ class Config:
     machine: str = ""  # "" = q35 on x86_64, virt on aarch64
     firmware: str = "auto"  # auto = qboot when QEMU ships it (fast direct kernel boot), else "bios"
     rng: bool = True
+    virtiofsd: str = "/usr/lib/qemu/virtiofsd"  # QEMU 7.2's C virtiofsd (Debian 12: qemu-system-common)
     kernel_cmdline: str = (
         "console=ttyS0 panic=-1 quiet loglevel=3 i8042.noaux i8042.nokbd i8042.nopnp i8042.dumbkbd "
         "cryptomgr.notests noreplace-smp no_timer_check tsc=reliable rcupdate.rcu_expedited=1 "

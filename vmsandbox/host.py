@@ -1,7 +1,7 @@
 """LibvirtController: the orchestration wired to this host's real parts.
 
 libvirt (:mod:`vmsandbox.hypervisor`), pyroute2 (:mod:`vmsandbox.network`), paramiko
-(:mod:`vmsandbox.guest`) and the guest image recipe (:mod:`vmsandbox.image`), plugged into
+(:mod:`vmsandbox.guest`), mount(8) (:mod:`vmsandbox.hostmount`) and the guest image recipe (:mod:`vmsandbox.image`), plugged into
 :class:`~vmsandbox.sandbox.controller.SandboxController`. The only place outside the CLI
 where concrete adapters meet.
 """
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .config import Config, VirtType, detect_virt_type
 from .guest.agent import GuestAgent
+from .hostmount import SystemHostMounts
 from .hypervisor.libvirt_driver import LibvirtHypervisor
 from .image import RecipeImages
 from .network import NetlinkNetwork
@@ -64,6 +65,7 @@ class LibvirtController(SandboxController):
             network=NetlinkNetwork(),
             guest=guest,
             images=RecipeImages(cfg.state_dir, cfg.images_dir, cfg.image_name),
+            mounts=SystemHostMounts(),
             progress=progress,
             events=events,
         )

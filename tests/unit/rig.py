@@ -1,7 +1,7 @@
 """The orchestration wired to in-memory fakes: a SandboxController that boots nothing.
 
 ``Rig(tmp_path)`` gives a controller (``rig.ctl``) over a FakeHypervisor, a FakeNetwork and
-FakeGuests that agree with each other: an agent answers once its domain runs, and the
+FakeGuests that agree with each other (and FakeHostMounts): an agent answers once its domain runs, and the
 guest's power-off request powers the fake domain off. ``rig.restart()`` makes a new
 controller on the same state dir and the same fakes (a restart of `serve`);
 ``rig.new_controller()`` makes one more at the same time (it does not own the state dir).
@@ -19,6 +19,7 @@ from typing import Any
 from vmsandbox._failpoints import Failpoints
 from vmsandbox.config import Config, VirtType
 from vmsandbox.guest.fake import FakeGuests
+from vmsandbox.hostmount.fake import FakeHostMounts
 from vmsandbox.hypervisor.fake import FakeDomain, FakeHypervisor
 from vmsandbox.image import GuestImage
 from vmsandbox.network import Address, Interface, NetworkPlan, Route
@@ -70,6 +71,7 @@ class Rig:
         self.net = FakeNetwork()
         self.guests = FakeGuests(vm_running=self._vm_running, on_poweroff=self._poweroff)
         self.images = FakeImages(tmp_path)
+        self.mounts = FakeHostMounts()
         self.controllers: list[SandboxController] = []
         self.events: list[LifecycleEvent] = []
         self.ctl = self.new_controller()
@@ -89,7 +91,8 @@ class Rig:
             if events is not None:
                 events(event)
         c = SandboxController(config or self.config, virt_type=VirtType.QEMU, hypervisor=self.hv.factory,
-                              network=self.net, guest=self.guests, images=self.images, events=sink)
+                              network=self.net, guest=self.guests, images=self.images,
+                              mounts=self.mounts, events=sink)
         self.controllers.append(c)
         return c
 
@@ -165,4 +168,6 @@ class Rig:
         taps = set(self.net.tap_names(sandbox_id, 4)) & self.net.all_taps()
         if taps:
             out.append(f"taps {sorted(taps)}")
+        if mounts := self.mounts.mounted_under(str(self.sandbox_dir(sandbox_id))):
+            out.append(f"mounts {mounts}")
         return out

@@ -524,7 +524,7 @@ def host(monkeypatch: pytest.MonkeyPatch) -> type[StubHypervisor]:
 
 
 DOCTOR_CHECKS = ["root", "libvirtd", "accelerator", "/dev/kvm access", "network namespaces", "mkfs.ext4", "gcc",
-                 "cpio", "busybox", "dropbear", "apt-get", "guest image"]
+                 "cpio", "busybox", "dropbear", "crun", "apt-get", "virtiofsd", "guest image"]
 
 
 def test_doctor_on_a_ready_host(cli: Cli, host: type[StubHypervisor]) -> None:
@@ -547,13 +547,14 @@ def test_doctor_exits_1_and_says_what_is_missing(cli: Cli, host: type[StubHyperv
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     host.down = errors.Unavailable("cannot connect")
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    monkeypatch.setattr("shutil.which", lambda tool: None if tool == "gcc" else f"/usr/bin/{tool}")
+    monkeypatch.setattr("shutil.which", lambda tool: None if tool in ("gcc", "/usr/lib/qemu/virtiofsd") else f"/usr/bin/{tool}")
     code, out, err = cli("--uri", "test:///down", "doctor")
     lines = out.splitlines()
     assert code == 1 and err == "" and len(lines) == len(DOCTOR_CHECKS)
     assert "MISSING  root                 run as root (libvirt system, netns, taps)" in lines
     assert "MISSING  libvirtd             test:///down: cannot connect (start it: hack/setup.sh)" in lines
     assert "MISSING  gcc                  missing (hack/setup.sh installs it)" in lines
+    assert "MISSING  virtiofsd            /usr/lib/qemu/virtiofsd missing (qemu-system-common; hack/setup.sh)" in lines
     assert "ok   cpio                 /usr/bin/cpio" in lines
     code, out, _ = cli("--json", "doctor")
     assert code == 1 and json.loads(out)["ok"] is False

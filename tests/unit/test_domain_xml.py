@@ -22,6 +22,7 @@ from vmsandbox.hypervisor.domain import (
     DiskSpec,
     DomainSpec,
     NicSpec,
+    ShareSpec,
     build_domain_xml,
     parse_metadata,
 )
@@ -51,6 +52,7 @@ SPEC = DomainSpec(
         DiskSpec("/dev/mapper/data", "vsbx-m1", block=True, readonly=True),
     ),
     nics=(NicSpec("vsbx0a1b2c3d0", "52:54:00:12:34:56", 1400),),
+    shares=(ShareSpec("/var/lib/vmsandbox/sandboxes/golden-1/shared", "vsbx-shared", "/usr/lib/qemu/virtiofsd"),),
     loader="/usr/share/qemu/qboot.rom",
     extra_metadata={"netns": "/var/run/netns/cni-1234"},
 )
@@ -224,6 +226,12 @@ def test_libvirt_accepts_the_xml_and_keeps_what_we_asked_for(test_driver: Any, v
         assert back.find("devices/channel/source").get("path") == spec.agent_socket  # type: ignore[union-attr]
         assert back.find("devices/interface/mac").get("address") == "52:54:00:12:34:56"  # type: ignore[union-attr]
         assert back.findtext("on_poweroff") == "destroy"
+        fs = back.find("devices/filesystem")
+        assert fs is not None and fs.find("driver").get("type") == "virtiofs"  # type: ignore[union-attr]
+        assert fs.find("source").get("dir") == "/var/lib/vmsandbox/sandboxes/golden-1/shared"  # type: ignore[union-attr]
+        assert fs.find("target").get("dir") == "vsbx-shared"  # type: ignore[union-attr]
+        assert back.find("memoryBacking/source").get("type") == "memfd"  # type: ignore[union-attr]
+        assert back.find("memoryBacking/access").get("mode") == "shared"  # type: ignore[union-attr]
         # The whole document, as libvirt serialises it, still carries our metadata.
         assert parse_metadata(dom.XMLDesc(0)) == {"id": "golden-1", "state-dir": "/var/lib/vmsandbox",
                                                   "netns": "/var/run/netns/cni-1234"}
@@ -266,6 +274,23 @@ def test_golden_file_itself_loads_into_libvirt(test_driver: Any) -> None:
 
 
 # ---------------------------------------------------------------- memory: boot size + virtio-mem
+
+
+def test_a_share_brings_shared_memfd_memory_and_one_virtiofs_device_per_share() -> None:
+    root = _tree(replace(SPEC, shares=(ShareSpec("/s/a", "tag-a", "/usr/lib/qemu/virtiofsd"), ShareSpec("/s/b", "tag-b", "/opt/virtiofsd"))))
+    assert [(m.tag, m.attrib) for m in root.find("memoryBacking")] == [  # type: ignore[union-attr]
+        ("source", {"type": "memfd"}), ("access", {"mode": "shared"})]
+    fss = root.findall("devices/filesystem")
+    assert [(f.get("type"), f.get("accessmode")) for f in fss] == [("mount", "passthrough")] * 2
+    assert [(f.find("source").get("dir"), f.find("target").get("dir"), f.find("binary").get("path"))  # type: ignore[union-attr]
+            for f in fss] == [("/s/a", "tag-a", "/usr/lib/qemu/virtiofsd"), ("/s/b", "tag-b", "/opt/virtiofsd")]
+    # virtio-mem keeps its NUMA node and maximum with the shared backing.
+    assert root.find("devices/memory[@model='virtio-mem']") is not None and root.find("cpu/numa/cell") is not None
+
+
+def test_without_a_share_the_memory_is_private_and_there_is_no_filesystem() -> None:
+    root = _tree(replace(SPEC, shares=()))
+    assert root.find("memoryBacking") is None and root.find("devices/filesystem") is None
 
 
 def test_without_headroom_there_is_no_hotplug_device_and_no_numa() -> None:

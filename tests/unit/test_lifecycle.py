@@ -1319,7 +1319,7 @@ def test_a_hypervisor_that_cannot_be_reached_at_start_up_releases_the_state_dir(
 
     with pytest.raises(errors.Unavailable):
         SandboxController(rig.config, virt_type=rig.ctl.virt_type, hypervisor=unreachable,  # type: ignore[arg-type]
-                          network=rig.net, guest=rig.guests, images=rig.images)
+                          network=rig.net, guest=rig.guests, images=rig.images, mounts=rig.mounts)
     assert state_dir_owner(rig.config.state_dir) is None
 
 

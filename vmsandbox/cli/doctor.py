@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 
 __all__ = ["host_checks", "doctor"]
 
-TOOLS = ("mkfs.ext4", "gcc", "cpio", "busybox", "dropbear", "apt-get")
-"""What the guest image recipe and the rootfs copies run on the host."""
+TOOLS = ("mkfs.ext4", "gcc", "cpio", "busybox", "dropbear", "crun", "apt-get")
+"""What the guest image recipe and the rootfs copies run on the host (crun is copied into the guest)."""
 
 
 def host_checks(cfg: Config, hypervisor_info: Callable[[str], dict[str, str]]) -> list[Check]:
@@ -53,6 +53,9 @@ def host_checks(cfg: Config, hypervisor_info: Callable[[str], dict[str, str]]) -
     for tool in TOOLS:
         path = shutil.which(tool) or (f"/usr/sbin/{tool}" if os.path.exists(f"/usr/sbin/{tool}") else None)
         check(tool, path is not None, path or "missing (hack/setup.sh installs it)")
+    # libvirt runs it for every sandbox's share: without it no domain starts.
+    found = shutil.which(cfg.virtiofsd)
+    check("virtiofsd", found is not None, found or f"{cfg.virtiofsd} missing (qemu-system-common; hack/setup.sh)")
     from ..image import find_image
 
     img = find_image(cfg.state_dir, cfg.images_dir, cfg.image_name)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
-__all__ = ["DiskSpec", "NicSpec", "DomainSpec", "build_domain_xml", "hotplug_mib", "MemoryChange", "plan_memory_change", "parse_metadata", "METADATA_NS"]
+__all__ = ["DiskSpec", "NicSpec", "ShareSpec", "DomainSpec", "build_domain_xml", "hotplug_mib", "MemoryChange", "plan_memory_change", "parse_metadata", "METADATA_NS"]
 
 METADATA_NS = "https://vmsandbox.io/xmlns/sandbox/1"
 METADATA_PREFIX = "vmsandbox"
@@ -36,6 +36,15 @@ class NicSpec:
 
 
 @dataclass(frozen=True)
+class ShareSpec:
+    """A host folder served to the guest over virtio-fs (libvirt runs a virtiofsd for it)."""
+
+    source: str
+    tag: str
+    virtiofsd: str  # the daemon's path, as <binary path>
+
+
+@dataclass(frozen=True)
 class DomainSpec:
     name: str
     sandbox_id: str
@@ -54,6 +63,7 @@ class DomainSpec:
     agent_socket: str
     disks: tuple[DiskSpec, ...] = ()
     nics: tuple[NicSpec, ...] = ()
+    shares: tuple[ShareSpec, ...] = ()
     balloon_period: int = 2
     agent_channel: str = "vmsandbox.agent"
     loader: str = ""  # firmware ROM (e.g. qboot) instead of the default BIOS
@@ -88,6 +98,11 @@ def build_domain_xml(spec: DomainSpec) -> str:
         _sub(dom, "maxMemory", str(spec.memory_mib + hotplug), unit="MiB", slots="1")
     _sub(dom, "memory", str(spec.memory_mib + hotplug), unit="MiB")
     _sub(dom, "currentMemory", str(spec.memory_mib), unit="MiB")
+    if spec.shares:
+        # vhost-user (virtiofsd) maps guest RAM: it must be shared memory, virtio-mem's too.
+        backing = _sub(dom, "memoryBacking")
+        _sub(backing, "source", type="memfd")
+        _sub(backing, "access", mode="shared")
     _sub(dom, "vcpu", str(spec.max_vcpus), placement="static", current=str(spec.vcpus))
     if spec.partition:
         _sub(_sub(dom, "resource"), "partition", spec.partition)
@@ -124,6 +139,12 @@ def build_domain_xml(spec: DomainSpec) -> str:
         _sub(n, "target", dev=nic.tap, managed="no")
         _sub(n, "model", type="virtio")
         _sub(n, "mtu", size=str(nic.mtu))
+    for share in spec.shares:
+        fs = _sub(devices, "filesystem", type="mount", accessmode="passthrough")
+        _sub(fs, "driver", type="virtiofs")
+        _sub(fs, "binary", path=share.virtiofsd)
+        _sub(fs, "source", dir=share.source)
+        _sub(fs, "target", dir=share.tag)
     # libvirt gives a file chardev to virtlogd (qemu.conf stdio_handler="logd", the default),
     # which rotates it at max_size (2 MiB, 3 backups): a chatty guest cannot fill the disk.
     serial = _sub(devices, "serial", type="file")

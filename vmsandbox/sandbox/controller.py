@@ -23,7 +23,6 @@ from ..errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    VmSandboxError,
 )
 from ..hypervisor.domain import build_domain_xml
 from ..image import GuestImage
@@ -43,7 +42,7 @@ from ..model import (
 )
 from ..payloads.cgroupsv2 import CgroupV2Metrics
 from ..payloads.podconfig import parse_pod_config
-from .ports import DomainState, GuestChannel, GuestFactory, HypervisorFactory, Images, Network, StopReason
+from .ports import DomainState, GuestChannel, GuestFactory, HostMounts, HypervisorFactory, Images, Network, StopReason
 from .resources import plan_update, updated_fields
 from . import mounts as mountplan
 from .cgroups import cgroup_relpath, libvirt_partition, place_process
@@ -51,8 +50,10 @@ from .guestconfig import guest_settings, write_guest_files
 from .agents import CONNECT_TIMEOUT, Agents
 from .events import Emitter, EventSink, Step
 from .exits import DOMAIN_PREFIX, EXIT_CLEAN, EXIT_FAILED, EXIT_KILLED, Exits
+from .netsteps import NetSteps
 from .recovery import Recovery
 from .registry import Entry, Registry
+from .share import Shares
 from .status import StatusView, instance_of
 from .spec import domain_spec, size_sandbox
 from .statedir import LOCK_FILE, StateDir, agent_socket_path, state_dir_owner
@@ -64,7 +65,6 @@ __all__ = ["SandboxController", "DOMAIN_PREFIX", "EXIT_CLEAN", "EXIT_KILLED", "E
            "state_dir_owner"]
 
 log = logging.getLogger(__name__)
-
 
 
 class SandboxController:
@@ -85,6 +85,7 @@ class SandboxController:
         network: Network,
         guest: GuestFactory,
         images: Images,
+        mounts: HostMounts,
         progress: Callable[[str], None] | None = None,
         events: EventSink | None = None,
     ) -> None:
@@ -96,6 +97,8 @@ class SandboxController:
         self._images = images
         self._progress = progress
         self._store = Store(config.state_dir)
+        self._netsteps = NetSteps(network, self._store)
+        self._shares = Shares(mounts, self._store)
         self._registry = Registry(self._store)
         self._exits = Exits(self._registry, self._emit)
         self._image: GuestImage | None = None
@@ -111,8 +114,8 @@ class SandboxController:
         self._exits.bind(self._hv)
         self._agents = Agents(guest, self._store, self._hv)
         self._view = StatusView(self._registry, self._exits, self._hv, network, virt_type)
-        self._recovery = Recovery(config, self._registry, self._exits, self._hv, owner=self.owner, unwire=self._unwire,
-                                  drop_taps=self._drop_taps)
+        self._recovery = Recovery(config, self._registry, self._exits, self._hv, owner=self.owner,
+                                  netsteps=self._netsteps, shares=self._shares)
         try:
             self._recovery.recover()
         except BaseException:
@@ -200,21 +203,15 @@ class SandboxController:
                 undo.callback(os.close, lock)
                 for plan in plans:
                     mountplan.materialize(plan)
-                if (noted := self._store.noted_taps(sid)) is not None:
-                    self._drop_taps(sid, *noted)  # an earlier create's, that its rollback could not remove
-                taps: list[str] = []
-                if netplan is not None:
-                    taps = self._net.tap_names(sid, len(netplan.interfaces))
-                    # All or nothing, and a taken name is refused: only what it made is ours.
-                    self._net.create_taps(taps)
-                    undo.callback(quietly(self._drop_taps, sid, netns_path, taps))
-                    self._store.note_taps(sid, netns_path, taps)
+                share = self._shares.make(sid)
+                taps = self._netsteps.make_taps(sid, netns_path, netplan, undo)
                 host_key = write_guest_files(sdir, settings=settings, disks=plans, network=netplan)
                 now = utcnow()
                 spec = domain_spec(
                     sandbox_id=sid, domain=domain, config=self.config, virt_type=self.virt_type, image=image,
                     sandbox_dir=sdir, agent_socket=agent_socket_path(self.config.state_dir, sid), size=size, disks=plans, taps=taps,
                     network=netplan, partition=libvirt_partition(pod.cgroup_parent) if pod is not None else "",
+                    share=share,
                 )
                 self._hv.define(build_domain_xml(spec))
                 undo.callback(quietly(self._hv.undefine, domain))
@@ -264,6 +261,7 @@ class SandboxController:
             deadline = time.monotonic() + self.config.boot_timeout
             self._emit(sandbox_id, Step.STARTING)
             try:
+                self._shares.mount(sandbox_id)  # before the boot: virtiofsd takes its mount then
                 info = self._hv.info(rec.domain)
                 if info is None:
                     raise NotFound(f"domain {rec.domain} of sandbox {sandbox_id} is gone", sandbox_id=sandbox_id)
@@ -303,20 +301,6 @@ class SandboxController:
         except Exception:  # noqa: BLE001 - the start's own error is the one to report
             log.exception("sandbox %s: removing it after a failed start failed; its record is kept", e.record.id)
 
-    def _drop_taps(self, sandbox_id: str, netns_path: str, taps: list[str]) -> None:
-        """Remove taps a create made, then their note (kept when the removal fails)."""
-        self._net.detach(netns_path, taps, None)
-        self._store.forget_taps(sandbox_id)
-
-    def _unwire(self, rec: SandboxRecord) -> None:
-        """Give the netns its interfaces back (addresses, no redirects); taps stay for a restart."""
-        if rec.network is None:
-            return
-        try:
-            self._net.detach(rec.netns_path, [], rec.network)
-        except VmSandboxError as err:
-            log.warning("sandbox %s: restoring its network namespace failed: %s", rec.id, err)
-
     # ------------------------------------------------------------------ stop / wait
     def stop(self, sandbox_id: str, *, timeout: float | None = None) -> None:
         """Power the guest off cleanly; force it off after ``timeout`` seconds.
@@ -347,7 +331,7 @@ class SandboxController:
                     self._registry.save(e, phase=Phase.STOPPED, exit_status=EXIT_CLEAN, exited_at=utcnow(), pid=0)
                     e.exited.notify_all()
             self._agents.drop(e)
-            self._unwire(rec)
+            self._netsteps.unwire(rec)
             return
         deadline = time.monotonic() + grace
         self._emit(rec.id, Step.STOPPING)
@@ -364,7 +348,7 @@ class SandboxController:
             self._hv.destroy(rec.domain)
             self._exits.record(e, StopReason.DESTROYED)
         self._agents.drop(e)
-        self._unwire(rec)
+        self._netsteps.unwire(rec)
 
     def wait(self, sandbox_id: str, timeout: float | None = None) -> ExitStatus:
         """Block until the guest is gone (see Controller.wait)."""
@@ -456,11 +440,11 @@ class SandboxController:
         rec = e.record
         self._hv.destroy(rec.domain)
         self._hv.undefine(rec.domain)
-        if rec.taps or rec.network is not None:
-            self._net.detach(rec.netns_path, list(rec.taps), rec.network)
+        self._netsteps.remove(rec)
         self._agents.drop(e)
         with suppress(FileNotFoundError):
             os.unlink(rec.agent_socket)
+        self._shares.release(rec.id)  # raises while a mount stays: no rmtree through it
         self._store.remove(rec.id)
         with e.state_lock:
             e.removed = True

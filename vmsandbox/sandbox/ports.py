@@ -3,7 +3,7 @@
 The lifecycle code in this package talks to the hypervisor, the pod's network namespace, the
 guest's agent channel and the guest image only through these; the adapters (libvirt in
 :mod:`vmsandbox.hypervisor`, pyroute2 in :mod:`vmsandbox.network`, paramiko in
-:mod:`vmsandbox.guest`) implement them, and in-memory fakes (``*/fake.py``) implement them
+:mod:`vmsandbox.guest`, mount(8) in :mod:`vmsandbox.hostmount`) implement them, and in-memory fakes (``*/fake.py``) implement them
 for the unit tier. This module imports none of those libraries. Every method raises only
 :mod:`vmsandbox.errors` classes.
 """
@@ -33,6 +33,7 @@ __all__ = [
     "PtySize",
     "GuestFactory",
     "Images",
+    "HostMounts",
 ]
 
 
@@ -199,3 +200,19 @@ class Images(Protocol):
     """The guest image (kernel, initramfs, manifest), built on first use."""
 
     def ensure(self, progress: Callable[[str], None] | None = None) -> GuestImage: ...
+
+
+class HostMounts(Protocol):
+    """Mounts in the host's mount namespace: the sandbox's virtio-fs share root and what is
+    later mounted under it (see :mod:`vmsandbox.hostmount`)."""
+
+    def share(self, path: str) -> None:
+        """Make the folder ``path`` a mount point of its own in a shared peer group, so host
+        mounts made under it later propagate into virtiofsd's namespace. Idempotent."""
+
+    def release(self, path: str) -> None:
+        """Unmount ``path`` and everything under it (detaching busy ones lazily). Succeeds
+        when nothing is mounted there; raises Internal when a mount stays."""
+
+    def mounted_under(self, path: str) -> list[str]:
+        """The mount points at or below ``path``, deepest first."""

@@ -2,8 +2,9 @@
 
 Every controller rebuilds its entries from the records and notices exits it missed. Only
 the owner of the state dir cleans up interrupted work: a boot cut short is powered off and
-unwired, a half-made folder, the taps it noted and a domain of ours without a record are
-removed (a quarantined record's domain is left alone). After the hypervisor connection comes back,
+unwired, a half-made folder, the taps it noted, a domain of ours without a record and host
+mounts left in the folder of a sandbox without a record are removed (a quarantined record's
+domain and folder are left alone). After the hypervisor connection comes back,
 :meth:`Recovery.reconcile` looks for sandboxes that stopped meanwhile.
 """
 
@@ -11,16 +12,17 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from ..config import Config
 from ..errors import VmSandboxError
 from ..model import Phase, utcnow
 from .exits import DOMAIN_PREFIX, EXIT_FAILED, Exits
+from .netsteps import NetSteps
 from .ports import DomainState, Hypervisor
 from .registry import Entry, Registry
-from .store import SandboxRecord, Store
+from .share import Shares
+from .store import Store
 
 __all__ = ["Recovery", "RECONCILE_WORKERS"]
 
@@ -34,16 +36,15 @@ RECONCILE_WORKERS = 4
 
 class Recovery:
     def __init__(self, config: Config, registry: Registry, exits: Exits, hv: Hypervisor, *, owner: bool,
-                 unwire: Callable[[SandboxRecord], None],
-                 drop_taps: Callable[[str, str, list[str]], None]) -> None:
+                 netsteps: NetSteps, shares: Shares) -> None:
         self.config = config
         self.owner = owner
         self._registry = registry
         self._store: Store = registry.store
         self._exits = exits
         self._hv = hv
-        self._unwire = unwire
-        self._drop_taps = drop_taps
+        self._net = netsteps
+        self._shares = shares
 
     def recover(self) -> None:
         """Rebuild in-memory state from records and libvirt; the owner also cleans up
@@ -63,7 +64,7 @@ class Recovery:
             if info is not None and info.state is not DomainState.SHUTOFF:
                 log.warning("sandbox %s: a boot was interrupted; powering the VM off", rec.id)
                 self._hv.destroy(rec.domain)
-                self._unwire(rec)
+                self._net.unwire(rec)
             elif info is None:
                 log.warning("sandbox %s: its domain vanished; marking it stopped", rec.id)
                 with e.state_lock:
@@ -83,10 +84,16 @@ class Recovery:
             log.warning("removing %s: left by an interrupted create", d)
             self._hv.destroy(DOMAIN_PREFIX + d.name)
             self._hv.undefine(DOMAIN_PREFIX + d.name)
+            try:
+                self._shares.release(d.name)
+            except VmSandboxError as err:  # never rmtree through a mount: the next start-up tries again
+                log.warning("keeping %s: unmounting what is under it failed: %s", d, err)
+                continue
             self._store.remove(d.name)
         self._drop_noted_taps()
         # A quarantined record's VM may be running someone's pod: leave it for a person.
         known |= {DOMAIN_PREFIX + sid for sid in self._store.quarantined()}
+        self._shares.release_strays(keep={d.removeprefix(DOMAIN_PREFIX) for d in known})
         for info in self._hv.list_tagged():
             if info.metadata.get("state-dir") == str(self.config.state_dir) and info.name not in known:
                 log.warning("removing domain %s: ours, but it has no record", info.name)
@@ -104,7 +111,7 @@ class Recovery:
                 continue
             log.warning("sandbox %s: removing taps %s left by a create that did not finish", sid, ", ".join(noted[1]))
             try:
-                self._drop_taps(sid, *noted)
+                self._net.drop_taps(sid, *noted)
             except VmSandboxError as err:  # the note stays: the next start-up or create tries again
                 log.warning("sandbox %s: removing its taps failed: %s", sid, err)
 

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config, VirtType
-from ..hypervisor.domain import DiskSpec, DomainSpec, NicSpec
+from ..hypervisor.domain import DiskSpec, DomainSpec, NicSpec, ShareSpec
 from ..image import GuestImage
 from ..network._model import NetworkPlan
 from ..payloads.podconfig import PodConfig, memory_mib_from, vcpus_from
 from .guestconfig import CONFIG_DISK
 from .mounts import DiskPlan
+from .share import SHARE_TAG
 from .validate import MIN_MEMORY_MIB, resources_from_annotations
 
 __all__ = ["Size", "size_sandbox", "domain_spec"]
@@ -58,6 +59,7 @@ def domain_spec(
     taps: Sequence[str],
     network: NetworkPlan | None,
     partition: str = "",
+    share: Path | None = None,
 ) -> DomainSpec:
     return DomainSpec(
         name=domain,
@@ -81,6 +83,7 @@ def domain_spec(
         + tuple(DiskSpec(p.source, p.serial, p.format, p.block, p.readonly) for p in disks),
         nics=tuple(NicSpec(t, i.mac, i.mtu) for t, i in zip(taps, network.interfaces)) if network else (),
         partition=partition,
+        shares=(ShareSpec(str(share), SHARE_TAG, config.virtiofsd),) if share is not None else (),
     )
 
 
