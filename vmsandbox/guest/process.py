@@ -157,6 +157,10 @@ class SshProcess:
     def abort(self) -> None:
         if not self._done.is_set():
             self._signal("KILL")
+            # Let dropbear report the exit and close the channel itself first: a close from
+            # us racing the child's exit made a later exec's new channel come back closed
+            # ("Channel closed.") about one run in three of test_abort_ends_the_guest_process.
+            self._done.wait(5)
         self._chan.close()
         self._done.wait(5)
 
