@@ -2,7 +2,8 @@
 
 Environment overrides (read only by :meth:`Config.from_env`):
 ``VMSANDBOX_URI`` (libvirt URI), ``VMSANDBOX_STATE_DIR``, ``VMSANDBOX_VIRT_TYPE``
-(kvm | qemu | auto), ``VMSANDBOX_IMAGES_DIR`` (the guest recipe folder).
+(kvm | qemu | auto), ``VMSANDBOX_IMAGES_DIR`` (the guest recipe folder), ``VMSANDBOX_RUN_DIR``
+(the task API sockets' folder).
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ from pathlib import Path
 
 from .errors import InvalidArgument
 
-__all__ = ["Config", "VirtType", "detect_virt_type", "DEFAULT_STATE_DIR"]
+__all__ = ["Config", "VirtType", "detect_virt_type", "DEFAULT_STATE_DIR", "DEFAULT_RUN_DIR", "MAX_RUN_DIR"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STATE_DIR = Path("/var/lib/vmsandbox")
 DEFAULT_URI = "qemu:///system"
+DEFAULT_RUN_DIR = Path("/run/vmsandbox")
+MAX_RUN_DIR = 45
+"""The longest run dir that keeps every task socket under containerd's 106-byte limit."""
 
 
 class VirtType(str, enum.Enum):
@@ -73,6 +77,7 @@ class Config:
 
     uri: str = DEFAULT_URI
     state_dir: Path = DEFAULT_STATE_DIR
+    run_dir: Path = DEFAULT_RUN_DIR  # one task API socket per sandbox under it
     virt_type: VirtType = VirtType.AUTO
     images_dir: Path = field(default_factory=lambda: Path(__file__).resolve().parent.parent / "images")
     image_name: str = "default"
@@ -100,6 +105,9 @@ class Config:
     def __post_init__(self) -> None:
         if self.boot_timeout <= 0 or self.stop_timeout < 0:
             raise InvalidArgument("boot_timeout must be > 0 and stop_timeout >= 0")
+        if not self.run_dir.is_absolute() or len(str(self.run_dir)) > MAX_RUN_DIR:
+            raise InvalidArgument(f"run_dir must be an absolute path of at most {MAX_RUN_DIR} characters "
+                                  f"(task sockets must stay under 106 bytes), not {str(self.run_dir)!r}")
 
     def loader(self) -> str:
         """The firmware ROM path for domains, "" for QEMU's default BIOS."""
@@ -126,6 +134,8 @@ class Config:
             env["virt_type"] = parse_virt_type(v)
         if v := os.environ.get("VMSANDBOX_IMAGES_DIR"):
             env["images_dir"] = Path(v)
+        if v := os.environ.get("VMSANDBOX_RUN_DIR"):
+            env["run_dir"] = Path(v)
         env.update({k: v for k, v in overrides.items() if v is not None})
         return replace(cls(), **env)  # type: ignore[arg-type]
 

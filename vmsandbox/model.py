@@ -24,6 +24,7 @@ __all__ = [
     "Platform",
     "Metric",
     "ExecResult",
+    "PtySize",
     "SandboxState",
     "Phase",
     "SandboxSummary",
@@ -193,6 +194,14 @@ class ExecResult:
     exit_code: int
     stdout: bytes
     stderr: bytes
+
+
+@dataclass(frozen=True)
+class PtySize:
+    """A terminal's size in character cells."""
+
+    width: int
+    height: int
 
 
 @dataclass(frozen=True)

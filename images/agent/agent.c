@@ -11,8 +11,9 @@
  *
  * vsbx-exec -c "vsbx1 TOKENS"   (root's login shell, run by dropbear for each exec): decodes
  *     hex tokens (a=argv element, e=KEY=VALUE, c=cwd, t=timeout ms, r=run in the guest root
- *     rather than the sandbox rootfs), chroots into /rootfs when it is mounted and execs argv
- *     directly, never through a shell. Exit code: the child's, or 128+signal.
+ *     rather than the sandbox rootfs, p=supervise the daemon whose pid argv writes to this
+ *     file), chroots into /rootfs when it is mounted and execs argv directly, never through
+ *     a shell. Exit code: the child's (or the supervised daemon's), or 128+signal.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -276,12 +277,72 @@ static void on_alarm(int sig) {
     timed_out = 1;
 }
 
+/* Wait for `pid`; at the timeout kill it and the process group `pgrp` (argv's). Returns 0,
+ * or -1 when `pid` is not our child. */
+static int wait_for(pid_t pid, pid_t pgrp, int *status) {
+    for (;;) {
+        pid_t r = waitpid(pid, status, 0);
+        if (r == pid) return 0;
+        if (r < 0 && errno == EINTR && timed_out) {
+            kill(-pgrp, SIGKILL);
+            kill(-pid, SIGKILL);
+            kill(pid, SIGKILL);
+        } else if (r < 0 && errno != EINTR) {
+            return -1;
+        }
+    }
+}
+
+static int read_pid(const char *path) {
+    char buf[32] = {0};
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return -1;
+    char *end;
+    long v = strtol(buf, &end, 10);
+    if (end == buf || v <= 1 || v > 0x7fffffff) return -1;
+    return (int)v;
+}
+
+/* `crun create` (argv) exited 0 and left the container init behind, reparented to us (we
+ * are a child subreaper): publish its pid in PIDFILE.ready (atomically: temp + rename), then
+ * wait for it and exit with its status. The container's stdio is ours: the SSH channel. */
+static int supervise(const char *pidfile, pid_t pgrp) {
+    int pid = read_pid(pidfile);
+    if (pid < 0) {
+        fprintf(stderr, "vsbx-exec: no valid pid in %s\n", pidfile);
+        return 126;
+    }
+    size_t n = strlen(pidfile);
+    char *ready = malloc(n + 16), *tmp = malloc(n + 16);
+    if (!ready || !tmp) return 126;
+    snprintf(ready, n + 16, "%s.ready", pidfile);
+    snprintf(tmp, n + 16, "%s.ready.tmp", pidfile);
+    FILE *f = fopen(tmp, "w");
+    if (!f || fprintf(f, "%d\n", pid) < 0 || fclose(f) != 0 || rename(tmp, ready) < 0) {
+        fprintf(stderr, "vsbx-exec: cannot write %s: %s\n", ready, strerror(errno));
+        kill(pid, SIGKILL);
+        return 126;
+    }
+    int status = 0;
+    if (wait_for(pid, pgrp, &status) < 0) {
+        /* Not our child: it ended before its parent did, and was reaped there. */
+        fprintf(stderr, "vsbx-exec: the supervised process %d is not our child\n", pid);
+        return 255;
+    }
+    if (timed_out) return 124;
+    if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
+    return WEXITSTATUS(status);
+}
+
 static int exec_main(int argc, char **argv) {
     if (argc != 3 || strcmp(argv[1], "-c") != 0 || strncmp(argv[2], "vsbx1", 5) != 0) {
         fprintf(stderr, "vsbx-exec: only vmsandbox exec requests are accepted\n");
         return 126;
     }
-    char *args[1024], *envs[1024], *cwd = NULL;
+    char *args[1024], *envs[1024], *cwd = NULL, *pidfile = NULL;
     int nargs = 0, nenvs = 0, in_root = 0;
     long timeout_ms = 0;
     char *p = argv[2] + 5;
@@ -302,6 +363,7 @@ static int exec_main(int argc, char **argv) {
         case 'c': cwd = val; break;
         case 't': timeout_ms = strtol(val, NULL, 10); break;
         case 'r': in_root = 1; break;
+        case 'p': pidfile = val; break;
         default: fprintf(stderr, "vsbx-exec: unknown token %c\n", kind); return 126;
         }
     }
@@ -313,6 +375,11 @@ static int exec_main(int argc, char **argv) {
     envs[nenvs] = NULL;
     struct stat st;
     int chrooted = !in_root && stat("/run/vsbx/rootfs-ready", &st) == 0;
+    /* The daemon argv leaves behind is reparented to us rather than to PID 1. */
+    if (pidfile && prctl(PR_SET_CHILD_SUBREAPER, 1) < 0) {
+        perror("vsbx-exec: PR_SET_CHILD_SUBREAPER");
+        return 126;
+    }
 
     pid_t pid = fork();
     if (pid < 0) {
@@ -326,6 +393,13 @@ static int exec_main(int argc, char **argv) {
         prctl(PR_SET_PDEATHSIG, SIGKILL);
         if (getppid() == 1) _exit(126); /* the parent already died */
         signal(SIGPIPE, SIG_DFL);
+        if (isatty(STDIN_FILENO)) {
+            /* On a pty (the host asked for a tty) our group must be the foreground one, or
+             * the command stops at its first tty read (SIGTTIN) and never sees SIGWINCH. */
+            signal(SIGTTOU, SIG_IGN);
+            tcsetpgrp(STDIN_FILENO, getpid());
+            signal(SIGTTOU, SIG_DFL);
+        }
         if (chrooted && (chroot("/rootfs") < 0 || chdir("/") < 0)) {
             perror("vsbx-exec: chroot /rootfs");
             _exit(126);
@@ -349,16 +423,8 @@ static int exec_main(int argc, char **argv) {
         alarm((unsigned)((timeout_ms + 999) / 1000));
     }
     int status = 0;
-    for (;;) {
-        pid_t r = waitpid(pid, &status, 0);
-        if (r == pid) break;
-        if (r < 0 && errno == EINTR && timed_out) {
-            kill(-pid, SIGKILL);
-            kill(pid, SIGKILL);
-        } else if (r < 0 && errno != EINTR) {
-            return 126;
-        }
-    }
+    if (wait_for(pid, pid, &status) < 0) return 126;
+    if (pidfile && !timed_out && WIFEXITED(status) && WEXITSTATUS(status) == 0) return supervise(pidfile, pid);
     if (timed_out) {
         fprintf(stderr, "vsbx-exec: timed out after %ld ms\n", timeout_ms);
         return 124;

@@ -85,10 +85,14 @@ class Rig:
         if d is not None:
             self.hv.guest_poweroff(d.name)
 
-    def new_controller(self, config: Config | None = None) -> SandboxController:
+    def new_controller(self, config: Config | None = None, events: Any = None) -> SandboxController:
+        def sink(event: Any) -> None:
+            self.events.append(event)
+            if events is not None:
+                events(event)
         c = SandboxController(config or self.config, virt_type=VirtType.QEMU, hypervisor=self.hv.factory,
                               network=self.net, guest=self.guests, images=self.images,
-                              mounts=self.mounts, events=self.events.append)
+                              mounts=self.mounts, events=sink)
         self.controllers.append(c)
         return c
 
@@ -96,9 +100,9 @@ class Rig:
         """A stand-in for ``vmsandbox.host.LibvirtController`` that wires this rig's fakes."""
 
         def make(uri: object = None, state_dir: object = None, *, virt_type: object = None,
-                 config: Config | None = None, progress: Any = None) -> SandboxController:
+                 config: Config | None = None, progress: Any = None, events: Any = None) -> SandboxController:
             assert config is not None
-            return self.new_controller(config)
+            return self.new_controller(config, events)
 
         return make
 

@@ -449,6 +449,7 @@ def test_image_build_reports_the_image_and_passes_force(cli: Cli, tmp_path: Path
 def test_serve_wires_the_controller_to_the_server_with_the_admin_socket_and_closes_it(
         cli: Cli, monkeypatch: pytest.MonkeyPatch, build: bool) -> None:
     from vmsandbox.sandbox.controller import state_dir_owner
+    from vmsandbox.task.sockets import TaskServingController
 
     calls: list[dict[str, object]] = []
 
@@ -461,8 +462,10 @@ def test_serve_wires_the_controller_to_the_server_with_the_admin_socket_and_clos
         def wait(self) -> None:
             calls[-1]["owner while serving"] = state_dir_owner(cli.state_dir)
 
-    def serve(ctl: SandboxController, socket: str, **kwargs: object) -> Server:
-        calls.append({"socket": socket, "admin is the controller": kwargs.pop("admin") is ctl, **kwargs})
+    def serve(ctl: TaskServingController, socket: str, **kwargs: object) -> Server:
+        # containerd gets the controller wrapped to serve the task API; the CLI's admin, the controller.
+        assert isinstance(ctl, TaskServingController) and ctl.sockets.run_dir == cli.rig.config.run_dir
+        calls.append({"socket": socket, "admin is the controller": kwargs.pop("admin") is ctl.inner, **kwargs})
         return Server()
 
     monkeypatch.setattr("vmsandbox.server.serve", serve)

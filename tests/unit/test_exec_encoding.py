@@ -52,6 +52,7 @@ class Request:
     cwd: str | None = None
     timeout_ms: int | None = None
     in_root: bool = False
+    pidfile: str | None = None
 
 
 def decode(request: str) -> Request:
@@ -72,6 +73,8 @@ def decode(request: str) -> Request:
             out.timeout_ms = int(val)
         elif kind == "r":
             out.in_root = True
+        elif kind == "p":
+            out.pidfile = val
         else:
             raise AssertionError(f"unknown token {tok!r}")
     return out
@@ -84,6 +87,8 @@ def test_argv_round_trips_verbatim() -> None:
 def test_request_has_no_shell_or_ssh_sensitive_characters() -> None:
     req = encode_exec_request(TRICKY_ARGV, env={"A": "$(x); `y`"}, cwd="/tmp/a b", timeout=3)
     assert re.fullmatch(r"vsbx1( [aecrt][0-9a-f]*)+", req), req
+    sup = encode_exec_request(["crun", "create"], supervise_pidfile="/run/a b/$(x)")
+    assert re.fullmatch(r"vsbx1( [aecrtp][0-9a-f]*)+", sup), sup
 
 
 def test_default_environment() -> None:
@@ -105,6 +110,11 @@ def test_cwd_timeout_and_guest_root_tokens() -> None:
     assert (r.cwd, r.timeout_ms, r.in_root) == ("/srv/my dir", 2500, True)
 
 
+def test_supervise_token_carries_the_pid_file_verbatim() -> None:
+    assert decode(encode_exec_request(["crun"], supervise_pidfile="/run/vsbx/c/x y.pid")).pidfile == "/run/vsbx/c/x y.pid"
+    assert decode(encode_exec_request(["crun"])).pidfile is None
+
+
 def test_a_tiny_timeout_is_still_at_least_one_millisecond() -> None:
     assert decode(encode_exec_request(["true"], timeout=0.0001)).timeout_ms == 1
 
@@ -123,6 +133,8 @@ def test_a_tiny_timeout_is_still_at_least_one_millisecond() -> None:
         (["ls"], {"cwd": "relative"}),
         (["ls"], {"cwd": ""}),
         (["ls"], {"cwd": "/a\0b"}),
+        (["ls"], {"supervise_pidfile": "relative.pid"}),
+        (["ls"], {"supervise_pidfile": "/a\0b"}),
     ],
 )
 def test_malformed_requests_are_refused(argv: Sequence[object], kwargs: Mapping[str, object]) -> None:
@@ -204,3 +216,46 @@ def test_guest_timeout_kills_the_whole_process_group(vsbx_exec: Path, tmp_path: 
 @pytest.mark.parametrize("request_text", ["ls -la", "vsbx1 aZZ", "vsbx1 a6", "vsbx1 q00", "vsbx1", "vsbx1 e41"])
 def test_guest_refuses_anything_but_a_well_formed_request(vsbx_exec: Path, request_text: str) -> None:
     assert run(vsbx_exec, request_text).returncode == 126
+
+
+# ---------------------------------------------------------------- supervision (token p)
+# crun create forks the container init and exits; these helpers double-fork the same way.
+
+
+def test_supervised_daemon_status_and_output_are_the_requests(vsbx_exec: Path, tmp_path: Path) -> None:
+    pidfile = tmp_path / "init.pid"
+    script = 'sh -c "sleep 1; echo late; exit 5" & echo $! > "$0"'
+    t0 = time.monotonic()
+    p = run(vsbx_exec, req(["sh", "-c", script, str(pidfile)], supervise_pidfile=str(pidfile)))
+    assert p.returncode == 5, p.stderr
+    assert time.monotonic() - t0 >= 1.0, "returned before the daemon ended"
+    assert p.stdout == b"late\n"
+    assert (tmp_path / "init.pid.ready").read_text() == pidfile.read_text()
+    assert not (tmp_path / "init.pid.ready.tmp").exists()
+
+
+def test_supervised_daemon_killed_by_a_signal_is_128_plus_n(vsbx_exec: Path, tmp_path: Path) -> None:
+    pidfile = tmp_path / "init.pid"
+    script = 'sh -c "sleep 0.3; kill -9 \\$\\$" & echo $! > "$0"'
+    p = run(vsbx_exec, req(["sh", "-c", script, str(pidfile)], supervise_pidfile=str(pidfile)))
+    assert p.returncode == 128 + 9, p.stderr
+
+
+def test_supervision_of_a_failed_or_pidless_create(vsbx_exec: Path, tmp_path: Path) -> None:
+    pidfile = tmp_path / "init.pid"
+    failed = run(vsbx_exec, req(["sh", "-c", "echo no >&2; exit 4"], supervise_pidfile=str(pidfile)))
+    assert (failed.returncode, failed.stderr) == (4, b"no\n")
+    assert not (tmp_path / "init.pid.ready").exists()
+    pidless = run(vsbx_exec, req(["true"], supervise_pidfile=str(pidfile)))
+    assert pidless.returncode == 126 and b"no valid pid" in pidless.stderr
+
+
+def test_supervised_daemon_is_killed_at_the_timeout(vsbx_exec: Path, tmp_path: Path) -> None:
+    pidfile = tmp_path / "init.pid"
+    script = 'sh -c "sleep 30" & echo $! > "$0"'
+    t0 = time.monotonic()
+    p = run(vsbx_exec, req(["sh", "-c", script, str(pidfile)], supervise_pidfile=str(pidfile), timeout=1))
+    assert p.returncode == EXEC_TIMEOUT_EXIT
+    assert time.monotonic() - t0 < 10
+    pid = int(pidfile.read_text())
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]

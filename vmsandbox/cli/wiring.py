@@ -138,16 +138,24 @@ def serve(cfg: Config, progress: ProgressLine, *, socket: str, socket_group: str
     """`vmsandbox serve`: our controller behind containerd's gRPC socket and the CLI's admin
     socket, until SIGTERM or SIGINT; the sandboxes keep running after it."""
     from ..host import LibvirtController
+    from ..model import Phase
     from ..server import serve as serve_grpc
+    from ..task.sockets import TaskServingController, TaskSockets
 
-    ctl = LibvirtController(config=cfg, progress=progress)
+    sockets = TaskSockets(cfg.run_dir, lambda sandbox_id: ctl.guest_channel(sandbox_id))
+    # A removal by any path (containerd's Shutdown, the CLI's, a failed Start) closes its socket.
+    ctl = LibvirtController(config=cfg, progress=progress, events=sockets.on_lifecycle)
     try:
         if build_image:
             ctl.image()
-        srv = serve_grpc(ctl, socket, socket_group=socket_group, max_workers=max_workers,
+        # Every running sandbox serves containerd's task API; sockets of sandboxes that ran
+        # before a restart come back here.
+        tasks = TaskServingController(ctl, sockets, running=[r.id for r in ctl.list() if r.phase is Phase.RUNNING])
+        srv = serve_grpc(tasks, socket, socket_group=socket_group, max_workers=max_workers,
                          admin=ctl, admin_socket_path=str(ctl.config.state_dir / ADMIN_SOCKET))
         srv.install_signal_handlers()
         log.info("serving containerd's sandbox Controller on %s (virt type %s)", srv.socket_path, ctl.virt_type.value)
         srv.wait()
     finally:
+        sockets.close_all()
         ctl.close()

@@ -22,7 +22,8 @@ import paramiko
 from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
 from ..errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
-from ..model import ExecResult
+from ..model import ExecResult, PtySize
+from .process import OutputSink, SshProcess, spawn_on
 
 __all__ = ["GuestAgent", "encode_exec_request", "EXEC_TIMEOUT_EXIT"]
 
@@ -55,6 +56,7 @@ def encode_exec_request(
     cwd: str | None = None,
     timeout: float | None = None,
     in_guest_root: bool = False,
+    supervise_pidfile: str | None = None,
 ) -> str:
     """The command string for ``vsbx-exec``: ``vsbx1`` then hex tokens, no shell syntax."""
     if not argv or not all(isinstance(a, str) for a in argv):
@@ -71,6 +73,8 @@ def encode_exec_request(
             raise InvalidArgument("argv elements must not contain NUL")
     if cwd is not None and (not cwd.startswith("/") or "\0" in cwd):
         raise InvalidArgument(f"cwd must be an absolute path, not {cwd!r}")
+    if supervise_pidfile is not None and (not supervise_pidfile.startswith("/") or "\0" in supervise_pidfile):
+        raise InvalidArgument(f"the pid file must be an absolute path, not {supervise_pidfile!r}")
     def hx(text: str) -> str:
         return text.encode("utf-8", "surrogateescape").hex()
 
@@ -83,6 +87,8 @@ def encode_exec_request(
         tokens.append("t" + str(max(1, int(timeout * 1000))).encode().hex())
     if in_guest_root:
         tokens.append("r")
+    if supervise_pidfile is not None:
+        tokens.append("p" + hx(supervise_pidfile))
     cmd = " ".join(tokens)
     if len(cmd) > MAX_REQUEST:
         raise InvalidArgument(
@@ -288,3 +294,29 @@ class GuestAgent:
         if timeout is not None and code == EXEC_TIMEOUT_EXIT and time.monotonic() - started >= timeout:
             raise DeadlineExceeded(f"exec of {argv[0]!r} exceeded {timeout}s", sandbox_id=self.sandbox_id)
         return ExecResult(code, bytes(out), bytes(err))
+
+    # ------------------------------------------------------------------ streaming processes
+    def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        stdout: OutputSink,
+        stderr: OutputSink,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        tty: bool = False,
+        size: PtySize | None = None,
+        in_guest_root: bool = False,
+        supervise_pidfile: str | None = None,
+    ) -> SshProcess:
+        """Start argv on its own channel; see :meth:`vmsandbox.sandbox.ports.GuestChannel.spawn`."""
+        environ = dict(env or {})
+        if tty:
+            environ.setdefault("TERM", "xterm")
+        cmd = encode_exec_request(argv, env=environ, cwd=cwd, in_guest_root=in_guest_root,
+                                  supervise_pidfile=supervise_pidfile)
+        t = self._transport
+        if t is None or not t.is_active():
+            raise Unavailable("no connection to the guest agent", sandbox_id=self.sandbox_id)
+        return spawn_on(t, cmd, stdout=stdout, stderr=stderr, tty=tty, size=size,
+                        term=environ.get("TERM", "xterm"), sandbox_id=self.sandbox_id, what=argv[0])

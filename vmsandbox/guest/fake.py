@@ -7,6 +7,10 @@ A wrong host key is refused like the real agent refuses it. :meth:`FakeGuests.br
 leaves a channel half-dead, as a paramiko transport whose session channels can no longer be
 opened: it still reports itself connected and ``connect`` returns at once, but every exec
 fails with Unavailable until the channel is closed and connected again.
+
+``spawn`` returns a :class:`FakeProcess` the test drives: ``emit``/``exit``/``lose`` play the
+guest side, and what the caller did (stdin bytes, EOF, resizes, abort) is recorded on it.
+``on_spawn(process)`` runs first (to script it); closing the channel loses every process.
 """
 
 from __future__ import annotations
@@ -17,10 +21,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .._failpoints import Failpoints
-from ..errors import DeadlineExceeded, FailedPrecondition, Unavailable
-from ..model import ExecResult
+from ..errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
+from ..model import ExecResult, PtySize
 
-__all__ = ["FakeGuests", "FakeChannel", "ExecCall"]
+__all__ = ["FakeGuests", "FakeChannel", "ExecCall", "SpawnCall", "FakeProcess"]
 
 POWEROFF = "/sbin/vsbx-poweroff"
 
@@ -36,11 +40,111 @@ class ExecCall:
     in_guest_root: bool
 
 
+@dataclass(frozen=True)
+class SpawnCall:
+    socket_path: str
+    argv: tuple[str, ...]
+    env: dict[str, str]
+    cwd: str | None
+    tty: bool
+    size: PtySize | None
+    in_guest_root: bool
+    supervise_pidfile: str | None
+
+
+class FakeProcess:
+    """A guest process of the fake: its output, exit and connection loss are played by the test."""
+
+    def __init__(self, call: SpawnCall, stdout: Callable[[bytes], None], stderr: Callable[[bytes], None],
+                 sandbox_id: str) -> None:
+        self.call, self.sandbox_id = call, sandbox_id
+        self._sinks = (stdout, stderr)
+        self._cond = threading.Condition()
+        self.stdin = bytearray()
+        self.stdin_closed = False
+        self.sizes: list[PtySize] = []
+        self.aborted = False
+        self.status: int | None = None
+        self._done = False
+        self.stdin_failure: BaseException | None = None
+
+    # the guest side, played by tests
+    def emit(self, data: bytes, stream: int = 1) -> None:
+        """Output on stdout (1) or stderr (2), delivered to the caller's sink at once."""
+        with self._cond:
+            if self._done:
+                raise AssertionError("the process ended; it cannot print")
+        self._sinks[stream - 1](data)
+
+    def exit(self, status: int) -> None:
+        self._end(status)
+
+    def lose(self) -> None:
+        """The connection dropped: ``wait`` raises Unavailable."""
+        self._end(None)
+
+    def _end(self, status: int | None) -> None:
+        with self._cond:
+            if self._done:
+                return
+            self._done, self.status = True, status
+        for sink in self._sinks:
+            sink(b"")
+        with self._cond:
+            self._cond.notify_all()
+
+    # the port
+    def write_stdin(self, data: bytes) -> None:
+        if self.stdin_failure is not None:
+            raise self.stdin_failure
+        with self._cond:
+            if self.stdin_closed:
+                raise FailedPrecondition("stdin is closed", sandbox_id=self.sandbox_id)
+            if self._done and self.status is None:
+                raise Unavailable("the connection is gone", sandbox_id=self.sandbox_id)
+            self.stdin += data
+            self._cond.notify_all()
+
+    def close_stdin(self) -> None:
+        with self._cond:
+            self.stdin_closed = True
+            self._cond.notify_all()
+
+    def resize(self, size: PtySize) -> None:
+        if not self.call.tty:
+            raise FailedPrecondition("no terminal", sandbox_id=self.sandbox_id)
+        self.sizes.append(size)
+
+    def wait(self, timeout: float | None = None) -> int:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._done, timeout):
+                raise DeadlineExceeded("still running", sandbox_id=self.sandbox_id)
+            if self.status is None:
+                raise Unavailable("the connection closed before the process ended", sandbox_id=self.sandbox_id)
+            return self.status
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.lose()
+
+    def wait_stdin(self, predicate: Callable[[FakeProcess], bool], timeout: float = 5) -> None:
+        """For tests: block until ``predicate(self)`` holds (stdin bytes or EOF arrived)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: predicate(self), timeout):
+                raise AssertionError("timed out waiting for stdin")
+
+
 @dataclass
 class FakeGuests:
     vm_running: Callable[[str], bool] = lambda socket_path: True
     on_poweroff: Callable[[str], None] = lambda socket_path: None
     handler: Callable[[ExecCall], ExecResult] = lambda call: ExecResult(0, b"", b"")
+    on_spawn: Callable[[FakeProcess], None] = lambda process: None
+    processes: list[FakeProcess] = field(default_factory=list)
     fp: Failpoints = field(default_factory=Failpoints)
     channels: list[FakeChannel] = field(default_factory=list)
     execs: list[ExecCall] = field(default_factory=list)
@@ -116,6 +220,34 @@ class FakeChannel:
             return ExecResult(0, b"", b"")
         return self._g.handler(call)
 
+    def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        stdout: Callable[[bytes], None],
+        stderr: Callable[[bytes], None],
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        tty: bool = False,
+        size: PtySize | None = None,
+        in_guest_root: bool = False,
+        supervise_pidfile: str | None = None,
+    ) -> FakeProcess:
+        self._g.fp.hit("spawn")
+        if not argv:
+            raise InvalidArgument("argv must be a non-empty sequence of strings")
+        if not self.connected or self.stale:
+            raise Unavailable("no connection to the guest agent", sandbox_id=self.sandbox_id)
+        call = SpawnCall(self.socket_path, tuple(argv), dict(env or {}), cwd, tty, size, in_guest_root,
+                         supervise_pidfile)
+        proc = FakeProcess(call, stdout, stderr, self.sandbox_id)
+        self._g.processes.append(proc)
+        self._g.on_spawn(proc)
+        return proc
+
     def close(self) -> None:
         self._connected = False
         self.stale = False
+        for p in self._g.processes:
+            if p.call.socket_path == self.socket_path:
+                p.lose()

@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from pathlib import Path
 
 from ..config import Config, VirtType
@@ -42,12 +42,12 @@ from ..model import (
 )
 from ..payloads.cgroupsv2 import CgroupV2Metrics
 from ..payloads.podconfig import parse_pod_config
-from .ports import DomainState, GuestFactory, HostMounts, HypervisorFactory, Images, Network, StopReason
+from .ports import DomainState, GuestChannel, GuestFactory, HostMounts, HypervisorFactory, Images, Network, StopReason
 from .resources import plan_update, updated_fields
 from . import mounts as mountplan
 from .cgroups import cgroup_relpath, libvirt_partition, place_process
 from .guestconfig import guest_settings, write_guest_files
-from .agents import Agents
+from .agents import CONNECT_TIMEOUT, Agents
 from .events import Emitter, EventSink, Step
 from .exits import DOMAIN_PREFIX, EXIT_CLEAN, EXIT_FAILED, EXIT_KILLED, Exits
 from .netsteps import NetSteps
@@ -266,10 +266,8 @@ class SandboxController:
                 if info is None:
                     raise NotFound(f"domain {rec.domain} of sandbox {sandbox_id} is gone", sandbox_id=sandbox_id)
                 if info.state is not DomainState.RUNNING:
-                    try:
+                    with suppress(FileNotFoundError):
                         os.unlink(rec.agent_socket)
-                    except FileNotFoundError:
-                        pass
                     self._hv.start(rec.domain)
                 started = utcnow()
                 self._emit(sandbox_id, Step.BOOTED)
@@ -444,10 +442,8 @@ class SandboxController:
         self._hv.undefine(rec.domain)
         self._netsteps.remove(rec)
         self._agents.drop(e)
-        try:
+        with suppress(FileNotFoundError):
             os.unlink(rec.agent_socket)
-        except FileNotFoundError:
-            pass
         self._shares.release(rec.id)  # raises while a mount stays: no rmtree through it
         self._store.remove(rec.id)
         with e.state_lock:
@@ -458,17 +454,9 @@ class SandboxController:
         log.info("sandbox %s: removed", rec.id)
 
     # ------------------------------------------------------------------ extras
-    def exec(
-        self,
-        sandbox_id: str,
-        argv: Sequence[str],
-        *,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        stdin: bytes | None = None,
-        timeout: float | None = None,
-        max_output: int | None = None,
-    ) -> ExecResult:
+    def exec(self, sandbox_id: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+             cwd: str | None = None, stdin: bytes | None = None, timeout: float | None = None,
+             max_output: int | None = None) -> ExecResult:
         """Run ``argv`` (no shell) inside the sandbox's rootfs and return its result.
 
         Without rootfs mounts it runs in the guest's own root. Raises FailedPrecondition
@@ -481,3 +469,10 @@ class SandboxController:
         if e.record.phase is not Phase.RUNNING:
             raise FailedPrecondition(f"sandbox is {e.record.phase.value}, not running", sandbox_id=sandbox_id)
         return self._agents.exec(e, argv, env=env, cwd=cwd, stdin=stdin, timeout=timeout, max_output=max_output)
+
+    def guest_channel(self, sandbox_id: str) -> GuestChannel:
+        """The running sandbox's connected agent channel (the task engine's); as exec's errors."""
+        e = self._registry.get(sandbox_id)
+        if e.record.phase is not Phase.RUNNING:
+            raise FailedPrecondition(f"sandbox is {e.record.phase.value}, not running", sandbox_id=sandbox_id)
+        return self._agents.connect(e, time.monotonic() + CONNECT_TIMEOUT)

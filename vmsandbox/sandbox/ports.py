@@ -17,7 +17,7 @@ from typing import Any as _Any
 from typing import Protocol
 
 from ..image import GuestImage
-from ..model import ExecResult
+from ..model import ExecResult, PtySize
 from ..network._model import InterfaceCounters, NetworkPlan
 
 __all__ = [
@@ -28,6 +28,9 @@ __all__ = [
     "HypervisorFactory",
     "Network",
     "GuestChannel",
+    "GuestProcess",
+    "OutputSink",
+    "PtySize",
     "GuestFactory",
     "Images",
     "HostMounts",
@@ -109,6 +112,39 @@ class Network(Protocol):
     def read_counters(self, netns_path: str, names: list[str]) -> dict[str, InterfaceCounters]: ...
 
 
+OutputSink = Callable[[bytes], None]
+"""Receives a process's output as it arrives, in order, from one thread; ``b""`` once at EOF."""
+
+
+class GuestProcess(Protocol):
+    """One process spawned in the guest whose stdio streams while it runs (:meth:`GuestChannel.spawn`)."""
+
+    def write_stdin(self, data: bytes) -> None:
+        """Send bytes to its stdin (blocks while the guest is not reading). Unavailable when
+        the connection is gone, FailedPrecondition after :meth:`close_stdin`."""
+
+    def close_stdin(self) -> None:
+        """EOF on its stdin (for a tty process: no more input, but no EOF: a terminal has
+        none). Idempotent; succeeds after the process ended."""
+
+    def resize(self, size: PtySize) -> None:
+        """Change the terminal size of a tty process (SIGWINCH in the guest).
+        FailedPrecondition for a process without a tty; a no-op once it ended."""
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Block until the process ended and all its output reached the sinks; its exit
+        status (128+N when killed by signal N). Unavailable when the connection dropped before
+        an exit status came, DeadlineExceeded when ``timeout`` seconds pass first."""
+
+    @property
+    def done(self) -> bool:
+        """True once :meth:`wait` would return (or raise Unavailable) at once."""
+
+    def abort(self) -> None:
+        """Close the channel: the guest ends the process with its session. Idempotent; a
+        later :meth:`wait` raises Unavailable unless the exit status had already come."""
+
+
 class GuestChannel(Protocol):
     """The guest agent's channel of one sandbox: one connection, many concurrent execs."""
 
@@ -132,6 +168,26 @@ class GuestChannel(Protocol):
     ) -> ExecResult:
         """FailedPrecondition when the output passes ``max_output`` bytes (None: the
         adapter's default cap)."""
+
+    def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        stdout: OutputSink,
+        stderr: OutputSink,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        tty: bool = False,
+        size: PtySize | None = None,
+        in_guest_root: bool = False,
+        supervise_pidfile: str | None = None,
+    ) -> GuestProcess:
+        """Start argv (no shell) on its own channel and return at once; output streams to the
+        sinks (a tty process has one stream, to ``stdout``). ``supervise_pidfile``: argv is a
+        command that leaves a daemon behind and writes its pid there (``crun create
+        --pid-file``); the process then ends with that daemon's exit status, and the pid is
+        published in ``<pidfile>.ready`` once argv exited 0 (images/README.md, token ``p``).
+        Unavailable when there is no live connection; InvalidArgument for a bad request."""
 
     def close(self) -> None: ...
 

@@ -1,12 +1,29 @@
 """containerd's task API (``containerd.task.v3.Task``) per sandbox, served over vmsandbox.ttrpc.
 
-For now a skeleton that registers every rpc and answers UNIMPLEMENTED (issue 11 builds the
-handlers: container registry, spec rewrite for the guest, rootfs share, stdio pumps, all
-through the Guest port, never libvirt).
+:class:`TaskEngine` runs a sandbox's containers in its guest (supervised crun over the
+GuestChannel port, rootfs and files through the :class:`BundleStager` port, CRI's FIFOs
+pumped on the host); :class:`TaskService` adapts it to the rpcs. Never libvirt.
 """
 
 from __future__ import annotations
 
+from .engine import TaskEngine
+from .ports import BundleStager, StagedBundle
+from .process import Exit, IoSpec, ProcessState, Status
 from .service import RPCS, SERVICE_NAME, TaskService
+from .spec import rewrite_process, rewrite_spec
 
-__all__ = ["TaskService", "SERVICE_NAME", "RPCS"]
+__all__ = [
+    "TaskService",
+    "TaskEngine",
+    "BundleStager",
+    "StagedBundle",
+    "IoSpec",
+    "Exit",
+    "ProcessState",
+    "Status",
+    "rewrite_spec",
+    "rewrite_process",
+    "SERVICE_NAME",
+    "RPCS",
+]

@@ -1,22 +1,31 @@
-"""containerd.task.v3.Task on a ttrpc server: every rpc registered, none implemented yet.
+"""containerd.task.v3.Task on a ttrpc server: each rpc is proto <-> :class:`TaskEngine`.
 
-The skeleton of the task API a sandbox serves to containerd (issue 11). Each rpc is one
-method here with its request and response message types; all of them answer UNIMPLEMENTED
-for now. The real handlers replace them one by one.
+Every request names the container by ``id`` (and an exec by ``exec_id``). Errors are
+vmsandbox.errors classes; the ttrpc server turns them into google.rpc.Status codes
+(NotFound for an unknown id or a finished process on Kill, as containerd expects). Pause,
+Resume, Checkpoint answer Unimplemented; Update and Stats too, until the guest cgroup work
+lands.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
+from datetime import datetime
 
-from google.protobuf import empty_pb2
+from google.protobuf import empty_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
-from ..errors import Unimplemented
+from ..errors import InvalidArgument, Unimplemented
+from ..model import Mount, PtySize
 from ..proto.containerd.task.v3 import shim_pb2 as pb
+from ..proto.containerd.types.task import task_pb2 as task_types
 from ..ttrpc import RequestContext, Server
+from .engine import TaskEngine
+from .process import IoSpec
 
-__all__ = ["SERVICE_NAME", "RPCS", "TaskService"]
+__all__ = ["SERVICE_NAME", "RPCS", "TaskService", "UNIMPLEMENTED"]
 
 SERVICE_NAME = "containerd.task.v3.Task"
 
@@ -40,17 +49,94 @@ RPCS: tuple[tuple[str, type[Message], type[Message]], ...] = (
     ("Connect", pb.ConnectRequest, pb.ConnectResponse),
     ("Shutdown", pb.ShutdownRequest, empty_pb2.Empty),
 )
+UNIMPLEMENTED = frozenset({"Pause", "Resume", "Checkpoint", "Update", "Stats"})
+VERSION = "vmsandbox-task-v3"
+
+
+def _ts(at: datetime) -> timestamp_pb2.Timestamp:
+    t = timestamp_pb2.Timestamp()
+    t.FromDatetime(at)
+    return t
 
 
 class TaskService:
     """The task API of one sandbox. :meth:`register` puts every rpc of :data:`RPCS` on a server."""
 
+    def __init__(self, engine: TaskEngine | None = None) -> None:
+        self.engine = engine
+
     def register(self, server: Server) -> None:
         for name, request_type, response_type in RPCS:
-            server.register(SERVICE_NAME, name, request_type, response_type, self._unimplemented(name))
+            handler = getattr(self, name, None) if self.engine is not None and name not in UNIMPLEMENTED else None
+            server.register(SERVICE_NAME, name, request_type, response_type, handler or self._unimplemented(name))
 
     @staticmethod
     def _unimplemented(name: str) -> Callable[[Message, RequestContext], Message]:
         def handler(request: Message, ctx: RequestContext) -> Message:
             raise Unimplemented(f"{SERVICE_NAME}/{name} is not implemented yet")
         return handler
+
+    @property
+    def _e(self) -> TaskEngine:
+        assert self.engine is not None
+        return self.engine
+
+    # ------------------------------------------------------------------ rpcs
+    def Create(self, r: pb.CreateTaskRequest, ctx: RequestContext) -> pb.CreateTaskResponse:
+        rootfs = tuple(Mount(m.type, m.source, m.target, tuple(m.options)) for m in r.rootfs)
+        pid = self._e.create(r.id, bundle=r.bundle, rootfs=rootfs, checkpoint=r.checkpoint,
+                             io=IoSpec(r.stdin, r.stdout, r.stderr, r.terminal))
+        return pb.CreateTaskResponse(pid=pid)
+
+    def Start(self, r: pb.StartRequest, ctx: RequestContext) -> pb.StartResponse:
+        return pb.StartResponse(pid=self._e.start(r.id, r.exec_id))
+
+    def State(self, r: pb.StateRequest, ctx: RequestContext) -> pb.StateResponse:
+        s = self._e.state(r.id, r.exec_id)
+        return pb.StateResponse(id=s.id, exec_id=s.exec_id, bundle=s.bundle, pid=s.pid,
+                                status=s.status.name, stdin=s.io.stdin,
+                                stdout=s.io.stdout, stderr=s.io.stderr, terminal=s.io.terminal,
+                                exit_status=s.exit_status, exited_at=_ts(s.exited_at))
+
+    def Wait(self, r: pb.WaitRequest, ctx: RequestContext) -> pb.WaitResponse:
+        ex = self._e.wait(r.id, r.exec_id, abandon=ctx.done)
+        if ex is None:
+            ctx.check()
+            raise Unimplemented("unreachable: Wait abandoned without a reason")
+        return pb.WaitResponse(exit_status=ex.exit_status, exited_at=_ts(ex.exited_at))
+
+    def Kill(self, r: pb.KillRequest, ctx: RequestContext) -> empty_pb2.Empty:
+        self._e.kill(r.id, r.exec_id, signal=r.signal, all=r.all)
+        return empty_pb2.Empty()
+
+    def Delete(self, r: pb.DeleteRequest, ctx: RequestContext) -> pb.DeleteResponse:
+        ex = self._e.delete(r.id, r.exec_id)
+        return pb.DeleteResponse(pid=ex.pid, exit_status=ex.exit_status, exited_at=_ts(ex.exited_at))
+
+    def Exec(self, r: pb.ExecProcessRequest, ctx: RequestContext) -> empty_pb2.Empty:
+        try:
+            process = json.loads(r.spec.value)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InvalidArgument(f"the exec spec ({r.spec.type_url}) is not JSON: {e}") from e
+        if not isinstance(process, dict):
+            raise InvalidArgument("the exec spec must be a runtime-spec Process object")
+        self._e.exec(r.id, r.exec_id, io=IoSpec(r.stdin, r.stdout, r.stderr, r.terminal), process=process)
+        return empty_pb2.Empty()
+
+    def ResizePty(self, r: pb.ResizePtyRequest, ctx: RequestContext) -> empty_pb2.Empty:
+        self._e.resize(r.id, r.exec_id, PtySize(r.width, r.height))
+        return empty_pb2.Empty()
+
+    def CloseIO(self, r: pb.CloseIORequest, ctx: RequestContext) -> empty_pb2.Empty:
+        self._e.close_io(r.id, r.exec_id, stdin=r.stdin)
+        return empty_pb2.Empty()
+
+    def Pids(self, r: pb.PidsRequest, ctx: RequestContext) -> pb.PidsResponse:
+        return pb.PidsResponse(processes=[task_types.ProcessInfo(pid=p) for p in self._e.pids(r.id)])
+
+    def Connect(self, r: pb.ConnectRequest, ctx: RequestContext) -> pb.ConnectResponse:
+        return pb.ConnectResponse(shim_pid=os.getpid(), task_pid=self._e.connect(r.id), version=VERSION)
+
+    def Shutdown(self, r: pb.ShutdownRequest, ctx: RequestContext) -> empty_pb2.Empty:
+        self._e.shutdown()
+        return empty_pb2.Empty()

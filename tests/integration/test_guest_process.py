@@ -1,0 +1,150 @@
+"""Streaming guest processes (GuestChannel.spawn) on a real guest: output as it comes, stdin,
+exit statuses, a pty and its resize, abort, and vsbx-exec's supervision of a daemon.
+
+One sandbox without a rootfs (commands run in the guest's busybox root) serves the module.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from tests.conftest import unique
+from vmsandbox import LibvirtController, Sandbox, Unavailable
+from vmsandbox.model import PtySize
+from vmsandbox.sandbox.ports import GuestChannel
+
+pytestmark = pytest.mark.integration
+
+
+class Sink:
+    """Collects one stream with the arrival time of each chunk."""
+
+    def __init__(self) -> None:
+        self.chunks: list[tuple[float, bytes]] = []
+        self.eof = threading.Event()
+        self._cond = threading.Condition()
+
+    def __call__(self, data: bytes) -> None:
+        with self._cond:
+            if data:
+                self.chunks.append((time.monotonic(), data))
+            else:
+                self.eof.set()
+            self._cond.notify_all()
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(d for _, d in self.chunks)
+
+    def until(self, needle: bytes, timeout: float = 20) -> float:
+        """Wait until ``needle`` arrived; the time it did."""
+        with self._cond:
+            assert self._cond.wait_for(lambda: needle in self.data, timeout), f"{needle!r} never came: {self.data!r}"
+            acc = b""
+            for t, d in self.chunks:
+                acc += d
+                if needle in acc:
+                    return t
+        raise AssertionError("unreachable")
+
+
+@contextmanager
+def running_guest(controller: LibvirtController, name: str) -> Iterator[GuestChannel]:
+    """A sandbox without a rootfs, booted; its agent channel (the controller owns the one
+    connection QEMU serves, and hands it out as it does to the task engine)."""
+    sid = unique(name)
+    try:
+        controller.create(Sandbox(sid))
+        controller.start(sid)
+        yield controller.guest_channel(sid)
+    finally:
+        controller.shutdown(sid)
+
+
+@pytest.fixture(scope="module")
+def channel(controller: LibvirtController) -> Iterator[GuestChannel]:
+    with running_guest(controller, "proc") as ch:
+        yield ch
+
+
+def spawn(ch: GuestChannel, argv: list[str], **kw: object) -> tuple[object, Sink, Sink]:
+    out, err = Sink(), Sink()
+    p = ch.spawn(argv, stdout=out, stderr=err, in_guest_root=True, **kw)  # type: ignore[arg-type]
+    return p, out, err
+
+
+def test_output_arrives_while_the_process_runs(channel: GuestChannel) -> None:
+    p, out, err = spawn(channel, ["sh", "-c", "echo one; echo e1 >&2; sleep 2; echo two"])
+    t_one = out.until(b"one\n")
+    assert not p.done  # type: ignore[attr-defined]
+    assert err.until(b"e1\n") - t_one < 1.5
+    assert p.wait(30) == 0  # type: ignore[attr-defined]
+    t_end = time.monotonic()
+    t_two = out.until(b"two\n")
+    assert t_two - t_one >= 1.5, "the first line was held back until the end"
+    assert t_end >= t_two
+    assert out.data == b"one\ntwo\n" and err.data == b"e1\n"
+    assert out.eof.is_set() and err.eof.is_set()
+
+
+def test_stdin_round_trips_and_eof_ends_cat(channel: GuestChannel) -> None:
+    p, out, _ = spawn(channel, ["cat"])
+    p.write_stdin(b"hello\n")  # type: ignore[attr-defined]
+    out.until(b"hello\n")
+    assert not p.done  # type: ignore[attr-defined]
+    blob = bytes(range(256)) * 2000  # 512 KB, more than one SSH window
+    p.write_stdin(blob)  # type: ignore[attr-defined]
+    p.close_stdin()  # type: ignore[attr-defined]
+    assert p.wait(60) == 0  # type: ignore[attr-defined]
+    assert out.data == b"hello\n" + blob
+
+
+@pytest.mark.parametrize(("script", "status"), [("exit 3", 3), ("kill -9 $$", 128 + 9), ("kill -TERM $$", 128 + 15)])
+def test_exit_statuses(channel: GuestChannel, script: str, status: int) -> None:
+    p, _, _ = spawn(channel, ["sh", "-c", script])
+    assert p.wait(30) == status  # type: ignore[attr-defined]
+
+
+def test_a_tty_process_sees_its_size_and_a_resize(channel: GuestChannel) -> None:
+    script = "stty size; trap 'echo winch' WINCH; read x; stty size; echo done"
+    p, out, err = spawn(channel, ["sh", "-c", script], tty=True, size=PtySize(100, 30))
+    out.until(b"30 100")
+    p.resize(PtySize(120, 40))  # type: ignore[attr-defined]
+    p.write_stdin(b"go\r")  # type: ignore[attr-defined]
+    assert p.wait(30) == 0  # type: ignore[attr-defined]
+    text = out.data.decode(errors="replace")
+    assert "40 120" in text and "done" in text, text
+    assert text.index("30 100") < text.index("40 120")
+    assert err.data == b""  # a pty has one stream
+
+
+def test_abort_ends_the_guest_process(channel: GuestChannel) -> None:
+    p, out, _ = spawn(channel, ["sh", "-c", "echo $$; exec sleep 60"])
+    pid = int(out.until(b"\n") and out.data.split()[0])
+    p.abort()  # type: ignore[attr-defined]
+    with pytest.raises(Unavailable):
+        p.wait(10)  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 15
+    while channel.exec(["kill", "-0", str(pid)], in_guest_root=True, timeout=10).exit_code == 0:
+        assert time.monotonic() < deadline, f"guest process {pid} outlived its aborted channel"
+        time.sleep(0.2)
+
+
+def test_supervised_daemon_is_waited_for_and_its_pid_published(channel: GuestChannel) -> None:
+    pidfile = f"/tmp/{unique('init')}.pid"
+    script = 'sh -c "echo from-daemon; sleep 1; exit 6" & echo $! > "$0"'
+    p, out, _ = spawn(channel, ["sh", "-c", script, pidfile], supervise_pidfile=pidfile)
+    deadline = time.monotonic() + 20
+    while (r := channel.exec(["cat", pidfile + ".ready"], in_guest_root=True, timeout=10)).exit_code != 0:
+        assert time.monotonic() < deadline and not p.done  # type: ignore[attr-defined]
+        time.sleep(0.05)
+    pid = int(r.stdout)
+    assert pid > 1
+    assert p.wait(30) == 6  # type: ignore[attr-defined]
+    assert out.data == b"from-daemon\n"
+    channel.exec(["rm", "-f", pidfile, pidfile + ".ready"], in_guest_root=True, timeout=10)

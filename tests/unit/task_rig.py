@@ -1,0 +1,221 @@
+"""A crun that lives in the fake guest, CRI-like FIFO ends, and a task engine over them.
+
+:class:`FakeCrun` answers the engine's guest commands the way crun and vsbx-exec do: a
+supervised ``crun create``/``crun exec --detach`` publishes a pid in ``<pidfile>.ready`` and
+its channel ends with the process's status; ``crun start`` runs ``on_start``; ``crun kill``
+and ``kill`` end the process with 128+signal; ``crun delete --force`` kills what is left.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import select
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any as _Any
+
+from vmsandbox.guest.fake import ExecCall, FakeGuests, FakeProcess
+from vmsandbox.model import ExecResult
+from vmsandbox.task.engine import TaskEngine
+from vmsandbox.task.fake import FakeStager
+
+SID = "s" * 64
+CID = "c" * 64
+
+
+def spec(args: list[str] | None = None, **extra: _Any) -> dict[str, _Any]:
+    """A config.json like CRI's for a container in sandbox pid 4242."""
+    doc: dict[str, _Any] = {
+        "ociVersion": "1.1.0",
+        "process": {"args": args or ["sh", "-c", "echo hi"], "env": ["PATH=/bin"], "cwd": "/",
+                    "terminal": False, "apparmorProfile": "cri-containerd.apparmor.d"},
+        "root": {"path": "rootfs"},
+        "hostname": "pod",
+        "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}],
+        "linux": {"cgroupsPath": "kubepods-besteffort-pod1.slice:cri-containerd:x",
+                  "namespaces": [{"type": "pid"}, {"type": "ipc", "path": "/proc/4242/ns/ipc"},
+                                 {"type": "uts", "path": "/proc/4242/ns/uts"}, {"type": "mount"},
+                                 {"type": "network", "path": "/proc/4242/ns/net"}]},
+    }
+    doc.update(extra)
+    return doc
+
+
+@dataclass
+class FakeContainer:
+    proc: FakeProcess
+    pid: int
+    started: bool = False
+
+
+@dataclass
+class FakeCrun:
+    guests: FakeGuests
+    files: dict[str, bytes] = field(default_factory=dict)
+    containers: dict[str, FakeContainer] = field(default_factory=dict)
+    execs: dict[int, FakeProcess] = field(default_factory=dict)
+    next_pid: int = 100
+    fail_create: bytes | None = None  # stderr of a failing crun create
+    on_start: Callable[[FakeProcess], None] = lambda proc: None
+    on_exec: Callable[[FakeProcess], None] = lambda proc: None
+    commands: list[tuple[str, ...]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.guests.handler = self.handle
+        self.guests.on_spawn = self.spawned
+
+    def _pid(self) -> int:
+        with self.lock:
+            self.next_pid += 1
+            return self.next_pid
+
+    def spawned(self, proc: FakeProcess) -> None:
+        argv = proc.call.argv
+        self.commands.append(argv)
+        pidfile = proc.call.supervise_pidfile
+        assert argv[0] == "crun" and pidfile, argv
+        if argv[1] == "create":
+            if self.fail_create is not None:
+                def fail(err: bytes = self.fail_create) -> None:
+                    proc.emit(err, 2)
+                    proc.exit(1)
+                threading.Thread(target=fail).start()
+                return
+            pid = self._pid()
+            self.containers[argv[-1]] = FakeContainer(proc, pid)
+        else:
+            assert argv[1:3] == ("exec", "--detach"), argv
+            pid = self._pid()
+            self.execs[pid] = proc
+            threading.Thread(target=self.on_exec, args=(proc,), daemon=True).start()
+        self.files[pidfile + ".ready"] = f"{pid}\n".encode()
+
+    def handle(self, call: ExecCall) -> ExecResult:
+        argv = call.argv
+        self.commands.append(argv)
+        if argv[0] == "cat":
+            data = self.files.get(argv[1])
+            return ExecResult(0, data, b"") if data is not None else ExecResult(1, b"", b"No such file\n")
+        if argv[:2] == ("crun", "start"):
+            c = self.containers[argv[2]]
+            c.started = True
+            threading.Thread(target=self.on_start, args=(c.proc,), daemon=True).start()
+            return ExecResult(0, b"", b"")
+        if argv[:2] == ("crun", "kill"):
+            k = self.containers.get(argv[-2])
+            if k is None or k.proc.done:
+                return ExecResult(1, b"", b"container is not running\n")
+            k.proc.exit(128 + int(argv[-1]))
+            return ExecResult(0, b"", b"")
+        if argv[:2] == ("crun", "delete"):
+            gone = self.containers.pop(argv[-1], None)
+            if gone is not None and not gone.proc.done:
+                gone.proc.exit(137)
+            return ExecResult(0, b"", b"")
+        if argv[0] == "kill":
+            p = self.execs.get(int(argv[2]))
+            if p is None or p.done:
+                return ExecResult(1, b"", b"no such process\n")
+            p.exit(128 + int(argv[1][1:]))
+            return ExecResult(0, b"", b"")
+        raise AssertionError(f"unexpected guest command {argv}")
+
+
+class Rig:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.guests = FakeGuests()
+        self.channel = self.guests("/fake.sock", b"", "key", SID)
+        self.channel.connect(time.monotonic() + 1)
+        self.crun = FakeCrun(self.guests)
+        self.stager = FakeStager()
+        self.engine = TaskEngine(SID, lambda: self.channel, self.stager, ready_timeout=5, fifo_timeout=1)
+
+    def bundle(self, doc: dict[str, _Any] | None = None, name: str = CID) -> str:
+        d = self.tmp / "bundles" / name
+        (d / "rootfs").mkdir(parents=True, exist_ok=True)
+        (d / "config.json").write_text(json.dumps(doc or spec()))
+        return str(d)
+
+    def guest_spec(self, cid: str = CID) -> dict[str, _Any]:
+        return dict(json.loads(self.stager.files[f"/run/vsbx/shared/{cid}/config.json"]))
+
+
+class Fifo:
+    """CRI's end of one FIFO: a reader (stdout/stderr) or a writer (stdin)."""
+
+    def __init__(self, path: Path, mode: str) -> None:
+        os.mkfifo(path)
+        self.path, self.mode = str(path), mode
+        self.fd: int | None = None
+        self.data = bytearray()
+        self.eof = threading.Event()
+        self._reader: threading.Thread | None = None
+        self._stop = threading.Event()
+        if mode == "r":  # CRI opens readers before Create
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
+
+    def collect(self) -> None:
+        """Read until EOF in a thread; call once the task side opened its writer."""
+        fd = self.fd
+        assert fd is not None
+
+        def run() -> None:
+            while not self._stop.is_set():
+                select.select([fd], [], [], 0.2)
+                try:
+                    chunk = os.read(fd, 65536)
+                except BlockingIOError:
+                    continue
+                if not chunk:
+                    break
+                self.data += chunk
+            self.eof.set()
+        self._reader = threading.Thread(target=run, daemon=True)
+        self._reader.start()
+
+    def open_writer(self) -> None:
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
+
+    def write(self, data: bytes) -> None:
+        assert self.fd is not None
+        os.write(self.fd, data)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._reader is not None:
+            self._reader.join(5)
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+@contextmanager
+def fifos(d: Path, prefix: str, stdin: bool = False) -> Iterator[tuple[Fifo | None, Fifo, Fifo]]:
+    i = Fifo(d / f"{prefix}-stdin", "w") if stdin else None
+    o, e = Fifo(d / f"{prefix}-stdout", "r"), Fifo(d / f"{prefix}-stderr", "r")
+    try:
+        yield i, o, e
+    finally:
+        for f in (i, o, e):
+            if f is not None:
+                f.close()
+
+
+def open_fds() -> set[str]:
+    """What this process has open (to check that nothing leaks)."""
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.add(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise
+    return out

@@ -1,0 +1,113 @@
+"""One container init or exec process as the task API sees it: a small state machine.
+
+CREATED (crun create ran, or Exec recorded it) -> RUNNING (Start) -> STOPPED (its guest
+process ended, or the guest connection dropped: 255). Wait blocks on it from any state, and
+every Wait returns once it is STOPPED.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any as _Any
+
+from ..model import EPOCH, PtySize, utcnow
+from ..sandbox.ports import GuestProcess
+from .stdio import Stdio
+
+__all__ = ["Status", "Exit", "IoSpec", "ProcessState", "TaskProcess", "LOST_EXIT"]
+
+LOST_EXIT = 255
+"""The exit status of a process whose guest connection dropped (containerd's unknown exit)."""
+
+
+class Status(enum.IntEnum):
+    """containerd.v1.types.Status numbers."""
+
+    UNKNOWN = 0
+    CREATED = 1
+    RUNNING = 2
+    STOPPED = 3
+
+
+@dataclass(frozen=True)
+class IoSpec:
+    stdin: str = ""
+    stdout: str = ""
+    stderr: str = ""
+    terminal: bool = False
+
+
+@dataclass(frozen=True)
+class Exit:
+    pid: int
+    exit_status: int
+    exited_at: datetime
+
+
+@dataclass(frozen=True)
+class ProcessState:
+    id: str
+    exec_id: str
+    bundle: str
+    pid: int
+    status: Status
+    io: IoSpec
+    exit_status: int
+    exited_at: datetime
+
+
+@dataclass
+class TaskProcess:
+    container_id: str
+    exec_id: str
+    io: IoSpec
+    stdio: Stdio
+    spec: dict[str, _Any] | None = None  # an exec's runtime-spec Process, as written for the guest
+    pid: int = 0
+    status: Status = Status.CREATED
+    exit_status: int = 0
+    exited_at: datetime = EPOCH
+    size: PtySize | None = None
+    guest: GuestProcess | None = None
+    starting: bool = False  # an exec's Start is in flight (no guest process yet)
+    cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def started(self, pid: int) -> None:
+        with self.cond:
+            self.pid = pid
+            if self.status is Status.CREATED:
+                self.status = Status.RUNNING
+
+    def created(self, pid: int) -> None:
+        with self.cond:
+            self.pid = pid
+
+    def stopped(self, exit_status: int) -> bool:
+        """Record the exit (the first one wins); False when it had stopped already."""
+        with self.cond:
+            if self.status is Status.STOPPED:
+                return False
+            self.status, self.exit_status, self.exited_at = Status.STOPPED, exit_status, utcnow()
+            self.cond.notify_all()
+            return True
+
+    def exit(self) -> Exit:
+        return Exit(self.pid, self.exit_status, self.exited_at)
+
+    def wait(self, abandon: Callable[[], bool]) -> Exit | None:
+        """Block until STOPPED; None when ``abandon()`` turned true first (polled twice a second)."""
+        with self.cond:
+            while self.status is not Status.STOPPED:
+                if abandon():
+                    return None
+                self.cond.wait(0.5)
+            return self.exit()
+
+    def state(self, bundle: str) -> ProcessState:
+        with self.cond:
+            return ProcessState(self.container_id, self.exec_id, bundle, self.pid, self.status, self.io,
+                                self.exit_status, self.exited_at)

@@ -1,0 +1,138 @@
+"""The container's OCI spec, rewritten for the guest (pure: JSON documents in, JSON out).
+
+containerd writes ``config.json`` for the host: namespace paths ``/proc/<sandbox pid>/ns/*``,
+a host cgroupsPath, bind sources on the host, hooks and LSM labels of the host. In the guest
+the pod *is* the VM: containers share the guest's network, ipc, uts (and, for a pod-wide pid
+namespace, pid) namespaces, so an entry that names a host path is dropped (the container
+joins the guest's); entries without a path (a namespace of its own) are kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import posixpath
+import re
+from collections.abc import Mapping
+from typing import Any as _Any
+
+from ..errors import InvalidArgument
+
+__all__ = ["rewrite_spec", "rewrite_process", "load_spec", "is_bind", "guest_cgroups_path", "JOINABLE_NAMESPACES",
+           "GUEST_CGROUP_PARENT"]
+
+GUEST_CGROUP_PARENT = "/vsbx"
+#: Namespaces a container may share with the pod; in the guest that means with the guest itself.
+JOINABLE_NAMESPACES = frozenset({"network", "ipc", "uts", "pid", "user"})
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_BIND = ("bind", "rbind")
+
+
+def guest_cgroups_path(container_id: str) -> str:
+    """Where the container's cgroup lives in the guest (crun's cgroupfs manager)."""
+    return f"{GUEST_CGROUP_PARENT}/{container_id}"
+
+
+def _bind_source(source: str, sources: Mapping[str, str]) -> str:
+    """The guest path of a host bind source: the longest staged host prefix that contains it."""
+    src = posixpath.normpath(source)
+    for host in sorted(sources, key=len, reverse=True):
+        h = posixpath.normpath(host)
+        if src == h:
+            return sources[host]
+        if src.startswith(h.rstrip("/") + "/"):
+            return posixpath.join(sources[host], posixpath.relpath(src, h))
+    raise InvalidArgument(f"bind mount source {source!r} is not shared with the guest")
+
+
+def is_bind(m: Mapping[str, _Any]) -> bool:
+    return m.get("type") == "bind" or any(o in _BIND for o in m.get("options", ()) or ())
+
+
+def rewrite_process(process: Mapping[str, _Any]) -> dict[str, _Any]:
+    """A runtime-spec Process for the guest: the host's LSM labels go, and the terminal is the
+    guest channel's pty (``terminal`` false: crun would want a console socket)."""
+    if not isinstance(process, Mapping):
+        raise InvalidArgument("the process spec must be a JSON object")
+    out = copy.deepcopy(dict(process))
+    args = out.get("args")
+    if not isinstance(args, list) or not args or not all(isinstance(a, str) for a in args):
+        raise InvalidArgument("process.args must be a non-empty list of strings")
+    cwd = out.get("cwd", "/")
+    if not isinstance(cwd, str) or not cwd.startswith("/"):
+        raise InvalidArgument(f"process.cwd must be an absolute path, not {cwd!r}")
+    env = out.get("env", [])
+    if not isinstance(env, list) or not all(isinstance(e, str) for e in env):
+        raise InvalidArgument("process.env must be a list of strings")
+    out["cwd"] = cwd
+    out["terminal"] = False
+    out.pop("consoleSize", None)
+    out.pop("apparmorProfile", None)
+    out.pop("selinuxLabel", None)
+    return out
+
+
+def rewrite_spec(spec: Mapping[str, _Any], *, container_id: str, guest_rootfs: str,
+                 sources: Mapping[str, str]) -> dict[str, _Any]:
+    """containerd's spec for ``container_id`` as crun in the guest must see it.
+
+    ``guest_rootfs`` is where the staged rootfs appears in the guest; ``sources`` maps host
+    directories (volumes, sandbox files) to their guest paths. Raises InvalidArgument for a
+    spec that is not an OCI document, a namespace path we cannot honour, or a bind source
+    that was not staged.
+    """
+    if not _ID.match(container_id):
+        raise InvalidArgument(f"container id {container_id!r} is not valid")
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("process"), Mapping):
+        raise InvalidArgument("config.json is not an OCI runtime spec (no process)")
+    out = copy.deepcopy(dict(spec))
+    out["process"] = rewrite_process(spec["process"])
+    root = dict(out.get("root") or {})
+    root["path"] = guest_rootfs
+    out["root"] = root
+    out.pop("hooks", None)  # host binaries
+
+    linux = dict(out.get("linux") or {})
+    namespaces, dropped = [], set()
+    for ns in linux.get("namespaces") or []:
+        kind, path = ns.get("type"), ns.get("path")
+        if not path:
+            namespaces.append(ns)
+        elif kind in JOINABLE_NAMESPACES:
+            dropped.add(kind)  # the pod's: the guest's own
+        else:
+            raise InvalidArgument(f"cannot join a {kind} namespace at host path {path!r} in the guest")
+    linux["namespaces"] = namespaces
+    if "uts" in dropped:
+        out.pop("hostname", None)  # the guest's hostname is the pod's; crun refuses it without a new uts ns
+        out.pop("domainname", None)
+    if "user" in dropped:
+        linux.pop("uidMappings", None)
+        linux.pop("gidMappings", None)
+    linux["cgroupsPath"] = guest_cgroups_path(container_id)
+    resources = linux.get("resources")
+    if isinstance(resources, dict) and isinstance(resources.get("cpu"), dict):
+        # Host CPU and NUMA numbers mean nothing in a guest with fewer vCPUs.
+        resources["cpu"] = {k: v for k, v in resources["cpu"].items() if k not in ("cpus", "mems")}
+    linux.pop("mountLabel", None)
+    out["linux"] = linux
+
+    mounts = []
+    for m in out.get("mounts") or []:
+        m = dict(m)
+        if is_bind(m):
+            m["source"] = _bind_source(str(m.get("source", "")), sources)
+        mounts.append(m)
+    out["mounts"] = mounts
+    return out
+
+
+def load_spec(data: bytes) -> dict[str, _Any]:
+    """Parse config.json; InvalidArgument when it is not a JSON object."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidArgument(f"config.json is not JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise InvalidArgument("config.json is not a JSON object")
+    return doc

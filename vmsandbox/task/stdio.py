@@ -1,0 +1,201 @@
+"""A process's host FIFOs (CRI's stdin/stdout/stderr) pumped to and from its guest process.
+
+CRI opens stdout/stderr for reading and stdin for writing before it sends Create or Exec
+(``containerd/fifo``, O_NONBLOCK). We open stdout/stderr O_WRONLY (O_NONBLOCK fails with
+ENXIO until a reader exists, so we retry briefly; a full FIFO makes the writer wait, so a
+slow reader slows the guest process rather than filling our memory, until :meth:`Stdio.cancel`) and stdin O_RDONLY|O_NONBLOCK
+plus a writer of our own on it, so that the stdin FIFO never reads EOF while nobody writes:
+containerd reports the end of stdin with CloseIO, and ``crictl attach`` may open a new
+writer later. A reader that goes away (EPIPE) makes that stream be discarded, never a hang.
+stdout/stderr are closed only after the process ended and its output drained: containerd's
+Delete waits for that EOF.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import stat
+import threading
+import time
+
+from ..errors import FailedPrecondition, InvalidArgument
+from ..sandbox.ports import GuestProcess
+
+__all__ = ["Stdio", "FIFO_OPEN_TIMEOUT"]
+
+log = logging.getLogger(__name__)
+
+FIFO_OPEN_TIMEOUT = 10.0
+"""How long we wait for CRI's reader on a stdout/stderr FIFO."""
+TAIL = 4096
+
+
+def _check_fifo(path: str) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise InvalidArgument(f"stdio path {path!r}: {e.strerror}") from e
+    if not stat.S_ISFIFO(mode):
+        raise InvalidArgument(f"stdio path {path!r} is not a FIFO")
+
+
+def _open_writer(path: str, timeout: float) -> int:
+    _check_fifo(path)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise InvalidArgument(f"cannot open {path!r} for writing: {e.strerror}") from e
+            if time.monotonic() >= deadline:
+                raise FailedPrecondition(f"nobody reads the FIFO {path!r}") from e
+            time.sleep(0.02)
+            continue
+        return fd
+
+
+class _Out:
+    """One output stream: a sink that writes to a FIFO (or nowhere) and keeps a short tail."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd, self.tail = fd, b""
+        self._lock = threading.Lock()
+        self.cancelled = threading.Event()
+
+    def __call__(self, data: bytes) -> None:
+        if not data:
+            return
+        self.tail = (self.tail + data)[-TAIL:]
+        with self._lock:
+            view = memoryview(data)
+            while view and self.fd is not None:
+                try:
+                    view = view[os.write(self.fd, view):]
+                except BlockingIOError:  # the FIFO is full: wait for the reader, or a cancel
+                    if self.cancelled.is_set():
+                        log.info("stdio reader stalled; discarding the rest")
+                        self._close_locked()
+                    else:
+                        select.select([], [self.fd], [], 0.2)
+                except OSError as e:  # EPIPE: the reader went away; keep the process going
+                    log.info("stdio reader went away (%s); discarding the rest", e.strerror)
+                    self._close_locked()
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_locked()
+
+    def _close_locked(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+class Stdio:
+    """The FIFOs of one process. Paths may be "" (no such stream)."""
+
+    def __init__(self, stdin: str, stdout: str, stderr: str, *, open_timeout: float = FIFO_OPEN_TIMEOUT) -> None:
+        self.paths = (stdin, stdout, stderr)
+        self._in: int | None = None
+        self._keeper: int | None = None
+        self.stdout, self.stderr = _Out(None), _Out(None)
+        self._stop = threading.Event()
+        self._stdin_closing = threading.Event()
+        self._pump: threading.Thread | None = None
+        self._proc: GuestProcess | None = None
+        self._timeout = open_timeout
+
+    def open(self) -> None:
+        """Open every FIFO named; on failure nothing stays open."""
+        stdin, stdout, stderr = self.paths
+        try:
+            if stdout:
+                self.stdout.fd = _open_writer(stdout, self._timeout)
+            if stderr:
+                self.stderr.fd = _open_writer(stderr, self._timeout)
+            if stdin:
+                _check_fifo(stdin)
+                self._in = os.open(stdin, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                self._keeper = os.open(stdin, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def tail(self) -> str:
+        """The last bytes the process wrote to stderr (or stdout), for error messages."""
+        return (self.stderr.tail or self.stdout.tail).decode(errors="replace").strip()
+
+    # ------------------------------------------------------------------ stdin
+    def attach(self, proc: GuestProcess) -> None:
+        """Start feeding stdin to ``proc`` (at once EOF when there is no stdin FIFO)."""
+        self._proc = proc
+        if self._in is None:
+            proc.close_stdin()
+            return
+        if self._stdin_closing.is_set():
+            self._close_keeper()
+        self._pump = threading.Thread(target=self._feed, args=(proc,), daemon=True, name="vsbx-task-stdin")
+        self._pump.start()
+
+    def _feed(self, proc: GuestProcess) -> None:
+        fd = self._in
+        assert fd is not None
+        eof = False
+        try:
+            while not self._stop.is_set():
+                ready, _, _ = select.select([fd], [], [], 0.2)
+                if not ready:
+                    continue
+                try:
+                    data = os.read(fd, 65536)
+                except BlockingIOError:
+                    continue
+                if not data:
+                    eof = True
+                    break
+                proc.write_stdin(data)
+        except Exception as e:  # noqa: BLE001 - the process ended or the channel dropped
+            log.debug("stdin pump ended: %s", e)
+        if eof:
+            try:
+                proc.close_stdin()
+            except Exception as e:  # noqa: BLE001
+                log.debug("stdin close failed: %s", e)
+
+    def close_stdin(self) -> None:
+        """CloseIO: what CRI already wrote still reaches the process, then EOF."""
+        self._stdin_closing.set()
+        if self._proc is None:
+            return  # not started yet: attach() honours it
+        if self._in is None:
+            self._proc.close_stdin()
+        else:
+            self._close_keeper()
+
+    def _close_keeper(self) -> None:
+        fd, self._keeper = self._keeper, None
+        if fd is not None:
+            os.close(fd)
+
+    # ------------------------------------------------------------------ teardown
+    def cancel(self) -> None:
+        """Stop waiting for stalled readers: output from now on is discarded where it would block."""
+        self.stdout.cancelled.set()
+        self.stderr.cancelled.set()
+
+    def close(self) -> None:
+        """Close everything: after the process ended and its output drained. Idempotent."""
+        self._stop.set()
+        if self._pump is not None and self._pump is not threading.current_thread():
+            self._pump.join(timeout=5)
+        self._close_keeper()
+        fd, self._in = self._in, None
+        if fd is not None:
+            os.close(fd)
+        self.stdout.close()
+        self.stderr.close()
