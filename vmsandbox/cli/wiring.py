@@ -140,9 +140,13 @@ def serve(cfg: Config, progress: ProgressLine, *, socket: str, socket_group: str
     from ..host import LibvirtController
     from ..model import Phase
     from ..server import serve as serve_grpc
+    from ..hostmount import SystemHostMounts
     from ..task.sockets import TaskServingController, TaskSockets
+    from ..task.stager import ShareStager
 
-    sockets = TaskSockets(cfg.run_dir, lambda sandbox_id: ctl.guest_channel(sandbox_id))
+    mounts = SystemHostMounts()
+    sockets = TaskSockets(cfg.run_dir, lambda sandbox_id: ctl.guest_channel(sandbox_id),
+                          lambda sandbox_id: ShareStager(mounts, ctl.share_path(sandbox_id)))
     # A removal by any path (containerd's Shutdown, the CLI's, a failed Start) closes its socket.
     ctl = LibvirtController(config=cfg, progress=progress, events=sockets.on_lifecycle)
     try:

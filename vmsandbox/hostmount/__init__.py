@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+from collections.abc import Sequence
 
 from ..errors import FailedPrecondition, Internal
 
@@ -73,6 +74,16 @@ class SystemHostMounts:
 
     def mounted_under(self, path: str) -> list[str]:
         return under(mount_points(self._mountinfo), path)
+
+    def mount_at(self, fstype: str, source: str, target: str, options: Sequence[str]) -> None:
+        opts = list(options)
+        if fstype == "bind":
+            self._run("mount", "--rbind" if "rbind" in opts else "--bind", "--", source, target)
+            if "ro" in opts:  # a bind takes no options of its own: read-only is a remount
+                self._run("mount", "-o", "remount,bind,ro", "--", target)
+            return
+        argv = ["mount", "-t", fstype] + (["-o", ",".join(opts)] if opts else [])
+        self._run(*argv, "--", source, target)
 
     def _run(self, *argv: str) -> None:
         try:

@@ -2,16 +2,17 @@
 
 ``mounts`` lists mount points in mount order (a path twice is a stacked mount); a test adds
 one under a share with :meth:`FakeHostMounts.mount` as a later per-container bind would.
-Failpoints: ``share``, ``release``.
+Failpoints: ``share``, ``release``, ``mount_at``.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 
 from .._failpoints import Failpoints
-from ..errors import FailedPrecondition
+from ..errors import FailedPrecondition, Internal
 from . import under
 
 __all__ = ["FakeHostMounts"]
@@ -21,6 +22,7 @@ class FakeHostMounts:
     def __init__(self) -> None:
         self.mounts: list[str] = []
         self.shared: set[str] = set()
+        self.attached: list[tuple[str, str, str, tuple[str, ...]]] = []  # mount_at calls
         self.fp = Failpoints()
         self._lock = threading.Lock()
 
@@ -44,6 +46,14 @@ class FakeHostMounts:
             for p in under(self.mounts, path):
                 self.mounts = [m for m in self.mounts if m != p]
                 self.shared.discard(p)
+
+    def mount_at(self, fstype: str, source: str, target: str, options: Sequence[str]) -> None:
+        self.fp.hit("mount_at")
+        if not os.path.exists(target):
+            raise Internal(f"mount {source} {target}: mount point does not exist")
+        with self._lock:
+            self.mounts.append(os.path.normpath(target))
+            self.attached.append((fstype, source, os.path.normpath(target), tuple(options)))
 
     def mounted_under(self, path: str) -> list[str]:
         with self._lock:

@@ -476,3 +476,7 @@ class SandboxController:
         if e.record.phase is not Phase.RUNNING:
             raise FailedPrecondition(f"sandbox is {e.record.phase.value}, not running", sandbox_id=sandbox_id)
         return self._agents.connect(e, time.monotonic() + CONNECT_TIMEOUT)
+
+    def share_path(self, sandbox_id: str) -> Path:
+        """The host folder of the sandbox's virtio-fs share (``/run/vsbx/shared`` in its guest)."""
+        return self._shares.path(self._registry.get(sandbox_id).record.id)

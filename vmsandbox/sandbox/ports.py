@@ -216,3 +216,8 @@ class HostMounts(Protocol):
 
     def mounted_under(self, path: str) -> list[str]:
         """The mount points at or below ``path``, deepest first."""
+
+    def mount_at(self, fstype: str, source: str, target: str, options: Sequence[str]) -> None:
+        """Mount ``source`` on the existing ``target``: ``bind`` (``rbind`` and ``ro`` in
+        options honoured) or a filesystem type with its options (overlay from a
+        snapshotter). Internal with mount(8)'s message when it fails."""
