@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,12 +40,15 @@ def cri_root(test_root: Path) -> Path:
 def serve(cri_root: Path) -> Iterator[Serve]:
     state = cri_root / "state"
     state.mkdir()
-    srv = Serve(state, cri_root / "vmsandbox.sock")
+    # The sandboxes' task sockets: a short private folder (the socket path limit is 106 bytes).
+    run_dir = Path(tempfile.mkdtemp(prefix="vsbxt-run-", dir="/run"))
+    srv = Serve(state, cri_root / "vmsandbox.sock", env={"VMSANDBOX_RUN_DIR": str(run_dir)})
     srv.start()
     try:
         yield srv
     finally:
         srv.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
         from vmsandbox import LibvirtController
 
         with LibvirtController(state_dir=state) as c:

@@ -349,3 +349,14 @@ def test_a_reader_that_stalls_does_not_hang_close(rig: Rig, tmp_path: Path) -> N
         assert not flood.is_alive(), "the output pump is stuck on a reader that never reads"
         ex = rig.engine.wait(CID)
         assert ex is not None and ex.exit_status == 255 and time.monotonic() - t0 < 5
+
+
+@pytest.mark.parametrize(("message", "status"), [
+    ("executable file `no-such-binary` not found in $PATH: No such file or directory", 127),
+    ("open executable: Permission denied", 126),
+    ("container is not running", None),
+])
+def test_an_exec_crun_cannot_start_gets_the_shells_status(message: str, status: int | None) -> None:
+    from vmsandbox.task.engine import exec_failure_status
+
+    assert exec_failure_status(message) == status

@@ -105,3 +105,12 @@ def test_a_bad_container_id_is_refused(cid: str) -> None:
 def test_load_spec_refuses_what_is_not_a_json_object(data: bytes) -> None:
     with pytest.raises(InvalidArgument):
         load_spec(data)
+
+
+def test_the_guest_crun_is_given_a_runtime_spec_version_it_knows() -> None:
+    from vmsandbox.task.spec import GUEST_OCI_VERSION, rewrite_spec
+
+    # containerd 2.1 writes 1.2.x; crun 1.8.1 refused it with "unknown version specified".
+    out = rewrite_spec({"ociVersion": "1.2.1", "process": {"args": ["sh"], "cwd": "/"}}, container_id="c1",
+                       guest_rootfs="/run/vsbx/shared/c1/rootfs", sources={})
+    assert out["ociVersion"] == GUEST_OCI_VERSION == "1.0.2"

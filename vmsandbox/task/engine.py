@@ -60,6 +60,17 @@ class _Container:
     deleting: bool = False
 
 
+def exec_failure_status(crun_message: str) -> int | None:
+    """The shell's exit status for an exec crun could not start: 127 when the executable was
+    not found, 126 when it could not be executed; None for any other failure."""
+    m = crun_message.lower()
+    if "not found" in m or "no such file" in m:
+        return 127
+    if "permission denied" in m or "exec format error" in m:
+        return 126
+    return None
+
+
 class TaskEngine:
     """The task API's logic for one sandbox. Thread-safe; every method raises vmsandbox.errors.
 
@@ -220,7 +231,18 @@ class TaskEngine:
             pidfile = f"{c.staged.guest_dir}/exec-{exec_id}.pid"
             spec = self._stager.put_file(cid, f"exec-{exec_id}.json", json.dumps(p.spec).encode())
             argv = [CRUN, "exec", "--detach", "--process", spec, "--pid-file", pidfile, cid]
-            self._launch(p, argv, pidfile, created=False)
+            try:
+                self._launch(p, argv, pidfile, created=False)
+            except FailedPrecondition:
+                code = exec_failure_status(p.stdio.tail)
+                if code is None:
+                    raise
+                # As a shell reports it (127 not found, 126 not executable), with crun's
+                # message on the exec's stderr: ExecSync gets an exit code, not an error.
+                p.started(0)
+                p.stdio.close()
+                p.stopped(code)
+                return 0
             return p.pid
         finally:
             p.starting = False

@@ -72,6 +72,10 @@ def rewrite_process(process: Mapping[str, _Any]) -> dict[str, _Any]:
     return out
 
 
+GUEST_OCI_VERSION = "1.0.2"
+"""The runtime-spec version the guest's crun is given."""
+
+
 def rewrite_spec(spec: Mapping[str, _Any], *, container_id: str, guest_rootfs: str,
                  sources: Mapping[str, str]) -> dict[str, _Any]:
     """containerd's spec for ``container_id`` as crun in the guest must see it.
@@ -86,6 +90,9 @@ def rewrite_spec(spec: Mapping[str, _Any], *, container_id: str, guest_rootfs: s
     if not isinstance(spec, Mapping) or not isinstance(spec.get("process"), Mapping):
         raise InvalidArgument("config.json is not an OCI runtime spec (no process)")
     out = copy.deepcopy(dict(spec))
+    # crun 1.8.1 (Debian 12) refuses containerd 2.x's "1.2.x" ("unknown version specified");
+    # it reads the 1.x fields it knows and ignores the rest.
+    out["ociVersion"] = GUEST_OCI_VERSION
     out["process"] = rewrite_process(spec["process"])
     root = dict(out.get("root") or {})
     root["path"] = guest_rootfs
