@@ -175,7 +175,10 @@ def test_a_pod_whose_vm_cannot_start_leaves_nothing(pods: Pods, serve: Serve, co
     config = pods.config("toobig", annotations={"vmsandbox.io/memory-mib": str(512 * 1024)})
     with pytest.raises(grpc.RpcError) as err:
         pods.run(config)
-    assert "Cannot allocate memory" in (err.value.details() or ""), err.value.details()
+    # QEMU's own refusal: ENOMEM for private RAM; with the shared memfd RAM virtio-fs needs,
+    # which overcommit does not refuse, the address-space check (see README, Known limits).
+    details = err.value.details() or ""
+    assert "Cannot allocate memory" in details or "phys-bits too low" in details, details
     assert set(os.listdir(serve.state_dir / "sandboxes")) == sandboxes_before
     listed = containerd.runtime().ListPodSandbox(cri.ListPodSandboxRequest(), timeout=30).items
     assert "toobig" not in [p.metadata.name for p in listed]
@@ -204,6 +207,20 @@ def test_the_cli_on_the_node_goes_through_the_server(pods: Pods, serve: Serve) -
     assert pods.status(pod_id).status.state == NOTREADY
 
 
+def _status_once_reconnected(pods: Pods, pod_id: str, within: float = 90.0) -> cri.PodSandboxStatusResponse:
+    """PodSandboxStatus after serve came back. containerd's dialer retries a missing socket
+    until its timeout and gRPC then backs off, so calls made while serve was away leave the
+    proxy connection failing fast ("dial ...: timeout") for a while after serve is back."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return pods.status(pod_id)
+        except grpc.RpcError as err:
+            if err.code() is not grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
 def test_a_pod_survives_restarts_of_containerd_and_of_serve(pods: Pods, serve: Serve, containerd: Containerd) -> None:
     pod_id = pods.run(pods.config("survivor"))
     pid = verbose_info(pods, pod_id)["pid"]
@@ -211,7 +228,7 @@ def test_a_pod_survives_restarts_of_containerd_and_of_serve(pods: Pods, serve: S
     assert pods.status(pod_id).status.state == READY
     serve.stop()
     serve.start()
-    assert pods.status(pod_id).status.state == READY
+    assert _status_once_reconnected(pods, pod_id).status.state == READY
     assert verbose_info(pods, pod_id)["pid"] == pid  # the same VM, not a new one
     assert guest(serve, pod_id, "true") == ""
     vm = verbose_info(pods, pod_id)["vmsandbox"]
