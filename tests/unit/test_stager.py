@@ -74,3 +74,11 @@ def test_bad_ids_and_names_and_a_second_stage_are_refused(parts) -> None:  # typ
     for name in ("../x", "rootfs", ""):
         with pytest.raises(InvalidArgument):
             stager.put_file("c1", name, b"")
+
+
+def test_a_failing_cleanup_does_not_hide_the_mount_error(parts) -> None:  # type: ignore[no-untyped-def]
+    mounts, stager, _ = parts
+    mounts.fp.fail("mount_at", Internal("mount: overlay: wrong fs type"))
+    mounts.fp.fail("release", Internal("umount: target is busy"))
+    with pytest.raises(Internal, match="wrong fs type"):
+        stager.stage("c1", [OVERLAY], [])

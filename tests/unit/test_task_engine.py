@@ -360,3 +360,13 @@ def test_an_exec_crun_cannot_start_gets_the_shells_status(message: str, status: 
     from vmsandbox.task.engine import exec_failure_status
 
     assert exec_failure_status(message) == status
+
+
+def test_a_failing_unstage_does_not_hide_why_create_failed(rig: Rig, tmp_path: Path) -> None:
+    from vmsandbox.errors import Internal
+
+    rig.crun.fail_create = b"crun: cannot find the rootfs\n"
+    rig.stager.fp.fail("unstage", Internal("umount: target is busy"))
+    with fifos(tmp_path, "init") as (_, o, e):
+        with pytest.raises(FailedPrecondition, match="cannot find the rootfs"):
+            rig.engine.create(CID, bundle=rig.bundle(), rootfs=ROOTFS, io=io(o, e))

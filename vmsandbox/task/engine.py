@@ -34,6 +34,7 @@ from ..errors import (
 )
 from ..model import Mount, PtySize
 from ..sandbox.ports import GuestChannel, GuestProcess
+from ..sandbox.undo import quietly
 from .ports import BundleStager, StagedBundle
 from .process import LOST_EXIT, Exit, IoSpec, ProcessState, Status, TaskProcess
 from .spec import is_bind, load_spec, rewrite_process, rewrite_spec
@@ -137,17 +138,17 @@ class TaskEngine:
         binds = sorted({str(m.get("source", "")) for m in spec.get("mounts") or [] if is_bind(m)})
         with ExitStack() as undo:
             staged = self._stager.stage(cid, rootfs, binds)
-            undo.callback(self._stager.unstage, cid)
+            undo.callback(quietly(self._stager.unstage, cid))
             guest_spec = rewrite_spec(spec, container_id=cid, guest_rootfs=staged.guest_rootfs,
                                       sources=staged.sources)
             self._stager.put_file(cid, "config.json", json.dumps(guest_spec).encode())
             stdio = Stdio(io.stdin, io.stdout, io.stderr, open_timeout=self._fifo_timeout)
             stdio.open()
-            undo.callback(stdio.close)
+            undo.callback(quietly(stdio.close))
             init = TaskProcess(cid, "", io, stdio)
             pidfile = f"{staged.guest_dir}/init.pid"
             argv = [CRUN, "create", "--bundle", staged.guest_dir, "--pid-file", pidfile, cid]
-            undo.callback(self._force_delete, cid)
+            undo.callback(quietly(self._force_delete, cid))
             self._launch(init, argv, pidfile, created=True)
             undo.pop_all()
         with self._lock:

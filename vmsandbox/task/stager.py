@@ -24,6 +24,7 @@ from pathlib import Path
 from ..errors import AlreadyExists, InvalidArgument, VmSandboxError
 from ..model import Mount
 from ..sandbox.ports import HostMounts
+from ..sandbox.undo import quietly
 from .ports import StagedBundle
 
 __all__ = ["ShareStager", "GUEST_SHARE"]
@@ -76,7 +77,7 @@ class ShareStager:
                 self._mounts.mount_at("bind", src, str(target), ["rbind"])
                 sources[src] = f"{guest_dir}/binds/{n}"
         except BaseException:
-            self._remove(container_id, d)
+            quietly(self._remove, container_id, d)()  # the mount error is the one to report
             raise
         return StagedBundle(guest_dir=guest_dir, guest_rootfs=f"{guest_dir}/rootfs", sources=sources)
 
