@@ -1,14 +1,21 @@
 """The containers of one sandbox, run in its guest by crun: what the task rpcs do.
 
 Every container init is one supervised ``crun create`` on its own guest channel (vsbx-exec
-token ``p``: the channel ends with the init's exit status, and its stdio is the container's);
-every exec process likewise is one supervised ``crun exec --detach``. Start is ``crun
-start``, Kill ``crun kill`` (or ``kill`` for an exec), Delete ``crun delete --force`` and the
-bundle unstaged. A waiter thread per process turns the end of its channel into STOPPED (255
-when the connection dropped), after its output drained and its FIFOs were closed.
+token ``p``: the channel ends with the init's exit status); every exec process likewise is
+one supervised ``crun exec --detach``, its stdio the channel's. Start is ``crun start``, Kill
+``crun kill`` (or ``kill`` for an exec), Delete ``crun delete --force`` and the bundle
+unstaged. A waiter thread per process turns the end of its channel into STOPPED (255 when
+the connection dropped), after its output drained and its FIFOs were closed.
 
-Guest layout: the stager's per-container dir holds config.json, ``init.pid`` (+ ``.ready``)
-and ``exec-<id>.json``/``exec-<id>.pid``; crun keeps its state in its default root.
+With records (``vmsandbox serve``) and a guest dir the host sees, an init without a tty is
+kept (token ``k``): a keeper outside the SSH session supervises it, its output goes to files
+on the share that the host follows (:mod:`.outfile`), and a host-only record lets the next
+serve take it back (:meth:`TaskEngine.recover`, token ``w``). Stopping serve
+(:meth:`TaskEngine.detach`) leaves kept inits running; execs end with their channels.
+
+Guest layout: the stager's per-container dir holds config.json, ``init.pid`` (+ ``.ready``),
+``init.out``/``.err``/``.exit`` and ``exec-<id>.json``/``exec-<id>.pid``; crun keeps its
+state in its default root.
 """
 
 from __future__ import annotations
@@ -35,12 +42,14 @@ from ..errors import (
 from ..model import Mount, PtySize
 from ..sandbox.ports import GuestChannel, GuestProcess
 from ..sandbox.undo import quietly
+from .keeper import KEEP_NAME, follow, kept_exit
 from .ports import BundleStager, StagedBundle
-from .process import LOST_EXIT, Exit, IoSpec, ProcessState, Status, TaskProcess
+from .process import LOST_EXIT, Exit, IoSpec, ProcessState, Status, TaskProcess, exec_failure_status
+from .records import TaskRecord, TaskRecords
 from .spec import is_bind, load_spec, rewrite_process, rewrite_spec
 from .stdio import FIFO_OPEN_TIMEOUT, Stdio
 
-__all__ = ["TaskEngine", "CRUN", "READY_TIMEOUT", "GUEST_CALL_TIMEOUT"]
+__all__ = ["TaskEngine", "CRUN", "READY_TIMEOUT", "GUEST_CALL_TIMEOUT", "exec_failure_status"]
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +70,6 @@ class _Container:
     deleting: bool = False
 
 
-def exec_failure_status(crun_message: str) -> int | None:
-    """The shell's exit status for an exec crun could not start: 127 when the executable was
-    not found, 126 when it could not be executed; None for any other failure."""
-    m = crun_message.lower()
-    if "not found" in m or "no such file" in m:
-        return 127
-    if "permission denied" in m or "exec format error" in m:
-        return 126
-    return None
-
-
 class TaskEngine:
     """The task API's logic for one sandbox. Thread-safe; every method raises vmsandbox.errors.
 
@@ -80,9 +78,11 @@ class TaskEngine:
     """
 
     def __init__(self, sandbox_id: str, channel: Callable[[], GuestChannel], stager: BundleStager, *,
+                 records: TaskRecords | None = None,
                  ready_timeout: float = READY_TIMEOUT, fifo_timeout: float = FIFO_OPEN_TIMEOUT) -> None:
         self.sandbox_id = sandbox_id
-        self._channel, self._stager = channel, stager
+        self._channel, self._stager, self._records = channel, stager, records
+        self._detached = False
         self._ready_timeout, self._fifo_timeout = ready_timeout, fifo_timeout
         self._lock = threading.Lock()
         self._containers: dict[str, _Container] = {}
@@ -142,28 +142,47 @@ class TaskEngine:
             guest_spec = rewrite_spec(spec, container_id=cid, guest_rootfs=staged.guest_rootfs,
                                       sources=staged.sources)
             self._stager.put_file(cid, "config.json", json.dumps(guest_spec).encode())
-            stdio = Stdio(io.stdin, io.stdout, io.stderr, open_timeout=self._fifo_timeout)
+            kept = self._records is not None and not io.terminal
+            stdio = Stdio(io.stdin, io.stdout, io.stderr, open_timeout=self._fifo_timeout, holder=cid if kept else "")
             stdio.open()
             undo.callback(quietly(stdio.close))
             init = TaskProcess(cid, "", io, stdio)
+            keep = self._keep_output(init) if kept else None
+            if init.output is not None:
+                undo.callback(init.output.stop)
             pidfile = f"{staged.guest_dir}/init.pid"
             argv = [CRUN, "create", "--bundle", staged.guest_dir, "--pid-file", pidfile, cid]
             undo.callback(quietly(self._force_delete, cid))
-            self._launch(init, argv, pidfile, created=True)
+            self._launch(init, argv, pidfile, created=True, keep=keep and f"{staged.guest_dir}/{keep}")
+            c = _Container(cid, bundle, staged, init)
+            self._save(c)
             undo.pop_all()
         with self._lock:
-            self._containers[cid] = _Container(cid, bundle, staged, init)
+            self._containers[cid] = c
         log.info("sandbox %s: container %s created, guest pid %d", self.sandbox_id, cid, init.pid)
         return init.pid
 
-    def _launch(self, proc: TaskProcess, argv: list[str], pidfile: str, *, created: bool) -> None:
+    def _keep_output(self, proc: TaskProcess) -> str | None:
+        """Make the init's output files and follow them; their prefix name (None when the
+        stager's guest dir is not visible to the host: the output stays on the channel)."""
+        assert self._records is not None
+        proc.output = follow(self._stager, self._records, proc, create=True)
+        return KEEP_NAME if proc.output is not None else None
+
+    def _save(self, c: _Container) -> None:
+        if self._records is not None and c.init.output is not None:
+            self._records.save(TaskRecord(c.id, c.bundle, c.init.io, c.staged.guest_dir, c.staged.guest_rootfs,
+                                          c.init.pid, c.init.status is not Status.CREATED, c.init.stdio.holder_pid))
+
+    def _launch(self, proc: TaskProcess, argv: list[str], pidfile: str, *, created: bool,
+                keep: str | None = None) -> None:
         """Spawn a supervised crun command, wait for its pid, start the waiter."""
         gp = self._channel().spawn(argv, stdout=proc.stdio.stdout, stderr=proc.stdio.stderr,
                                    tty=proc.io.terminal, size=proc.size, in_guest_root=True,
-                                   supervise_pidfile=pidfile)
+                                   supervise_pidfile=pidfile, keep=keep)
         proc.guest = gp
         try:
-            pid = self._await_pid(gp, pidfile, argv[1], proc.stdio)
+            pid = self._await_pid(gp, pidfile, argv[1], proc)
         except BaseException:
             gp.abort()
             raise
@@ -172,13 +191,16 @@ class TaskEngine:
         else:
             proc.started(pid)
         proc.stdio.attach(gp)
+        self._start_watch(proc)
+
+    def _start_watch(self, proc: TaskProcess) -> None:
         t = threading.Thread(target=self._watch, args=(proc,), daemon=True,
                              name=f"vsbx-task-{self.sandbox_id[:12]}-{proc.container_id[:12]}")
         with self._lock:
             self._waiters = [w for w in self._waiters if w.is_alive()] + [t]
         t.start()
 
-    def _await_pid(self, gp: GuestProcess, pidfile: str, verb: str, stdio: Stdio) -> int:
+    def _await_pid(self, gp: GuestProcess, pidfile: str, verb: str, proc: TaskProcess) -> int:
         deadline = time.monotonic() + self._ready_timeout
         ch = self._channel()
         while True:
@@ -190,7 +212,9 @@ class TaskEngine:
                     code = gp.wait(0)
                 except VmSandboxError as e:
                     raise Unavailable(f"crun {verb}: {e}", sandbox_id=self.sandbox_id) from e
-                raise FailedPrecondition(f"crun {verb} failed (exit {code}): {stdio.tail}",
+                if proc.output is not None:
+                    proc.output.drain()  # crun's message is in the err file
+                raise FailedPrecondition(f"crun {verb} failed (exit {code}): {proc.stdio.tail}",
                                          sandbox_id=self.sandbox_id)
             if time.monotonic() >= deadline:
                 raise FailedPrecondition(f"crun {verb} did not finish in {self._ready_timeout}s",
@@ -203,11 +227,17 @@ class TaskEngine:
         try:
             status = gp.wait()
         except VmSandboxError as e:
-            log.warning("sandbox %s: lost %s/%s (%s); exit %d", self.sandbox_id, proc.container_id,
-                        proc.exec_id or "init", e, LOST_EXIT)
             status = LOST_EXIT
+            if proc.output is None and not self._detached:
+                log.warning("sandbox %s: lost %s/%s (%s); exit %d", self.sandbox_id, proc.container_id,
+                            proc.exec_id or "init", e, LOST_EXIT)
+        if self._detached:
+            return  # serve stops: a kept init runs on, the next serve rejoins it
+        ended = kept_exit(self._stager, proc.container_id) if proc.output is not None else None
+        if proc.output is not None:
+            proc.output.finish()  # the keeper ended (or the channel dropped): deliver what the files hold
         proc.stdio.close()  # output drained (wait returns after the sinks got everything)
-        proc.stopped(status)
+        proc.stopped(*(ended or (status, None)))
 
     def _force_delete(self, cid: str) -> None:
         try:
@@ -228,6 +258,7 @@ class TaskEngine:
             if not exec_id:
                 self._guest([CRUN, "start", cid], "crun start")
                 p.started(p.pid)
+                self._save(c)
                 return p.pid
             pidfile = f"{c.staged.guest_dir}/exec-{exec_id}.pid"
             spec = self._stager.put_file(cid, f"exec-{exec_id}.json", json.dumps(p.spec).encode())
@@ -374,6 +405,8 @@ class TaskEngine:
             p.guest.abort()
         p.wait(lambda: False)
         self._stager.unstage(cid)
+        if self._records is not None:
+            self._records.remove(cid)
         with self._lock:
             self._containers.pop(cid, None)
             execs = list(c.execs.values())
@@ -384,6 +417,60 @@ class TaskEngine:
 
     def shutdown(self) -> None:
         """containerd's Shutdown(id): the socket serves the whole sandbox, so nothing to do."""
+
+    # ------------------------------------------------------------------ restarts of serve
+    def recover(self) -> None:
+        """Take back the kept containers of the records (after a restart of ``vmsandbox
+        serve``): reopen their stdout/stderr FIFOs, follow their output from the saved
+        offsets, and rejoin their keepers; one that ended meanwhile gets the exit code and
+        time of its exit file. Their stdin does not come back."""
+        for rec in self._records.load() if self._records is not None else ():
+            try:
+                self._recover(rec)
+            except (VmSandboxError, OSError) as e:
+                log.error("sandbox %s: cannot take back container %s: %s", self.sandbox_id, rec.id, e)
+
+    def _recover(self, rec: TaskRecord) -> None:
+        assert self._records is not None
+        stdio = Stdio.reopened(rec.io, holder=rec.id, holder_pid=rec.holder_pid, open_timeout=self._fifo_timeout)
+        init = TaskProcess(rec.id, "", rec.io, stdio)
+        init.created(rec.pid)
+        if rec.started:
+            init.started(rec.pid)
+        init.output = follow(self._stager, self._records, init, create=False)
+        with self._lock:
+            self._containers[rec.id] = _Container(rec.id, rec.bundle, rec.staged, init)
+        try:  # ends at once with the exit code when it ended while serve was down
+            init.guest = self._channel().spawn([], stdout=init.stdio.stdout, stderr=init.stdio.stderr,
+                                               in_guest_root=True, rejoin=f"{rec.guest_dir}/{KEEP_NAME}")
+        except VmSandboxError as e:
+            log.error("sandbox %s: cannot rejoin container %s: %s", self.sandbox_id, rec.id, e)
+            if init.output is not None:
+                init.output.finish()
+            init.stdio.close()
+            init.stopped(*(kept_exit(self._stager, rec.id) or (LOST_EXIT, None)))
+            return
+        self._start_watch(init)
+        log.info("sandbox %s: container %s taken back, guest pid %d", self.sandbox_id, rec.id, rec.pid)
+
+    def detach(self) -> None:
+        """``vmsandbox serve`` stops: let go of every process, answering no Wait; a kept
+        init runs on in its guest (its output stays in its files, its record stays).
+        Exec processes and inits that are not kept end with their channels."""
+        self._detached = True
+        with self._lock:
+            procs = [p for c in self._containers.values() for p in (c.init, *c.execs.values())]
+            waiters = list(self._waiters)
+        for p in procs:
+            if p.output is not None:
+                p.output.stop()
+            p.stdio.cancel()
+            if p.guest is not None:
+                p.guest.abort()  # the session's vsbx-exec; a keeper has left that session
+        for w in waiters:
+            w.join(timeout=10)
+        for p in procs:  # a kept init's holder keeps CRI's FIFOs open for the next serve
+            p.stdio.let_go() if p.output is not None else p.stdio.close()
 
     def close(self) -> None:
         """The sandbox goes away: end every guest process; every Wait returns. Idempotent."""
@@ -399,6 +486,11 @@ class TaskEngine:
                 p.stdio.close()
         for w in waiters:
             w.join(timeout=10)
+        with self._lock:
+            ids = list(self._containers)
+        for cid in ids:
+            if self._records is not None:
+                self._records.remove(cid)
 
     @staticmethod
     def _name(p: TaskProcess) -> str:

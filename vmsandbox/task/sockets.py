@@ -37,6 +37,7 @@ from ..sandbox.ports import GuestChannel
 from ..ttrpc import Server
 from .engine import TaskEngine
 from .ports import BundleStager, StagedBundle
+from .records import TaskRecords
 from .service import TaskService
 
 __all__ = ["TaskSockets", "TaskServingController", "task_socket_path", "task_address", "TASK_API_VERSION",
@@ -71,6 +72,9 @@ class NoShareStager:
     def put_file(self, container_id: str, name: str, data: bytes) -> str:
         raise FailedPrecondition("this sandbox's guest has no rootfs share yet")
 
+    def guest_file(self, container_id: str, name: str, *, create: bool = False) -> int | None:
+        return None
+
     def unstage(self, container_id: str) -> None:
         pass
 
@@ -87,9 +91,11 @@ class TaskSockets:
 
     def __init__(self, run_dir: Path, channel_of: Callable[[str], GuestChannel],
                  stager_of: Callable[[str], BundleStager] = lambda sandbox_id: NoShareStager(), *,
+                 records_of: Callable[[str], TaskRecords | None] = lambda sandbox_id: None,
                  allowed_uids: Collection[int] = (0,)) -> None:
         self.run_dir = run_dir
         self._channel_of, self._stager_of, self._uids = channel_of, stager_of, tuple(allowed_uids)
+        self._records_of = records_of
         self._lock = threading.Lock()
         self._served: dict[str, _Served] = {}
 
@@ -111,7 +117,9 @@ class TaskSockets:
             except OSError as e:
                 raise FailedPrecondition(f"cannot make the task socket folder {path.parent}: {e}",
                                          sandbox_id=sandbox_id) from e
-            engine = TaskEngine(sandbox_id, lambda: self._channel_of(sandbox_id), self._stager_of(sandbox_id))
+            engine = TaskEngine(sandbox_id, lambda: self._channel_of(sandbox_id), self._stager_of(sandbox_id),
+                                records=self._records_of(sandbox_id))
+            engine.recover()  # the kept containers of a serve that ran before
             server = Server(allowed_uids=self._uids)
             TaskService(engine).register(server)
             try:
@@ -139,10 +147,14 @@ class TaskSockets:
             self.close(event.sandbox_id)
 
     def close_all(self) -> None:
+        """``vmsandbox serve`` stops: every socket goes, kept containers run on (see
+        :meth:`TaskEngine.detach`); the next serve takes them back."""
         with self._lock:
-            ids = list(self._served)
-        for sid in ids:
-            self.close(sid)
+            served, self._served = dict(self._served), {}
+        for sid, s in served.items():
+            s.server.stop(grace=1.0)
+            s.engine.detach()
+            _rmdir(task_socket_path(self.run_dir, sid).parent)
 
 
 def _rmdir(d: Path) -> None:
