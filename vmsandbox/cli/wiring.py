@@ -149,7 +149,8 @@ def serve(cfg: Config, progress: ProgressLine, *, socket: str, socket_group: str
     # A container's host-only record lives beside the share, in <sandbox dir>/tasks.
     sockets = TaskSockets(cfg.run_dir, lambda sandbox_id: ctl.guest_channel(sandbox_id),
                           lambda sandbox_id: ShareStager(mounts, ctl.share_path(sandbox_id)),
-                          records_of=lambda sandbox_id: TaskRecords(ctl.share_path(sandbox_id).parent / "tasks"))
+                          records_of=lambda sandbox_id: TaskRecords(ctl.share_path(sandbox_id).parent / "tasks"),
+                          relay=True)
     # A removal by any path (containerd's Shutdown, the CLI's, a failed Start) closes its socket.
     ctl = LibvirtController(config=cfg, progress=progress, events=sockets.on_lifecycle)
     try:
