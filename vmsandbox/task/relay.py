@@ -26,7 +26,8 @@ import time
 HEADER = struct.Struct(">IIBB")
 REQUEST, RESPONSE = 1, 2
 MAX_FRAME = 4 << 20
-RETRY = 0.1
+RETRY, MAX_RETRY = 0.1, 1.0
+WATCH = 5.0  # how often the relay checks that its socket is still its own (else it ends)
 _UCRED = struct.Struct("3i")
 
 
@@ -63,6 +64,7 @@ class Pipe:
         self.closed = threading.Event()
 
     def _connect(self) -> socket.socket | None:
+        wait = RETRY
         while not self.closed.is_set():
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -70,7 +72,8 @@ class Pipe:
                 return s
             except OSError:
                 s.close()
-                self.closed.wait(RETRY)
+                self.closed.wait(wait)
+                wait = min(wait * 2, MAX_RETRY)
         return None
 
     def run(self) -> None:
@@ -124,11 +127,19 @@ def serve(listen: str, upstream: str, uids: set[int]) -> None:
     os.chmod(listen + ".tmp", 0o600)
     lsock.listen(64)
     os.rename(listen + ".tmp", listen)  # connectable once it shows up
+    mine = os.stat(listen).st_ino
+    lsock.settimeout(WATCH)
     while True:
         try:
             conn, _ = lsock.accept()
-        except InterruptedError:
-            continue
+        except (InterruptedError, TimeoutError):
+            try:
+                if os.stat(listen).st_ino == mine:
+                    continue
+            except OSError:
+                pass
+            return  # its socket was removed (the sandbox went without telling us): end
+        conn.settimeout(None)
         uid = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))[1]
         if uid not in uids:
             conn.close()
