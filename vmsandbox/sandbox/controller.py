@@ -98,7 +98,7 @@ class SandboxController:
         self._progress = progress
         self._store = Store(config.state_dir)
         self._netsteps = NetSteps(network, self._store)
-        self._shares = Shares(mounts, self._store)
+        self._shares = Shares(mounts, self._store, self.config.virtiofsd)
         self._registry = Registry(self._store)
         self._exits = Exits(self._registry, self._emit)
         self._image: GuestImage | None = None

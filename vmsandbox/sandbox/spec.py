@@ -20,7 +20,7 @@ from ..network._model import NetworkPlan
 from ..payloads.podconfig import PodConfig, memory_mib_from, vcpus_from
 from .guestconfig import CONFIG_DISK
 from .mounts import DiskPlan
-from .share import SHARE_TAG
+from .share import SHARE_TAG, virtiofsd_wrapper
 from .validate import MIN_MEMORY_MIB, resources_from_annotations
 
 __all__ = ["Size", "size_sandbox", "check_fits_host", "domain_spec"]
@@ -96,7 +96,7 @@ def domain_spec(
         + tuple(DiskSpec(p.source, p.serial, p.format, p.block, p.readonly) for p in disks),
         nics=tuple(NicSpec(t, i.mac, i.mtu) for t, i in zip(taps, network.interfaces)) if network else (),
         partition=partition,
-        shares=(ShareSpec(str(share), SHARE_TAG, config.virtiofsd),) if share is not None else (),
+        shares=(ShareSpec(str(share), SHARE_TAG, str(virtiofsd_wrapper(config.state_dir))),) if share is not None else (),
     )
 
 
