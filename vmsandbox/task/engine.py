@@ -7,11 +7,7 @@ one supervised ``crun exec --detach``, its stdio the channel's. Start is ``crun 
 unstaged. A waiter thread per process turns the end of its channel into STOPPED (255 when
 the connection dropped), after its output drained and its FIFOs were closed.
 
-With records (``vmsandbox serve``) and a guest dir the host sees, an init without a tty is
-kept (token ``k``): a keeper outside the SSH session supervises it, its output goes to files
-on the share that the host follows (:mod:`.outfile`), and a host-only record lets the next
-serve take it back (:meth:`TaskEngine.recover`, token ``w``). Stopping serve
-(:meth:`TaskEngine.detach`) leaves kept inits running; execs end with their channels.
+An init without a tty may be kept, to survive restarts of serve (:mod:`.restarts`).
 
 Guest layout: the stager's per-container dir holds config.json, ``init.pid`` (+ ``.ready``),
 ``init.out``/``.err``/``.exit`` and ``exec-<id>.json``/``exec-<id>.pid``; crun keeps its
@@ -26,7 +22,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any as _Any
 
@@ -40,13 +35,18 @@ from ..errors import (
     VmSandboxError,
 )
 from ..model import Mount, PtySize
+from ..payloads.cgroupsv2 import CgroupV2Metrics
 from ..sandbox.ports import GuestChannel, GuestProcess
 from ..sandbox.undo import quietly
-from .keeper import KEEP_NAME, follow, kept_exit
-from .ports import BundleStager, StagedBundle
-from .process import LOST_EXIT, Exit, IoSpec, ProcessState, Status, TaskProcess, exec_failure_status
-from .records import TaskRecord, TaskRecords
-from .spec import is_bind, load_spec, rewrite_process, rewrite_spec
+from . import events as ev
+from .cgroups import parse_stats, stats_argv
+from .events import NO_EVENTS, EventSink
+from .keeper import kept_exit
+from .ports import BundleStager
+from .process import LOST_EXIT, Container, Exit, IoSpec, ProcessState, Status, TaskProcess, exec_failure_status
+from .records import TaskRecords
+from .restarts import KeptInits
+from .spec import guest_resources, is_bind, load_spec, rewrite_process, rewrite_spec
 from .stdio import FIFO_OPEN_TIMEOUT, Stdio
 
 __all__ = ["TaskEngine", "CRUN", "READY_TIMEOUT", "GUEST_CALL_TIMEOUT", "exec_failure_status"]
@@ -60,17 +60,7 @@ GUEST_CALL_TIMEOUT = 60.0
 _POLL = 0.05
 
 
-@dataclass
-class _Container:
-    id: str
-    bundle: str
-    staged: StagedBundle
-    init: TaskProcess
-    execs: dict[str, TaskProcess] = field(default_factory=dict)
-    deleting: bool = False
-
-
-class TaskEngine:
+class TaskEngine(KeptInits):
     """The task API's logic for one sandbox. Thread-safe; every method raises vmsandbox.errors.
 
     ``channel()`` returns the sandbox's connected guest channel (Unavailable or
@@ -79,25 +69,27 @@ class TaskEngine:
 
     def __init__(self, sandbox_id: str, channel: Callable[[], GuestChannel], stager: BundleStager, *,
                  records: TaskRecords | None = None,
-                 ready_timeout: float = READY_TIMEOUT, fifo_timeout: float = FIFO_OPEN_TIMEOUT) -> None:
+                 ready_timeout: float = READY_TIMEOUT, fifo_timeout: float = FIFO_OPEN_TIMEOUT,
+                 events: EventSink = NO_EVENTS) -> None:
         self.sandbox_id = sandbox_id
+        self._ev, self._closed = ev.OrderedEvents(events), False
         self._channel, self._stager, self._records = channel, stager, records
         self._detached = False
         self._ready_timeout, self._fifo_timeout = ready_timeout, fifo_timeout
         self._lock = threading.Lock()
-        self._containers: dict[str, _Container] = {}
+        self._containers: dict[str, Container] = {}
         self._creating: set[str] = set()
         self._waiters: list[threading.Thread] = []
 
     # ------------------------------------------------------------------ lookup
-    def _container(self, cid: str) -> _Container:
+    def _container(self, cid: str) -> Container:
         with self._lock:
             c = self._containers.get(cid)
         if c is None:
             raise NotFound(f"container {cid!r} not found", sandbox_id=self.sandbox_id)
         return c
 
-    def _process(self, cid: str, exec_id: str) -> tuple[_Container, TaskProcess]:
+    def _process(self, cid: str, exec_id: str) -> tuple[Container, TaskProcess]:
         c = self._container(cid)
         if not exec_id:
             return c, c.init
@@ -114,10 +106,12 @@ class TaskEngine:
             raise FailedPrecondition(f"{what} failed (exit {r.exit_code}): {msg}", sandbox_id=self.sandbox_id)
 
     # ------------------------------------------------------------------ create
-    def create(self, cid: str, *, bundle: str, rootfs: Sequence[Mount], io: IoSpec, checkpoint: str = "") -> int:
+    def create(self, cid: str, *, bundle: str, rootfs: Sequence[Mount], io: IoSpec, checkpoint: str = "",
+               namespace: str = "") -> int:
         """crun create in the guest; the init's guest pid. AlreadyExists for a known id,
         InvalidArgument for a bad bundle or FIFO, Unimplemented for a checkpoint; a failure
-        leaves nothing staged or running."""
+        leaves nothing staged or running. ``namespace``: containerd's, which the container's
+        events are published in."""
         if checkpoint:
             raise Unimplemented("restoring from a checkpoint is not supported", sandbox_id=self.sandbox_id)
         with self._lock:
@@ -125,12 +119,14 @@ class TaskEngine:
                 raise AlreadyExists(f"container {cid!r} already exists", sandbox_id=self.sandbox_id)
             self._creating.add(cid)
         try:
-            return self._create(cid, bundle, rootfs, io)
+            pid = self._create(cid, bundle, rootfs, io, namespace)
         finally:
             with self._lock:
                 self._creating.discard(cid)
+        self._ev.publish(namespace, ev.Topic.CREATE, ev.task_create(cid, bundle, rootfs, io, pid))
+        return pid
 
-    def _create(self, cid: str, bundle: str, rootfs: Sequence[Mount], io: IoSpec) -> int:
+    def _create(self, cid: str, bundle: str, rootfs: Sequence[Mount], io: IoSpec, namespace: str) -> int:
         try:
             spec = load_spec(Path(bundle, "config.json").read_bytes())
         except OSError as e:
@@ -142,37 +138,18 @@ class TaskEngine:
             guest_spec = rewrite_spec(spec, container_id=cid, guest_rootfs=staged.guest_rootfs,
                                       sources=staged.sources)
             self._stager.put_file(cid, "config.json", json.dumps(guest_spec).encode())
-            kept = self._records is not None and not io.terminal
-            stdio = Stdio(io.stdin, io.stdout, io.stderr, open_timeout=self._fifo_timeout, holder=cid if kept else "")
-            stdio.open()
-            undo.callback(quietly(stdio.close))
-            init = TaskProcess(cid, "", io, stdio)
-            keep = self._keep_output(init) if kept else None
-            if init.output is not None:
-                undo.callback(init.output.stop)
+            init, keep = self._new_init(cid, io, undo)
             pidfile = f"{staged.guest_dir}/init.pid"
             argv = [CRUN, "create", "--bundle", staged.guest_dir, "--pid-file", pidfile, cid]
             undo.callback(quietly(self._force_delete, cid))
             self._launch(init, argv, pidfile, created=True, keep=keep and f"{staged.guest_dir}/{keep}")
-            c = _Container(cid, bundle, staged, init)
+            c = Container(cid, bundle, staged, init, namespace=namespace)
             self._save(c)
             undo.pop_all()
         with self._lock:
             self._containers[cid] = c
         log.info("sandbox %s: container %s created, guest pid %d", self.sandbox_id, cid, init.pid)
         return init.pid
-
-    def _keep_output(self, proc: TaskProcess) -> str | None:
-        """Make the init's output files and follow them; their prefix name (None when the
-        stager's guest dir is not visible to the host: the output stays on the channel)."""
-        assert self._records is not None
-        proc.output = follow(self._stager, self._records, proc, create=True)
-        return KEEP_NAME if proc.output is not None else None
-
-    def _save(self, c: _Container) -> None:
-        if self._records is not None and c.init.output is not None:
-            self._records.save(TaskRecord(c.id, c.bundle, c.init.io, c.staged.guest_dir, c.staged.guest_rootfs,
-                                          c.init.pid, c.init.status is not Status.CREATED, c.init.stdio.holder_pid))
 
     def _launch(self, proc: TaskProcess, argv: list[str], pidfile: str, *, created: bool,
                 keep: str | None = None) -> None:
@@ -198,6 +175,7 @@ class TaskEngine:
                              name=f"vsbx-task-{self.sandbox_id[:12]}-{proc.container_id[:12]}")
         with self._lock:
             self._waiters = [w for w in self._waiters if w.is_alive()] + [t]
+        self._ev.exit_due((proc.container_id, proc.exec_id))
         t.start()
 
     def _await_pid(self, gp: GuestProcess, pidfile: str, verb: str, proc: TaskProcess) -> int:
@@ -238,6 +216,7 @@ class TaskEngine:
             proc.output.finish()  # the keeper ended (or the channel dropped): deliver what the files hold
         proc.stdio.close()  # output drained (wait returns after the sinks got everything)
         proc.stopped(*(ended or (status, None)))
+        self._exited(proc)
 
     def _force_delete(self, cid: str) -> None:
         try:
@@ -254,11 +233,14 @@ class TaskEngine:
                 raise FailedPrecondition(f"{self._name(p)} is {p.status.name.lower()}, not created",
                                          sandbox_id=self.sandbox_id)
             p.starting = True
+        self._ev.starting((cid, exec_id))
+        failed = False
         try:
             if not exec_id:
                 self._guest([CRUN, "start", cid], "crun start")
                 p.started(p.pid)
                 self._save(c)
+                self._ev.publish(c.namespace, ev.Topic.START, ev.task_start(cid, p.pid))
                 return p.pid
             pidfile = f"{c.staged.guest_dir}/exec-{exec_id}.pid"
             spec = self._stager.put_file(cid, f"exec-{exec_id}.json", json.dumps(p.spec).encode())
@@ -269,15 +251,20 @@ class TaskEngine:
                 code = exec_failure_status(p.stdio.tail)
                 if code is None:
                     raise
+                failed = True
                 # As a shell reports it (127 not found, 126 not executable), with crun's
                 # message on the exec's stderr: ExecSync gets an exit code, not an error.
                 p.started(0)
                 p.stdio.close()
                 p.stopped(code)
                 return 0
+            self._ev.publish(c.namespace, ev.Topic.EXEC_STARTED, ev.exec_started(cid, exec_id, p.pid))
             return p.pid
         finally:
             p.starting = False
+            self._ev.starting((cid, exec_id), False)
+            if failed:
+                self._exited(p)  # crun could not start it: an exit status all the same
 
     def exec(self, cid: str, exec_id: str, *, io: IoSpec, process: dict[str, _Any]) -> None:
         """Record an exec process (started by :meth:`start`). AlreadyExists for a known exec id,
@@ -301,6 +288,7 @@ class TaskEngine:
                 c.execs.pop(exec_id, None)
             raise
         log.info("sandbox %s: exec %s added to %s (%s)", self.sandbox_id, exec_id, cid, p.spec and p.spec["args"][0])
+        self._ev.publish(c.namespace, ev.Topic.EXEC_ADDED, ev.exec_added(cid, exec_id))
 
     # ------------------------------------------------------------------ queries
     def state(self, cid: str, exec_id: str = "") -> ProcessState:
@@ -383,6 +371,7 @@ class TaskEngine:
             with self._lock:
                 c.execs.pop(exec_id, None)
             p.stdio.close()
+            self._publish_delete(c, p)
             return p.exit()
         with self._lock:
             if p.status is Status.RUNNING:
@@ -413,68 +402,76 @@ class TaskEngine:
         for x in execs:
             x.stdio.close()
         log.info("sandbox %s: container %s deleted (exit %d)", self.sandbox_id, cid, p.exit_status)
+        self._publish_delete(c, p)
         return p.exit()
+
+    # ------------------------------------------------------------------ cgroup
+    def stats(self, cid: str) -> CgroupV2Metrics:
+        """The container's guest cgroup figures, read with one guest exec. crun keeps the
+        cgroup until Delete, so a container that exited still answers (CRI's OOM check reads
+        memory_events.oom_kill after an exit 137); should it be gone, the figures read when
+        the exit was seen, else NotFound."""
+        c = self._container(cid)
+        m = self._read_stats(cid) or c.last_stats
+        if m is None:
+            raise NotFound(f"container {cid!r} has no cgroup in the guest", sandbox_id=self.sandbox_id)
+        return m
+
+    def _read_stats(self, cid: str) -> CgroupV2Metrics | None:
+        return parse_stats(self._channel().exec(stats_argv(cid), in_guest_root=True,
+                                                timeout=GUEST_CALL_TIMEOUT).stdout.decode(errors="replace"))
+
+    def update(self, cid: str, resources: dict[str, _Any]) -> None:
+        """Apply runtime-spec LinuxResources to the container's cgroup: ``crun update
+        --resources``, so that limits map onto cgroup v2 files exactly as at create (cpu
+        shares -> cpu.weight, swap -> memory.swap.max, ...). FailedPrecondition once the
+        container stopped or when crun refuses them."""
+        c = self._container(cid)
+        if c.init.status is Status.STOPPED:
+            raise FailedPrecondition(f"container {cid!r} is stopped", sandbox_id=self.sandbox_id)
+        path = self._stager.put_file(cid, "resources.json", json.dumps(guest_resources(resources)).encode())
+        self._guest([CRUN, "update", "--resources", path, cid], "crun update")
+
+    # ------------------------------------------------------------------ events
+    def _exited(self, p: TaskProcess) -> None:
+        """A process stopped: /tasks/oom first when the OOM killer took it (137 and the
+        cgroup's oom_kill count grew), then /tasks/exit (after its /tasks/start)."""
+        key = (p.container_id, p.exec_id)
+        self._ev.await_start(key)
+        with self._lock:
+            c = self._containers.get(p.container_id)
+        try:
+            # No container: a create that failed, nobody was told of it. Closed: the guest lives
+            # on (serve stops) or is gone with its pod; a /tasks/exit would make CRI end it.
+            if c is not None and not self._closed:
+                self._publish_exit(c, p)
+        finally:
+            self._ev.exit_due(key, False)
+
+    def _publish_exit(self, c: Container, p: TaskProcess) -> None:
+        if p.exit_status == 137:
+            try:
+                c.last_stats = self._read_stats(c.id) or c.last_stats
+            except VmSandboxError as e:
+                log.warning("sandbox %s: cannot read %s's memory.events: %s", self.sandbox_id, c.id, e)
+            kills = c.last_stats.memory_events.oom_kill if c.last_stats and c.last_stats.memory_events else 0
+            if kills > c.oom_kills:
+                c.oom_kills = kills
+                log.info("sandbox %s: %s was killed by the OOM killer", self.sandbox_id, self._name(p))
+                self._ev.publish(c.namespace, ev.Topic.OOM, ev.task_oom(c.id))
+        self._ev.publish(c.namespace, ev.Topic.EXIT, ev.task_exit(c.id, p.exec_id, p.exit()))
+
+    def _publish_delete(self, c: Container, p: TaskProcess) -> None:
+        self._ev.await_exit((c.id, p.exec_id))  # its waiter may still be reading memory.events
+        self._ev.publish(c.namespace, ev.Topic.DELETE, ev.task_delete(c.id, p.exec_id, p.exit()))
 
     def shutdown(self) -> None:
         """containerd's Shutdown(id): the socket serves the whole sandbox, so nothing to do."""
 
-    # ------------------------------------------------------------------ restarts of serve
-    def recover(self) -> None:
-        """Take back the kept containers of the records (after a restart of ``vmsandbox
-        serve``): reopen their stdout/stderr FIFOs, follow their output from the saved
-        offsets, and rejoin their keepers; one that ended meanwhile gets the exit code and
-        time of its exit file. Their stdin does not come back."""
-        for rec in self._records.load() if self._records is not None else ():
-            try:
-                self._recover(rec)
-            except (VmSandboxError, OSError) as e:
-                log.error("sandbox %s: cannot take back container %s: %s", self.sandbox_id, rec.id, e)
-
-    def _recover(self, rec: TaskRecord) -> None:
-        assert self._records is not None
-        stdio = Stdio.reopened(rec.io, holder=rec.id, holder_pid=rec.holder_pid, open_timeout=self._fifo_timeout)
-        init = TaskProcess(rec.id, "", rec.io, stdio)
-        init.created(rec.pid)
-        if rec.started:
-            init.started(rec.pid)
-        init.output = follow(self._stager, self._records, init, create=False)
-        with self._lock:
-            self._containers[rec.id] = _Container(rec.id, rec.bundle, rec.staged, init)
-        try:  # ends at once with the exit code when it ended while serve was down
-            init.guest = self._channel().spawn([], stdout=init.stdio.stdout, stderr=init.stdio.stderr,
-                                               in_guest_root=True, rejoin=f"{rec.guest_dir}/{KEEP_NAME}")
-        except VmSandboxError as e:
-            log.error("sandbox %s: cannot rejoin container %s: %s", self.sandbox_id, rec.id, e)
-            if init.output is not None:
-                init.output.finish()
-            init.stdio.close()
-            init.stopped(*(kept_exit(self._stager, rec.id) or (LOST_EXIT, None)))
-            return
-        self._start_watch(init)
-        log.info("sandbox %s: container %s taken back, guest pid %d", self.sandbox_id, rec.id, rec.pid)
-
-    def detach(self) -> None:
-        """``vmsandbox serve`` stops: let go of every process, answering no Wait; a kept
-        init runs on in its guest (its output stays in its files, its record stays).
-        Exec processes and inits that are not kept end with their channels."""
-        self._detached = True
-        with self._lock:
-            procs = [p for c in self._containers.values() for p in (c.init, *c.execs.values())]
-            waiters = list(self._waiters)
-        for p in procs:
-            if p.output is not None:
-                p.output.stop()
-            p.stdio.cancel()
-            if p.guest is not None:
-                p.guest.abort()  # the session's vsbx-exec; a keeper has left that session
-        for w in waiters:
-            w.join(timeout=10)
-        for p in procs:  # a kept init's holder keeps CRI's FIFOs open for the next serve
-            p.stdio.let_go() if p.output is not None else p.stdio.close()
-
     def close(self) -> None:
         """The sandbox goes away: end every guest process; every Wait returns. Idempotent."""
         with self._lock:
+            self._closed = True
             procs = [p for c in self._containers.values() for p in (c.init, *c.execs.values())]
             waiters = list(self._waiters)
         for p in procs:

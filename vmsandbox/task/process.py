@@ -15,11 +15,13 @@ from datetime import datetime
 from typing import Any as _Any
 
 from ..model import EPOCH, PtySize, utcnow
+from ..payloads.cgroupsv2 import CgroupV2Metrics
 from ..sandbox.ports import GuestProcess
 from .outfile import Follower
+from .ports import StagedBundle
 from .stdio import Stdio
 
-__all__ = ["Status", "Exit", "IoSpec", "ProcessState", "TaskProcess", "LOST_EXIT", "exec_failure_status"]
+__all__ = ["Status", "Exit", "IoSpec", "ProcessState", "TaskProcess", "Container", "LOST_EXIT", "exec_failure_status"]
 
 LOST_EXIT = 255
 """The exit status of a process whose guest connection dropped (containerd's unknown exit)."""
@@ -125,3 +127,18 @@ def exec_failure_status(crun_message: str) -> int | None:
     if "permission denied" in m or "exec format error" in m:
         return 126
     return None
+
+
+@dataclass
+class Container:
+    """One container of a TaskEngine: its init, its execs and what the engine keeps of it."""
+
+    id: str
+    bundle: str
+    staged: StagedBundle
+    init: TaskProcess
+    execs: dict[str, TaskProcess] = field(default_factory=dict)
+    deleting: bool = False
+    namespace: str = ""  # containerd's, for the events
+    oom_kills: int = 0  # memory.events oom_kill when last read
+    last_stats: CgroupV2Metrics | None = None

@@ -35,6 +35,7 @@ class TaskRecord:
     pid: int
     started: bool
     holder_pid: int = 0
+    namespace: str = ""  # containerd's, for the events
 
     @property
     def staged(self) -> StagedBundle:
@@ -47,7 +48,8 @@ class TaskRecord:
     def from_json(cls, data: bytes) -> TaskRecord:
         d = json.loads(data)
         return cls(str(d["id"]), str(d["bundle"]), IoSpec(**d["io"]), str(d["guest_dir"]),
-                   str(d["guest_rootfs"]), int(d["pid"]), bool(d["started"]), int(d.get("holder_pid", 0)))
+                   str(d["guest_rootfs"]), int(d["pid"]), bool(d["started"]), int(d.get("holder_pid", 0)),
+                   str(d.get("namespace", "")))
 
 
 class TaskRecords:

@@ -40,6 +40,7 @@ from ..sandbox.events import LifecycleEvent, Step
 from ..sandbox.ports import GuestChannel
 from ..ttrpc import Server
 from .engine import TaskEngine
+from .events import NO_EVENTS, EventSink
 from .ports import BundleStager, StagedBundle
 from .records import TaskRecords
 from .service import TaskService
@@ -98,11 +99,12 @@ class TaskSockets:
     def __init__(self, run_dir: Path, channel_of: Callable[[str], GuestChannel],
                  stager_of: Callable[[str], BundleStager] = lambda sandbox_id: NoShareStager(), *,
                  records_of: Callable[[str], TaskRecords | None] = lambda sandbox_id: None,
-                 allowed_uids: Collection[int] = (0,), relay: bool = False) -> None:
+                 allowed_uids: Collection[int] = (0,), events: EventSink = NO_EVENTS, relay: bool = False) -> None:
         """``relay``: containerd connects to a relay process that outlives serve (:mod:`.relay`)
         rather than to serve itself; ``vmsandbox serve`` uses one so that its restarts do not
         fail containerd's Waits."""
         self.run_dir, self._relay = run_dir, relay
+        self._events = events
         self._channel_of, self._stager_of, self._uids = channel_of, stager_of, tuple(allowed_uids)
         self._records_of = records_of
         self._lock = threading.Lock()
@@ -127,7 +129,7 @@ class TaskSockets:
                 raise FailedPrecondition(f"cannot make the task socket folder {path.parent}: {e}",
                                          sandbox_id=sandbox_id) from e
             engine = TaskEngine(sandbox_id, lambda: self._channel_of(sandbox_id), self._stager_of(sandbox_id),
-                                records=self._records_of(sandbox_id))
+                                events=self._events, records=self._records_of(sandbox_id))
             engine.recover()  # the kept containers of a serve that ran before
             server = Server(allowed_uids=(os.getuid(),) if self._relay else self._uids)
             TaskService(engine).register(server)
