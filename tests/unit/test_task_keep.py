@@ -123,7 +123,7 @@ class KeepRig(Rig):
 
     def new_engine(self) -> TaskEngine:
         return TaskEngine(SID, lambda: self.channel, self.stager, records=self.records, ready_timeout=5,
-                          fifo_timeout=1)
+                          fifo_timeout=1, events=self.events)
 
 
 def holders() -> list[int]:
@@ -225,3 +225,24 @@ def test_close_as_the_sandbox_goes_removes_the_records(rig: KeepRig, tmp_path: P
         started(rig, o, e)
         rig.engine.close()
         assert rig.records.load() == [] and holders() == []
+
+
+def test_serve_stopping_publishes_no_exit_and_the_next_one_publishes_it_in_the_namespace(
+        rig: KeepRig, tmp_path: Path) -> None:
+    from vmsandbox.task.events import Topic
+
+    with fifos(tmp_path, "init") as (_, o, e):
+        rig.engine.create(CID, bundle=rig.bundle(), rootfs=ROOTFS, io=IoSpec("", o.path, e.path), namespace="k8s.io")
+        o.collect()
+        e.collect()
+        rig.engine.start(CID)
+        rig.engine.detach()
+        time.sleep(0.2)
+        assert Topic.EXIT not in rig.events.topics()
+        rig.engine = rig.new_engine()
+        rig.engine.recover()
+        rig.engine.kill(CID, "", 9)
+        assert rig.engine.wait(CID) is not None
+        assert rig.events.topics(until=Topic.EXIT)[-1] == Topic.EXIT
+        assert [ns for ns, t, _ in rig.events.got if t == Topic.EXIT] == ["k8s.io"]
+        rig.engine.delete(CID)
