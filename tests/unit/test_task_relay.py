@@ -70,3 +70,13 @@ def test_a_wait_in_flight_when_serve_goes_is_answered_by_the_next_serve(relay: t
         second.stop()
     stop_relay(listen)
     assert _relay_pid(listen) == 0
+
+
+def test_a_relay_whose_socket_was_removed_ends(relay: tuple[Path, Path]) -> None:
+    listen, _ = relay
+    pid = _relay_pid(listen)
+    listen.unlink()  # its folder went without serve (a sandbox removed while serve was away)
+    deadline = time.monotonic() + 15
+    while Path(f"/proc/{pid}/cmdline").exists() and Path(f"/proc/{pid}/cmdline").read_bytes():
+        assert time.monotonic() < deadline, "the relay is still running"
+        time.sleep(0.2)

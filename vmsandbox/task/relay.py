@@ -27,7 +27,7 @@ HEADER = struct.Struct(">IIBB")
 REQUEST, RESPONSE = 1, 2
 MAX_FRAME = 4 << 20
 RETRY, MAX_RETRY = 0.1, 1.0
-WATCH = 5.0  # how often the relay checks that its socket is still its own (else it ends)
+WATCH = 2.0  # how often the relay checks that its socket is still its own (else it ends)
 _UCRED = struct.Struct("3i")
 
 
