@@ -87,7 +87,11 @@ def test_a_running_container_survives_restarts_of_serve_and_of_containerd(
         texts = [line.split(" ", 3)[3] for line in lines]
         assert texts == [f"tick{i}" for i in range(len(texts))]  # no tick lost or twice
 
-    ticks_after(lambda: (serve.stop(), serve.start()))
+    def restart_serve() -> None:
+        serve.stop()
+        serve.start()
+
+    ticks_after(restart_serve)
     ticks_after(containerd.restart)
     containerd.runtime().StopContainer(cri.StopContainerRequest(container_id=cid, timeout=2), timeout=120)
     status = containerd.runtime().ContainerStatus(cri.ContainerStatusRequest(container_id=cid), timeout=60).status
@@ -96,6 +100,20 @@ def test_a_running_container_survives_restarts_of_serve_and_of_containerd(
     sdir = serve.state_dir / "sandboxes" / pod
     assert not (sdir / "shared").exists() or list((sdir / "shared").iterdir()) == []
     assert not (sdir / "tasks").exists() or list((sdir / "tasks").iterdir()) == []
+    assert not _processes_named(f"vsbx-hold-{cid}")  # the FIFO holder went with the container
     pods.stop(pod)
     pods.remove(pod)
     assert not sdir.exists()
+    assert not _processes_named("relay.py", pod)  # and the task socket's relay with the pod
+
+
+def _processes_named(*words: str) -> list[int]:
+    found = []
+    for d in os.listdir("/proc"):
+        try:
+            argv = Path("/proc", d, "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if d.isdigit() and all(w in argv for w in words):
+            found.append(int(d))
+    return found
