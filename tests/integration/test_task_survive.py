@@ -120,3 +120,32 @@ def test_a_kept_container_survives_a_new_engine_and_connection(controller: Libvi
             if eng is not None:
                 eng.close()
         stager.unstage(cid)
+
+
+def test_a_kept_container_is_rejoined_when_the_guest_connection_drops(controller: LibvirtController,
+                                                                      guest: tuple[str, GuestChannel], rootfs: Mount,
+                                                                      tmp_path: Path) -> None:
+    sid, ch = guest
+    stager = ShareStager(SystemHostMounts(), controller.share_path(sid))
+    eng = TaskEngine(sid, lambda: controller.guest_channel(sid), stager, records=TaskRecords(tmp_path / "tasks"),
+                     ready_timeout=120)
+    cid = unique("rejoin")
+    try:
+        with fifos(tmp_path, "init") as (_, o, e):
+            eng.create(cid, bundle=bundle(tmp_path, oci_spec(ch, ["sh", "-c", LOOP])), rootfs=[rootfs],
+                       io=IoSpec("", o.path, e.path))
+            o.collect()
+            e.collect()
+            eng.start(cid)
+            until(lambda: len(numbers(o.data)) >= 3)
+            controller.guest_channel(sid).close()  # serve runs on; its guest connection goes
+            seen = len(numbers(o.data))
+            until(lambda: len(numbers(o.data)) >= seen + 5)
+            assert eng.state(cid).status is Status.RUNNING
+            eng.kill(cid, "", 9)
+            ex = eng.wait(cid)
+            assert ex is not None and ex.exit_status == 137
+            eng.delete(cid)
+    finally:
+        eng.close()
+        stager.unstage(cid)

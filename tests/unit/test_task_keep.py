@@ -246,3 +246,18 @@ def test_serve_stopping_publishes_no_exit_and_the_next_one_publishes_it_in_the_n
         assert rig.events.topics(until=Topic.EXIT)[-1] == Topic.EXIT
         assert [ns for ns, t, _ in rig.events.got if t == Topic.EXIT] == ["k8s.io"]
         rig.engine.delete(CID)
+
+
+def test_a_dropped_channel_while_serve_runs_rejoins_the_keeper(rig: KeepRig, tmp_path: Path) -> None:
+    with fifos(tmp_path, "init") as (_, o, e):
+        started(rig, o, e)
+        first = rig.crun.containers[CID].proc
+        first.lose()  # the guest connection was replaced under the init's channel
+        until(lambda: any(p.call.rejoin for p in rig.guests.processes))
+        assert rig.engine.state(CID).status is Status.RUNNING
+        rig.crun.emit(CID, b"still here\n")
+        until(lambda: o.data == b"still here\n")
+        rig.engine.kill(CID, "", 9)
+        ex = rig.engine.wait(CID)
+        assert ex is not None and ex.exit_status == 137
+        rig.engine.delete(CID)

@@ -200,15 +200,16 @@ class TaskEngine(KeptInits):
             time.sleep(_POLL)
 
     def _watch(self, proc: TaskProcess) -> None:
-        gp = proc.guest
-        assert gp is not None
-        try:
-            status = gp.wait()
-        except VmSandboxError as e:
-            status = LOST_EXIT
-            if proc.output is None and not self._detached:
-                log.warning("sandbox %s: lost %s/%s (%s); exit %d", self.sandbox_id, proc.container_id,
-                            proc.exec_id or "init", e, LOST_EXIT)
+        gp, status = proc.guest, LOST_EXIT
+        while gp is not None:
+            try:
+                status = gp.wait()
+                break
+            except VmSandboxError as e:
+                if proc.output is None and not self._detached:
+                    log.warning("sandbox %s: lost %s/%s (%s); exit %d", self.sandbox_id, proc.container_id,
+                                proc.exec_id or "init", e, LOST_EXIT)
+                gp = self._rejoin_lost(proc)  # a kept init runs on: watch it on a new channel
         if self._detached:
             return  # serve stops: a kept init runs on, the next serve rejoins it
         ended = kept_exit(self._stager, proc.container_id) if proc.output is not None else None

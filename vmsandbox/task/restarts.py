@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from contextlib import ExitStack
 
 from ..errors import VmSandboxError
-from ..sandbox.ports import GuestChannel
+from ..sandbox.ports import GuestChannel, GuestProcess
 from ..sandbox.undo import quietly
 from .keeper import KEEP_NAME, follow, kept_exit
 from .ports import BundleStager
@@ -27,6 +28,8 @@ from .stdio import Stdio
 __all__ = ["KeptInits"]
 
 log = logging.getLogger(__name__)
+
+REJOIN_ATTEMPTS, REJOIN_PAUSE = 5, 1.0
 
 
 class KeptInits:
@@ -105,6 +108,27 @@ class KeptInits:
             return
         self._start_watch(init)
         log.info("sandbox %s: container %s taken back, guest pid %d", self.sandbox_id, rec.id, rec.pid)
+
+    def _rejoin_lost(self, proc: TaskProcess, attempts: int = REJOIN_ATTEMPTS) -> GuestProcess | None:
+        """The kept init's channel dropped while serve runs (the guest connection was
+        replaced): rejoin its keeper on a new one, unless it ended, is being deleted or the
+        engine lets go. None: give up (its exit file, if any, says how it ended)."""
+        with self._lock:
+            c = self._containers.get(proc.container_id)
+        for attempt in range(attempts if proc.output is not None else 0):
+            if c is None or c.deleting or self._detached or self._closed or kept_exit(self._stager, c.id):
+                return None
+            try:
+                gp = self._channel().spawn([], stdout=proc.stdio.stdout, stderr=proc.stdio.stderr,
+                                           in_guest_root=True, rejoin=f"{c.staged.guest_dir}/{KEEP_NAME}")
+            except VmSandboxError as e:
+                log.warning("sandbox %s: cannot rejoin %s yet (%s)", self.sandbox_id, c.id, e)
+                time.sleep(REJOIN_PAUSE * (attempt + 1))
+                continue
+            proc.guest = gp
+            log.info("sandbox %s: container %s rejoined on a new guest channel", self.sandbox_id, c.id)
+            return gp
+        return None
 
     def detach(self) -> None:
         """``vmsandbox serve`` stops: let go of every process, answering no Wait; a kept
