@@ -84,8 +84,11 @@ class Pipe:
                 break
             with self.lock:
                 self.up = up
-                for pending in self.inflight.values():  # what the last serve left unanswered
-                    up.sendall(pending)
+                try:
+                    for pending in self.inflight.values():  # what the last serve left unanswered
+                        up.sendall(pending)
+                except OSError:
+                    pass  # gone again: read_frame sees it, and the next one gets them
             while (frame := read_frame(up)) is not None:
                 if HEADER.unpack_from(frame)[2] == RESPONSE:
                     with self.lock:
@@ -114,7 +117,10 @@ class Pipe:
         self.closed.set()
         with self.lock:
             if self.up is not None:
-                self.up.shutdown(socket.SHUT_RDWR)
+                try:
+                    self.up.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
 
 def serve(listen: str, upstream: str, uids: set[int]) -> None:
