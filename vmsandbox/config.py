@@ -95,6 +95,9 @@ class Config:
     machine: str = ""  # "" = q35 on x86_64, virt on aarch64
     firmware: str = "auto"  # auto = qboot when QEMU ships it (fast direct kernel boot), else "bios"
     rng: bool = True
+    # TCG's translation cache (MiB; 0: QEMU's default of 1 GiB). 32 measured no slower to boot
+    # than the default and 23 MiB less resident when idle; 8 booted about twice as slow.
+    tcg_tb_cache_mib: int = 32
     virtiofsd: str = "/usr/lib/qemu/virtiofsd"  # QEMU 7.2's C virtiofsd (Debian 12: qemu-system-common)
     kernel_cmdline: str = (
         "console=ttyS0 panic=-1 quiet loglevel=3 i8042.noaux i8042.nokbd i8042.nopnp i8042.dumbkbd "

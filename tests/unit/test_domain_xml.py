@@ -209,7 +209,7 @@ def _define(conn: Any, spec: DomainSpec) -> Any:
 @pytest.mark.parametrize("virt_type", ["kvm", "qemu"])
 def test_libvirt_accepts_the_xml_and_keeps_what_we_asked_for(test_driver: Any, virt_type: str) -> None:
     name = f"vmsandbox-unit-{secrets.token_hex(4)}"
-    spec = replace(SPEC, name=name, virt_type=virt_type)
+    spec = replace(SPEC, name=name, virt_type=virt_type, tb_cache_mib=32)
     dom = _define(test_driver, spec)
     try:
         back = ET.fromstring(dom.XMLDesc(0))
@@ -232,6 +232,9 @@ def test_libvirt_accepts_the_xml_and_keeps_what_we_asked_for(test_driver: Any, v
         assert fs.find("target").get("dir") == "vsbx-shared"  # type: ignore[union-attr]
         assert back.find("memoryBacking/source").get("type") == "memfd"  # type: ignore[union-attr]
         assert back.find("memoryBacking/access").get("mode") == "shared"  # type: ignore[union-attr]
+        assert back.find("devices/memballoon").get("freePageReporting") == "on"  # type: ignore[union-attr]
+        # TCG's translation cache is bounded; under KVM there is none.
+        assert back.findtext("features/tcg/tb-cache") == ("32768" if virt_type == "qemu" else None)
         # The whole document, as libvirt serialises it, still carries our metadata.
         assert parse_metadata(dom.XMLDesc(0)) == {"id": "golden-1", "state-dir": "/var/lib/vmsandbox",
                                                   "netns": "/var/run/netns/cni-1234"}

@@ -83,6 +83,7 @@ def domain_spec(
         machine=config.machine_type(),
         loader=config.loader(),
         rng=config.rng,
+        tb_cache_mib=config.tcg_tb_cache_mib,
         vcpus=size.vcpus,
         max_vcpus=size.vcpus,
         memory_mib=size.memory_mib,
