@@ -170,6 +170,8 @@ CRI_LABELS = {
 
 def cri_lines(cri: Mapping[str, Any]) -> list[str]:
     """The CRI section: container start latency through containerd, ms."""
+    if cri.get("skipped"):
+        return [f"Containers through CRI: skipped ({cri['skipped']})"]
     out = [f"Containers through CRI (containerd {cri.get('containerd')}): N={cri.get('n')} pods "
            f"(+{cri.get('warmup')} warm-up), {cri.get('execs_per_pod')} ExecSync each, ms"]
     figs = cri.get("figures_ms") or {}

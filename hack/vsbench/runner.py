@@ -347,6 +347,14 @@ class Bench:
     # ------------------------------------------------------------------ cleanup
     def run_cri(self) -> None:
         """Container start latency through a private containerd and `vmsandbox serve` (:mod:`.crilat`)."""
+        from .node import find_binaries
+
+        try:
+            find_binaries()
+        except RuntimeError as e:  # no containerd to drive: the rest of the run still counts
+            say(f"CRI section skipped: {e}")
+            self.results["cri"] = {"skipped": str(e)}
+            return
         say(f"CRI: {self.opts.warmup} + {self.opts.cri} pods through a private containerd")
         self.cri = CriSection(self.prefix, self._provision_image)
         self.results["cri"] = self.cri.run(self.opts.cri, self.opts.warmup, self.opts.cri_execs)

@@ -484,3 +484,4 @@ def test_cri_presets_flags_and_report() -> None:
     line = next(x for x in text.splitlines() if "ExecSync true" in x)
     assert line.split()[-4:] == ["50.0", "58.0", "60.0", "3"]
     assert "RunPodSandbox -> 1st container RUNNING" in report.report({"host": {}, "cri": {"figures_ms": figs}})
+    assert report.cri_lines({"skipped": "no containerd"}) == ["Containers through CRI: skipped (no containerd)"]
