@@ -17,13 +17,15 @@ from pathlib import Path
 
 from .errors import InvalidArgument
 
-__all__ = ["Config", "VirtType", "detect_virt_type", "DEFAULT_STATE_DIR", "DEFAULT_RUN_DIR", "MAX_RUN_DIR"]
+__all__ = ["Config", "VirtType", "detect_virt_type", "DEFAULT_STATE_DIR", "DEFAULT_RUN_DIR", "MAX_RUN_DIR",
+           "DEFAULT_CONTAINERD_ADDRESS"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STATE_DIR = Path("/var/lib/vmsandbox")
 DEFAULT_URI = "qemu:///system"
 DEFAULT_RUN_DIR = Path("/run/vmsandbox")
+DEFAULT_CONTAINERD_ADDRESS = "/run/containerd/containerd.sock"
 MAX_RUN_DIR = 45
 """The longest run dir that keeps every task socket under containerd's 106-byte limit."""
 
@@ -78,6 +80,8 @@ class Config:
     uri: str = DEFAULT_URI
     state_dir: Path = DEFAULT_STATE_DIR
     run_dir: Path = DEFAULT_RUN_DIR  # one task API socket per sandbox under it
+    # containerd's gRPC socket, where serve publishes the containers' /tasks/* events ("": none)
+    containerd_address: str = DEFAULT_CONTAINERD_ADDRESS
     virt_type: VirtType = VirtType.AUTO
     images_dir: Path = field(default_factory=lambda: Path(__file__).resolve().parent.parent / "images")
     image_name: str = "default"
@@ -136,6 +140,8 @@ class Config:
             env["images_dir"] = Path(v)
         if v := os.environ.get("VMSANDBOX_RUN_DIR"):
             env["run_dir"] = Path(v)
+        if (v := os.environ.get("VMSANDBOX_CONTAINERD_ADDRESS")) is not None:
+            env["containerd_address"] = v
         env.update({k: v for k, v in overrides.items() if v is not None})
         return replace(cls(), **env)  # type: ignore[arg-type]
 

@@ -51,7 +51,10 @@ class CriSection:
         state = self.root / "state"
         state.mkdir()
         provision(state)
-        self.serve = Serve(state, self.root / "vmsandbox.sock", env={"VMSANDBOX_RUN_DIR": str(self.run_dir)})
+        # serve publishes task events to our containerd (Containerd.socket), never the host's.
+        events_to = self.root / "containerd" / "containerd.sock"
+        self.serve = Serve(state, self.root / "vmsandbox.sock",
+                           env={"VMSANDBOX_RUN_DIR": str(self.run_dir), "VMSANDBOX_CONTAINERD_ADDRESS": str(events_to)})
         self.ctd: Containerd | None = None
         self.pods: list[str] = []
 

@@ -112,7 +112,7 @@ class Containerd:
             "cniVersion": "1.0.0",
             "name": f"{self.prefix}-{self.token}",
             "plugins": [{
-                "type": "bridge", "bridge": "vsbxbr0", "isGateway": True, "ipMasq": False,
+                "type": "bridge", "bridge": "cnivsbx0", "isGateway": True, "ipMasq": False,
                 "ipam": {"type": "host-local", "ranges": [[{"subnet": f"{self.subnet}.0/24"}]],
                          "routes": [{"dst": "0.0.0.0/0"}], "dataDir": str(self.root / "cni/ipam")},
             }],

@@ -42,7 +42,11 @@ def serve(cri_root: Path) -> Iterator[Serve]:
     state.mkdir()
     # The sandboxes' task sockets: a short private folder (the socket path limit is 106 bytes).
     run_dir = Path(tempfile.mkdtemp(prefix="vsbxt-run-", dir="/run"))
-    srv = Serve(state, cri_root / "vmsandbox.sock", env={"VMSANDBOX_RUN_DIR": str(run_dir)})
+    # containerd's socket (tests/cri/harness.py Containerd.socket): serve publishes the task
+    # events there; containerd starts after serve, so the first ones may find nobody.
+    events_to = cri_root / "containerd" / "containerd.sock"
+    srv = Serve(state, cri_root / "vmsandbox.sock",
+                env={"VMSANDBOX_RUN_DIR": str(run_dir), "VMSANDBOX_CONTAINERD_ADDRESS": str(events_to)})
     srv.start()
     try:
         yield srv

@@ -120,6 +120,26 @@ def test_a_host_bind_mount_made_under_the_share_after_boot_shows_up_in_the_guest
     target.rmdir()
 
 
+def test_a_host_mount_under_the_share_is_its_own_filesystem_in_the_guest(controller, booted: str) -> None:  # type: ignore[no-untyped-def]
+    """virtiofsd announces submounts: a host filesystem mounted under the share has its own
+    st_dev in the guest, so its inode numbers cannot collide with the share's (tar, cp -a and
+    du would take two files with one dev:ino for hard links)."""
+    target = share_of(controller, booted) / unique("tmpfs")
+    target.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "vsbxt-tmpfs", str(target)], check=True)
+    try:
+        (target / "f").write_text("x")
+        assert guest_sees(controller, booted, f"cat {GUEST_SHARE}/{target.name}/f", "x") == "x"
+        devs = sh(controller, booted, f"stat -c %d {GUEST_SHARE} {GUEST_SHARE}/{target.name} "
+                                      f"{GUEST_SHARE}/{target.name}/f").stdout.decode().split()
+        assert len(devs) == 3 and devs[0] != devs[1] == devs[2], devs
+    finally:
+        busy = subprocess.run(["umount", str(target)], capture_output=True, text=True)
+        if busy.returncode != 0:
+            subprocess.run(["umount", "--lazy", str(target)], check=True)
+    target.rmdir()
+
+
 def _busybox_bundle(bundle: Path, args: list[str]) -> None:
     rootfs = bundle / "rootfs"
     (rootfs / "bin").mkdir(parents=True)

@@ -3,7 +3,9 @@
 :class:`FakeCrun` answers the engine's guest commands the way crun and vsbx-exec do: a
 supervised ``crun create``/``crun exec --detach`` publishes a pid in ``<pidfile>.ready`` and
 its channel ends with the process's status; ``crun start`` runs ``on_start``; ``crun kill``
-and ``kill`` end the process with 128+signal; ``crun delete --force`` kills what is left.
+and ``kill`` end the process with 128+signal; ``crun delete --force`` kills what is left and
+removes the container's cgroup, whose files (``cgroup_files``, by name) ``grep -H`` prints as
+busybox does; ``crun update --resources F`` records F's contents in ``updates``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any as _Any
 
+from google.protobuf.message import Message
+
 from vmsandbox.guest.fake import ExecCall, FakeGuests, FakeProcess
 from vmsandbox.model import ExecResult
 from vmsandbox.task.engine import TaskEngine
@@ -27,6 +31,23 @@ from vmsandbox.task.fake import FakeStager
 
 SID = "s" * 64
 CID = "c" * 64
+#: A guest cgroup of a busy container, as kernel 6.1 writes it (values in bytes/usec).
+CGROUP_FILES = {
+    "cpu.stat": "usage_usec 53850270\nuser_usec 18742110\nsystem_usec 35108160\nnr_periods 1088\n"
+                "nr_throttled 1057\nthrottled_usec 53063542\nnr_bursts 0\nburst_usec 0\n",
+    "memory.current": "159744\n",
+    "memory.max": "33554432\n",
+    "memory.peak": "33554432\n",
+    "memory.swap.current": "0\n",
+    "memory.swap.max": "max\n",
+    "memory.stat": "anon 40960\nfile 8192\nkernel_stack 16384\nslab 94208\nsock 0\nshmem 0\n"
+                   "inactive_anon 36864\nactive_anon 4096\ninactive_file 8192\nactive_file 0\n"
+                   "pgfault 25219\npgmajfault 3\nworkingset_refault_anon 0\n",
+    "memory.events": "low 0\nhigh 0\nmax 4967\noom 291\noom_kill 0\noom_group_kill 0\n",
+    "pids.current": "1\n",
+    "pids.max": "max\n",
+    "io.stat": "254:0 rbytes=1048576 wbytes=4096 rios=12 wios=1 dbytes=0 dios=0\n",
+}
 
 
 def spec(args: list[str] | None = None, **extra: _Any) -> dict[str, _Any]:
@@ -65,6 +86,9 @@ class FakeCrun:
     on_start: Callable[[FakeProcess], None] = lambda proc: None
     on_exec: Callable[[FakeProcess], None] = lambda proc: None
     commands: list[tuple[str, ...]] = field(default_factory=list)
+    cgroup_files: dict[str, str] = field(default_factory=lambda: dict(CGROUP_FILES))
+    updates: list[tuple[str, _Any]] = field(default_factory=list)
+    stager: FakeStager | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -119,6 +143,19 @@ class FakeCrun:
             if gone is not None and not gone.proc.done:
                 gone.proc.exit(137)
             return ExecResult(0, b"", b"")
+        if argv[0] == "grep":
+            out = []
+            for path in argv[4:]:
+                cid, name = path.split("/")[-2:]
+                if cid in self.containers and name in self.cgroup_files:
+                    out += [f"{path}:{line}" for line in self.cgroup_files[name].splitlines()]
+            return ExecResult(0 if out else 2, "".join(line + "\n" for line in out).encode(), b"")
+        if argv[:3] == ("crun", "update", "--resources"):
+            assert self.stager is not None
+            if argv[4] not in self.containers:
+                return ExecResult(1, b"", b"container does not exist\n")
+            self.updates.append((argv[4], json.loads(self.stager.files[argv[3]])))
+            return ExecResult(0, b"", b"")
         if argv[0] == "kill":
             p = self.execs.get(int(argv[2]))
             if p is None or p.done:
@@ -128,15 +165,37 @@ class FakeCrun:
         raise AssertionError(f"unexpected guest command {argv}")
 
 
+class EventLog:
+    """An event sink that records (namespace, topic, event)."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[str, str, Message]] = []
+        self.cond = threading.Condition()
+
+    def publish(self, namespace: str, topic: str, event: Message) -> None:
+        with self.cond:
+            self.got.append((namespace, topic, event))
+            self.cond.notify_all()
+
+    def topics(self, until: str = "", times: int = 1, timeout: float = 5) -> list[str]:
+        """The topics so far; first waits (up to ``timeout``) for ``until`` to be among them
+        ``times`` times."""
+        with self.cond:
+            self.cond.wait_for(lambda: not until or sum(t == until for _, t, _ in self.got) >= times, timeout)
+            return [t for _, t, _ in self.got]
+
+
 class Rig:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.guests = FakeGuests()
         self.channel = self.guests("/fake.sock", b"", "key", SID)
         self.channel.connect(time.monotonic() + 1)
-        self.crun = FakeCrun(self.guests)
         self.stager = FakeStager()
-        self.engine = TaskEngine(SID, lambda: self.channel, self.stager, ready_timeout=5, fifo_timeout=1)
+        self.crun = FakeCrun(self.guests, stager=self.stager)
+        self.events = EventLog()
+        self.engine = TaskEngine(SID, lambda: self.channel, self.stager, ready_timeout=5, fifo_timeout=1,
+                                 events=self.events)
 
     def bundle(self, doc: dict[str, _Any] | None = None, name: str = CID) -> str:
         d = self.tmp / "bundles" / name

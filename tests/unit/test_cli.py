@@ -479,6 +479,43 @@ def test_serve_wires_the_controller_to_the_server_with_the_admin_socket_and_clos
     assert state_dir_owner(cli.state_dir) is None  # the controller was closed: the state dir is free again
 
 
+@pytest.mark.parametrize("given, want", [(None, "unix:///run/containerd/containerd.sock"),
+                                         ("/run/c/containerd.sock", "unix:///run/c/containerd.sock"), ("", None)])
+def test_serve_publishes_the_task_events_to_containerds_address(
+        cli: Cli, monkeypatch: pytest.MonkeyPatch, given: str | None, want: str | None) -> None:
+    import threading
+
+    from vmsandbox.server.events import ContainerdEvents
+    from vmsandbox.task.events import NO_EVENTS
+    from vmsandbox.task.sockets import TaskServingController
+
+    sinks: list[object] = []
+
+    class Server:
+        socket_path = "/run/test.sock"
+
+        def install_signal_handlers(self) -> None:
+            pass
+
+        def wait(self) -> None:
+            pass
+
+    def serve(ctl: TaskServingController, socket: str, **kwargs: object) -> Server:
+        sinks.append(ctl.sockets._events)
+        return Server()
+
+    monkeypatch.setattr("vmsandbox.server.serve", serve)
+    monkeypatch.delenv("VMSANDBOX_CONTAINERD_ADDRESS", raising=False)
+    given_args = [] if given is None else ["--containerd-address", given]
+    assert cli("serve", "--socket", "/run/test.sock", "--no-build-image", *given_args) == (0, "", "")
+    (sink,) = sinks
+    if want is None:
+        assert sink is NO_EVENTS
+    else:
+        assert isinstance(sink, ContainerdEvents) and sink.address == want
+    assert not [t for t in threading.enumerate() if t.name == "vsbx-events"]  # closed with serve
+
+
 # --------------------------------------------------------------------------- local or remote
 def test_without_an_owner_a_leftover_admin_socket_is_ignored(cli: Cli) -> None:
     (cli.state_dir / "admin.sock").write_text("")

@@ -6,7 +6,7 @@ import libvirt
 import pytest
 
 from vmsandbox import AlreadyExists, FailedPrecondition, Internal, NotFound, Unavailable
-from vmsandbox.hypervisor.libvirt_driver import translate
+from vmsandbox.hypervisor.libvirt_driver import start_refused, translate
 
 
 def err(code: int, domain: int, msg: str = "boom") -> libvirt.libvirtError:
@@ -39,3 +39,13 @@ def test_a_name_clash_is_already_exists() -> None:
     assert type(translate(e, "defining domain vmsandbox-a")) is AlreadyExists
     other = err(libvirt.VIR_ERR_OPERATION_FAILED, libvirt.VIR_FROM_DOMAIN, "operation failed: no more ports")
     assert type(translate(other, "starting")) is FailedPrecondition
+
+
+@pytest.mark.parametrize(("code", "domain", "refused"), [
+    (libvirt.VIR_ERR_INTERNAL_ERROR, libvirt.VIR_FROM_QEMU, True),  # QEMU's own words
+    (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_FROM_STORAGE, True),  # "Cannot access storage file"
+    (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_FROM_RPC, False),  # the socket to libvirtd
+    (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_FROM_QEMU, False),
+])
+def test_which_start_failures_are_the_vm_refusing_to_start(code: int, domain: int, refused: bool) -> None:
+    assert start_refused(err(code, domain)) is refused

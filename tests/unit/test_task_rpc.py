@@ -167,7 +167,7 @@ def test_errors_map_to_the_codes_containerd_expects(rig: Rig, client: Client) ->
         call(client, "Create", pb.CreateTaskRequest(id=CID, bundle="/nowhere"))
     with pytest.raises(errors.InvalidArgument):
         call(client, "Exec", pb.ExecProcessRequest(id=CID, exec_id="x", spec=any_pb2.Any(value=b"{")))
-    for name in ("Pause", "Resume", "Checkpoint", "Update", "Stats"):
+    for name in ("Pause", "Resume", "Checkpoint"):
         req = {n: q for n, q, _ in RPCS}[name]
         with pytest.raises(errors.Unimplemented):
             call(client, name, req(id=CID))

@@ -58,6 +58,14 @@ def test_run_dir_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert Config().run_dir == Path("/run/vmsandbox")
 
 
+def test_containerd_address_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Config().containerd_address == "/run/containerd/containerd.sock"
+    monkeypatch.setenv("VMSANDBOX_CONTAINERD_ADDRESS", "/run/c/containerd.sock")
+    assert Config.from_env().containerd_address == "/run/c/containerd.sock"
+    monkeypatch.setenv("VMSANDBOX_CONTAINERD_ADDRESS", "")  # publish no events
+    assert Config.from_env().containerd_address == ""
+
+
 @pytest.fixture
 def run_dir() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="vsbxt-", dir="/tmp"))  # short: pytest's tmp_path may be too long

@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--socket", default="/run/vmsandbox/vmsandbox.sock")
     sv.add_argument("--socket-group", help="make the socket 0660 for this group (default 0600 root)")
     sv.add_argument("--max-workers", type=int, default=512, help="rpc threads; each running sandbox holds one Wait")
+    sv.add_argument("--containerd-address", metavar="PATH",
+                    help="containerd's gRPC socket, for the containers' /tasks/* events (default "
+                         "$VMSANDBOX_CONTAINERD_ADDRESS or /run/containerd/containerd.sock; '' for none)")
     sv.add_argument("--no-build-image", dest="build_image", action="store_false",
                     help="do not build the guest image at start-up")
     sv.set_defaults(func=cmd.serve)

@@ -66,6 +66,7 @@ def config_from(args: argparse.Namespace) -> Config:
         uri=args.uri,
         state_dir=Path(args.state_dir) if args.state_dir else None,
         virt_type=parse_virt_type(args.virt_type) if args.virt_type else None,
+        containerd_address=getattr(args, "containerd_address", None),
     )
 
 
@@ -140,13 +141,17 @@ def serve(cfg: Config, progress: ProgressLine, *, socket: str, socket_group: str
     from ..host import LibvirtController
     from ..model import Phase
     from ..server import serve as serve_grpc
+    from ..server.events import ContainerdEvents
+    from ..task.events import NO_EVENTS
     from ..hostmount import SystemHostMounts
     from ..task.sockets import TaskServingController, TaskSockets
     from ..task.stager import ShareStager
 
     mounts = SystemHostMounts()
+    events = ContainerdEvents(cfg.containerd_address) if cfg.containerd_address else None
     sockets = TaskSockets(cfg.run_dir, lambda sandbox_id: ctl.guest_channel(sandbox_id),
-                          lambda sandbox_id: ShareStager(mounts, ctl.share_path(sandbox_id)))
+                          lambda sandbox_id: ShareStager(mounts, ctl.share_path(sandbox_id)),
+                          events=events or NO_EVENTS)
     # A removal by any path (containerd's Shutdown, the CLI's, a failed Start) closes its socket.
     ctl = LibvirtController(config=cfg, progress=progress, events=sockets.on_lifecycle)
     try:
@@ -163,3 +168,5 @@ def serve(cfg: Config, progress: ProgressLine, *, socket: str, socket_group: str
     finally:
         sockets.close_all()
         ctl.close()
+        if events is not None:
+            events.close()

@@ -65,6 +65,7 @@ class FakeHypervisor:
         self.connections: list[FakeConnection] = []
         self.fp = Failpoints()
         self.unreachable = False
+        self.memory_mib = 64 * 1024  # the host's
         self.events = "now"  # now | twice | never | manual (queued in self.pending)
         self.pending: list[tuple[str, StopReason]] = []
         self._closed = False
@@ -210,6 +211,10 @@ class FakeHypervisor:
                 raise FailedPrecondition(f"domain {name}: {e}") from e
             d.memory_mib = mib
 
+    def host_memory_mib(self) -> int:
+        self._enter("host_memory_mib")
+        return self.memory_mib
+
     def close(self) -> None:
         self._closed = True
 
@@ -287,6 +292,9 @@ class FakeConnection:
 
     def set_memory(self, name: str, mib: int) -> None:
         self._open().set_memory(name, mib)
+
+    def host_memory_mib(self) -> int:
+        return self._open().host_memory_mib()
 
     def close(self) -> None:
         self.closed = True

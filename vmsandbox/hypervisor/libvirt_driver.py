@@ -76,6 +76,14 @@ def translate(e: libvirt.libvirtError, what: str) -> VmSandboxError:
     return Internal(msg)
 
 
+def start_refused(e: libvirt.libvirtError) -> bool:
+    """Whether a failed virDomainCreate is the VM refusing to start (QEMU's own error, or a
+    system error inside the daemon, e.g. a disk file gone), not a broken connection."""
+    transport = e.get_error_domain() in (libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE)
+    return e.get_error_code() == libvirt.VIR_ERR_INTERNAL_ERROR or (
+        e.get_error_code() == libvirt.VIR_ERR_SYSTEM_ERROR and not transport)
+
+
 _loop_lock = threading.Lock()
 _loop_started = False
 
@@ -229,6 +237,10 @@ class LibvirtHypervisor:
                 "hypervisor": conn.getType(),
             }
 
+    def host_memory_mib(self) -> int:
+        with self._call("reading the host's memory size") as conn:
+            return int(conn.getInfo()[1])  # virNodeInfo.memory, in MiB
+
     def define(self, xml: str) -> None:
         with self._call("defining domain") as conn:
             conn.defineXML(xml)
@@ -241,7 +253,7 @@ class LibvirtHypervisor:
             try:
                 dom.create()
             except libvirt.libvirtError as e:
-                if e.get_error_code() != libvirt.VIR_ERR_INTERNAL_ERROR:
+                if not start_refused(e):
                     raise
                 raise FailedPrecondition(f"the VM of domain {name} did not start: {e.get_error_message()}") from e
 

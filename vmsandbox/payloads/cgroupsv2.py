@@ -2,15 +2,19 @@
 
 ``Controller.metrics`` returns a :class:`vmsandbox.model.Metric` whose ``data`` is
 ``to_any(CgroupV2Metrics(...))``; CRI's ``PodSandboxStats`` unmarshals it with typeurl and reads
-cpu.usage_usec, memory.usage / inactive_file / usage_limit / anon / pgfault / pgmajfault.
-Only that subset (plus io and network counters) is modelled; the rest of the message stays 0.
+cpu.usage_usec, memory.usage / inactive_file / usage_limit / anon / pgfault / pgmajfault. The
+task API's Stats (a container's guest cgroup) fills in more: CPU throttling, memory.stat,
+memory_events (oom_kill: CRI's OOMKilled check) and pids. Field names are the proto's, so
+each value type maps onto its message by name; PSI, RDMA and hugetlb stay unset.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any as _Any
+from typing import TypeVar
 
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from ..errors import InvalidArgument
 from ..model import AnyMessage
@@ -23,6 +27,7 @@ __all__ = [
     "IOEntry",
     "NetworkStat",
     "PidsStat",
+    "MemoryEvents",
     "CgroupV2Metrics",
     "to_any",
     "from_any",
@@ -34,28 +39,61 @@ TYPE_URL = "io.containerd.cgroups.v2.Metrics"
 
 @dataclass(frozen=True)
 class CPUStat:
-    """CPU time in microseconds (``cpu.stat``)."""
+    """CPU time in microseconds and CFS throttling (``cpu.stat``)."""
 
     usage_usec: int = 0
     user_usec: int = 0
     system_usec: int = 0
+    nr_periods: int = 0
+    nr_throttled: int = 0
+    throttled_usec: int = 0
 
 
 @dataclass(frozen=True)
 class MemoryStat:
-    """Memory figures in bytes (``memory.current``/``memory.max``/``memory.stat``).
+    """Memory figures in bytes (``memory.current``/``memory.max``/``memory.swap.*``/``memory.peak``
+    and the keys of ``memory.stat`` of the same names).
 
-    ``usage_limit`` is the limit; CRI reports "unlimited" above 2**62. ``pgfault`` and
-    ``pgmajfault`` are event counts.
+    ``usage_limit`` is the limit (2**64-1 for "max", as containerd's cgroups reads it); CRI
+    reports "unlimited" above 2**62. ``pgfault`` and the other ``pg*`` fields are event counts.
     """
 
     usage: int = 0
     usage_limit: int = 0
+    swap_usage: int = 0
+    swap_limit: int = 0
+    max_usage: int = 0
     anon: int = 0
-    inactive_file: int = 0
     file: int = 0
+    kernel_stack: int = 0
+    slab: int = 0
+    sock: int = 0
+    shmem: int = 0
+    file_mapped: int = 0
+    file_dirty: int = 0
+    file_writeback: int = 0
+    anon_thp: int = 0
+    inactive_anon: int = 0
+    active_anon: int = 0
+    inactive_file: int = 0
+    active_file: int = 0
+    unevictable: int = 0
+    slab_reclaimable: int = 0
+    slab_unreclaimable: int = 0
     pgfault: int = 0
     pgmajfault: int = 0
+
+
+@dataclass(frozen=True)
+class MemoryEvents:
+    """``memory.events`` counters; ``oom_kill`` > 0 is how CRI tells an OOM kill from a SIGKILL."""
+
+    low: int = 0
+    high: int = 0
+    max: int = 0
+    oom: int = 0
+    oom_kill: int = 0
+    oom_group_kill: int = 0
 
 
 @dataclass(frozen=True)
@@ -102,83 +140,45 @@ class CgroupV2Metrics:
     io: tuple[IOEntry, ...] = ()
     network: tuple[NetworkStat, ...] = ()
     pids: PidsStat | None = None
+    memory_events: MemoryEvents | None = None
+
+
+_T = TypeVar("_T")
+
+
+def _values(obj: object) -> dict[str, _Any]:
+    """A value type's fields by name: they are named as the proto's fields."""
+    return {f.name: getattr(obj, f.name) for f in fields(obj)}  # type: ignore[arg-type]
+
+
+def _load(cls: type[_T], msg: Message) -> _T:
+    return cls(**{f.name: getattr(msg, f.name) for f in fields(cls)})  # type: ignore[arg-type]
 
 
 def to_proto(m: CgroupV2Metrics) -> metrics_pb2.Metrics:
     """Build the generated ``Metrics`` message (fields we do not model stay unset)."""
     msg = metrics_pb2.Metrics(
-        cpu=metrics_pb2.CPUStat(
-            usage_usec=m.cpu.usage_usec, user_usec=m.cpu.user_usec, system_usec=m.cpu.system_usec
-        ),
-        memory=metrics_pb2.MemoryStat(
-            usage=m.memory.usage,
-            usage_limit=m.memory.usage_limit,
-            anon=m.memory.anon,
-            inactive_file=m.memory.inactive_file,
-            file=m.memory.file,
-            pgfault=m.memory.pgfault,
-            pgmajfault=m.memory.pgmajfault,
-        ),
-        io=metrics_pb2.IOStat(
-            usage=[
-                metrics_pb2.IOEntry(
-                    major=e.major, minor=e.minor, rbytes=e.rbytes, wbytes=e.wbytes, rios=e.rios, wios=e.wios
-                )
-                for e in m.io
-            ]
-        ),
-        network=[
-            metrics_pb2.NetworkStat(
-                name=n.name,
-                rx_bytes=n.rx_bytes,
-                rx_packets=n.rx_packets,
-                rx_errors=n.rx_errors,
-                rx_dropped=n.rx_dropped,
-                tx_bytes=n.tx_bytes,
-                tx_packets=n.tx_packets,
-                tx_errors=n.tx_errors,
-                tx_dropped=n.tx_dropped,
-            )
-            for n in m.network
-        ],
+        cpu=metrics_pb2.CPUStat(**_values(m.cpu)),
+        memory=metrics_pb2.MemoryStat(**_values(m.memory)),
+        io=metrics_pb2.IOStat(usage=[metrics_pb2.IOEntry(**_values(e)) for e in m.io]),
+        network=[metrics_pb2.NetworkStat(**_values(n)) for n in m.network],
     )
     if m.pids is not None:
-        msg.pids.CopyFrom(metrics_pb2.PidsStat(current=m.pids.current, limit=m.pids.limit))
+        msg.pids.CopyFrom(metrics_pb2.PidsStat(**_values(m.pids)))
+    if m.memory_events is not None:
+        msg.memory_events.CopyFrom(metrics_pb2.MemoryEvents(**_values(m.memory_events)))
     return msg
 
 
 def from_proto(msg: metrics_pb2.Metrics) -> CgroupV2Metrics:
     """The modelled subset of a generated ``Metrics`` message."""
     return CgroupV2Metrics(
-        cpu=CPUStat(usage_usec=msg.cpu.usage_usec, user_usec=msg.cpu.user_usec, system_usec=msg.cpu.system_usec),
-        memory=MemoryStat(
-            usage=msg.memory.usage,
-            usage_limit=msg.memory.usage_limit,
-            anon=msg.memory.anon,
-            inactive_file=msg.memory.inactive_file,
-            file=msg.memory.file,
-            pgfault=msg.memory.pgfault,
-            pgmajfault=msg.memory.pgmajfault,
-        ),
-        io=tuple(
-            IOEntry(major=e.major, minor=e.minor, rbytes=e.rbytes, wbytes=e.wbytes, rios=e.rios, wios=e.wios)
-            for e in msg.io.usage
-        ),
-        network=tuple(
-            NetworkStat(
-                name=n.name,
-                rx_bytes=n.rx_bytes,
-                rx_packets=n.rx_packets,
-                rx_errors=n.rx_errors,
-                rx_dropped=n.rx_dropped,
-                tx_bytes=n.tx_bytes,
-                tx_packets=n.tx_packets,
-                tx_errors=n.tx_errors,
-                tx_dropped=n.tx_dropped,
-            )
-            for n in msg.network
-        ),
-        pids=PidsStat(current=msg.pids.current, limit=msg.pids.limit) if msg.HasField("pids") else None,
+        cpu=_load(CPUStat, msg.cpu),
+        memory=_load(MemoryStat, msg.memory),
+        io=tuple(_load(IOEntry, e) for e in msg.io.usage),
+        network=tuple(_load(NetworkStat, n) for n in msg.network),
+        pids=_load(PidsStat, msg.pids) if msg.HasField("pids") else None,
+        memory_events=_load(MemoryEvents, msg.memory_events) if msg.HasField("memory_events") else None,
     )
 
 

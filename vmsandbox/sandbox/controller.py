@@ -55,7 +55,7 @@ from .recovery import Recovery
 from .registry import Entry, Registry
 from .share import Shares
 from .status import StatusView, instance_of
-from .spec import domain_spec, size_sandbox
+from .spec import check_fits_host, domain_spec, size_sandbox
 from .statedir import LOCK_FILE, StateDir, agent_socket_path, state_dir_owner
 from .store import SandboxRecord, Store
 from .undo import quietly
@@ -98,7 +98,7 @@ class SandboxController:
         self._progress = progress
         self._store = Store(config.state_dir)
         self._netsteps = NetSteps(network, self._store)
-        self._shares = Shares(mounts, self._store)
+        self._shares = Shares(mounts, self._store, self.config.virtiofsd)
         self._registry = Registry(self._store)
         self._exits = Exits(self._registry, self._emit)
         self._image: GuestImage | None = None
@@ -159,8 +159,9 @@ class SandboxController:
     ) -> None:
         """Prepare a sandbox: disks, keys, config disk and the libvirt domain definition.
 
-        Nothing boots yet. Raises InvalidArgument for a bad id, mount or annotation and
-        AlreadyExists for a taken id; on any failure nothing is left behind.
+        Nothing boots yet. Raises InvalidArgument for a bad id, mount or annotation (or more
+        memory than the host has) and AlreadyExists for a taken id; on any failure nothing is
+        left behind.
         """
         if not isinstance(sandbox, Sandbox):
             raise InvalidArgument("sandbox must be a vmsandbox.Sandbox")
@@ -170,6 +171,7 @@ class SandboxController:
         # CRI passes pod annotations inside the PodSandboxConfig; explicit ones win.
         annotations = {**(pod.annotations if pod is not None else {}), **dict(annotations or {})}
         size = size_sandbox(annotations, pod, self.config)
+        check_fits_host(size, self._hv.host_memory_mib())
         settings = guest_settings(sandbox, annotations, pod)
         if pod is not None and pod.cgroup_parent:
             cgroup_relpath(pod.cgroup_parent)  # validate now; placement happens at start

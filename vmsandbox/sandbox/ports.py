@@ -88,6 +88,9 @@ class Hypervisor(Protocol):
 
     def set_memory(self, name: str, mib: int) -> None: ...
 
+    def host_memory_mib(self) -> int:
+        """The host's physical memory (what one guest can ever get)."""
+
     def close(self) -> None: ...
 
 

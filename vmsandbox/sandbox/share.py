@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 from collections.abc import Collection
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from ..errors import FailedPrecondition, VmSandboxError
 from .ports import HostMounts
 from .store import Store
 
-__all__ = ["SHARE_DIR", "SHARE_TAG", "Shares"]
+__all__ = ["SHARE_DIR", "SHARE_TAG", "VIRTIOFSD_OPTIONS", "Shares", "virtiofsd_wrapper"]
 
 log = logging.getLogger(__name__)
 
@@ -23,16 +24,31 @@ SHARE_TAG = "vsbx-shared"
 """The virtio-fs tag the guest mounts (images/init)."""
 
 
+VIRTIOFSD_OPTIONS = ("announce_submounts",)
+"""Given to virtiofsd by :func:`virtiofsd_wrapper`: a host filesystem mounted under the share
+is a filesystem of its own in the guest (its own st_dev), so inode numbers of the snapshot,
+the volumes and the share never collide there."""
+
+
+def virtiofsd_wrapper(state_dir: Path) -> Path:
+    """The virtiofsd the domains name (``<binary path>``): ``<state_dir>/bin/virtiofsd``."""
+    return state_dir / "bin" / "virtiofsd"
+
+
 class Shares:
-    def __init__(self, mounts: HostMounts, store: Store) -> None:
+    def __init__(self, mounts: HostMounts, store: Store, virtiofsd: str = "") -> None:
         self._mounts = mounts
         self._store = store
+        self._virtiofsd = virtiofsd
 
     def path(self, sandbox_id: str) -> Path:
         return self._store.dir(sandbox_id) / SHARE_DIR
 
     def make(self, sandbox_id: str) -> Path:
-        """The share folder, mode 0700 whatever the umask (created when missing)."""
+        """The share folder, mode 0700 whatever the umask (created when missing), and the
+        virtiofsd wrapper its domain will name."""
+        if self._virtiofsd:
+            self.write_wrapper()
         p = self.path(sandbox_id)
         try:
             p.mkdir(mode=0o700, exist_ok=True)
@@ -40,6 +56,27 @@ class Shares:
         except OSError as err:
             raise FailedPrecondition(f"cannot create the share folder {p}: {err.strerror}", sandbox_id=sandbox_id) from err
         return p
+
+    def write_wrapper(self) -> Path:
+        """Write :func:`virtiofsd_wrapper` (when its content changed): a script that runs the
+        configured virtiofsd with libvirt's arguments plus :data:`VIRTIOFSD_OPTIONS`, which
+        libvirt 9.0 has no XML for. Replaced atomically, so a starting domain never runs half
+        of it."""
+        path = virtiofsd_wrapper(self._store.root.parent)
+        opts = " ".join(f"-o {shlex.quote(o)}" for o in VIRTIOFSD_OPTIONS)
+        text = ("#!/bin/sh\n# Written by vmsandbox (vmsandbox/sandbox/share.py): libvirt has no XML for these options.\n"
+                f'exec {shlex.quote(self._virtiofsd)} "$@" {opts}\n')
+        try:
+            if path.exists() and path.read_text() == text:
+                return path
+            path.parent.mkdir(mode=0o711, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_text(text)
+            tmp.chmod(0o700)  # libvirtd (root) runs it
+            os.replace(tmp, path)
+        except OSError as err:
+            raise FailedPrecondition(f"cannot write {path}: {err.strerror}") from err
+        return path
 
     def mount(self, sandbox_id: str) -> None:
         """Before a boot: the share folder made a shared mount (idempotent)."""

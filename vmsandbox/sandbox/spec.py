@@ -13,16 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config, VirtType
+from ..errors import InvalidArgument
 from ..hypervisor.domain import DiskSpec, DomainSpec, NicSpec, ShareSpec
 from ..image import GuestImage
 from ..network._model import NetworkPlan
 from ..payloads.podconfig import PodConfig, memory_mib_from, vcpus_from
 from .guestconfig import CONFIG_DISK
 from .mounts import DiskPlan
-from .share import SHARE_TAG
+from .share import SHARE_TAG, virtiofsd_wrapper
 from .validate import MIN_MEMORY_MIB, resources_from_annotations
 
-__all__ = ["Size", "size_sandbox", "domain_spec"]
+__all__ = ["Size", "size_sandbox", "check_fits_host", "domain_spec"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,18 @@ def size_sandbox(annotations: Mapping[str, str], pod: PodConfig | None, config: 
     vcpus = vcpus or config.default_vcpus
     mem = mem or config.default_memory_mib
     return Size(vcpus, mem, max(mem, min(config.max_memory_mib, mem * config.memory_headroom)))
+
+
+def check_fits_host(size: Size, host_memory_mib: int) -> None:
+    """InvalidArgument when the guest's boot memory is more than the host has at all.
+
+    Guest RAM is a shared memfd (virtio-fs needs it), which the kernel's overcommit heuristic
+    never refuses, so QEMU would start such a guest and the host would swap or OOM-kill
+    later; a private mapping of that size used to fail with ENOMEM at start. Sandboxes that
+    fit one by one may still overcommit the host together: that is a density decision.
+    """
+    if host_memory_mib > 0 and size.memory_mib > host_memory_mib:
+        raise InvalidArgument(f"memory of {size.memory_mib} MiB is more than this host's {host_memory_mib} MiB")
 
 
 def domain_spec(
@@ -83,7 +96,7 @@ def domain_spec(
         + tuple(DiskSpec(p.source, p.serial, p.format, p.block, p.readonly) for p in disks),
         nics=tuple(NicSpec(t, i.mac, i.mtu) for t, i in zip(taps, network.interfaces)) if network else (),
         partition=partition,
-        shares=(ShareSpec(str(share), SHARE_TAG, config.virtiofsd),) if share is not None else (),
+        shares=(ShareSpec(str(share), SHARE_TAG, str(virtiofsd_wrapper(config.state_dir))),) if share is not None else (),
     )
 
 

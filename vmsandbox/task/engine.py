@@ -33,11 +33,15 @@ from ..errors import (
     VmSandboxError,
 )
 from ..model import Mount, PtySize
+from ..payloads.cgroupsv2 import CgroupV2Metrics
 from ..sandbox.ports import GuestChannel, GuestProcess
 from ..sandbox.undo import quietly
+from . import events as ev
+from .cgroups import parse_stats, stats_argv
+from .events import NO_EVENTS, EventSink
 from .ports import BundleStager, StagedBundle
 from .process import LOST_EXIT, Exit, IoSpec, ProcessState, Status, TaskProcess
-from .spec import is_bind, load_spec, rewrite_process, rewrite_spec
+from .spec import guest_resources, is_bind, load_spec, rewrite_process, rewrite_spec
 from .stdio import FIFO_OPEN_TIMEOUT, Stdio
 
 __all__ = ["TaskEngine", "CRUN", "READY_TIMEOUT", "GUEST_CALL_TIMEOUT"]
@@ -59,6 +63,9 @@ class _Container:
     init: TaskProcess
     execs: dict[str, TaskProcess] = field(default_factory=dict)
     deleting: bool = False
+    namespace: str = ""  # containerd's, for the events
+    oom_kills: int = 0  # memory.events oom_kill when last read
+    last_stats: CgroupV2Metrics | None = None
 
 
 def exec_failure_status(crun_message: str) -> int | None:
@@ -80,8 +87,10 @@ class TaskEngine:
     """
 
     def __init__(self, sandbox_id: str, channel: Callable[[], GuestChannel], stager: BundleStager, *,
-                 ready_timeout: float = READY_TIMEOUT, fifo_timeout: float = FIFO_OPEN_TIMEOUT) -> None:
+                 ready_timeout: float = READY_TIMEOUT, fifo_timeout: float = FIFO_OPEN_TIMEOUT,
+                 events: EventSink = NO_EVENTS) -> None:
         self.sandbox_id = sandbox_id
+        self._ev, self._closed = ev.OrderedEvents(events), False
         self._channel, self._stager = channel, stager
         self._ready_timeout, self._fifo_timeout = ready_timeout, fifo_timeout
         self._lock = threading.Lock()
@@ -114,10 +123,12 @@ class TaskEngine:
             raise FailedPrecondition(f"{what} failed (exit {r.exit_code}): {msg}", sandbox_id=self.sandbox_id)
 
     # ------------------------------------------------------------------ create
-    def create(self, cid: str, *, bundle: str, rootfs: Sequence[Mount], io: IoSpec, checkpoint: str = "") -> int:
+    def create(self, cid: str, *, bundle: str, rootfs: Sequence[Mount], io: IoSpec, checkpoint: str = "",
+               namespace: str = "") -> int:
         """crun create in the guest; the init's guest pid. AlreadyExists for a known id,
         InvalidArgument for a bad bundle or FIFO, Unimplemented for a checkpoint; a failure
-        leaves nothing staged or running."""
+        leaves nothing staged or running. ``namespace``: containerd's, which the container's
+        events are published in."""
         if checkpoint:
             raise Unimplemented("restoring from a checkpoint is not supported", sandbox_id=self.sandbox_id)
         with self._lock:
@@ -125,12 +136,14 @@ class TaskEngine:
                 raise AlreadyExists(f"container {cid!r} already exists", sandbox_id=self.sandbox_id)
             self._creating.add(cid)
         try:
-            return self._create(cid, bundle, rootfs, io)
+            pid = self._create(cid, bundle, rootfs, io, namespace)
         finally:
             with self._lock:
                 self._creating.discard(cid)
+        self._ev.publish(namespace, ev.Topic.CREATE, ev.task_create(cid, bundle, rootfs, io, pid))
+        return pid
 
-    def _create(self, cid: str, bundle: str, rootfs: Sequence[Mount], io: IoSpec) -> int:
+    def _create(self, cid: str, bundle: str, rootfs: Sequence[Mount], io: IoSpec, namespace: str) -> int:
         try:
             spec = load_spec(Path(bundle, "config.json").read_bytes())
         except OSError as e:
@@ -152,7 +165,7 @@ class TaskEngine:
             self._launch(init, argv, pidfile, created=True)
             undo.pop_all()
         with self._lock:
-            self._containers[cid] = _Container(cid, bundle, staged, init)
+            self._containers[cid] = _Container(cid, bundle, staged, init, namespace=namespace)
         log.info("sandbox %s: container %s created, guest pid %d", self.sandbox_id, cid, init.pid)
         return init.pid
 
@@ -176,6 +189,7 @@ class TaskEngine:
                              name=f"vsbx-task-{self.sandbox_id[:12]}-{proc.container_id[:12]}")
         with self._lock:
             self._waiters = [w for w in self._waiters if w.is_alive()] + [t]
+        self._ev.exit_due((proc.container_id, proc.exec_id))
         t.start()
 
     def _await_pid(self, gp: GuestProcess, pidfile: str, verb: str, stdio: Stdio) -> int:
@@ -208,6 +222,7 @@ class TaskEngine:
             status = LOST_EXIT
         proc.stdio.close()  # output drained (wait returns after the sinks got everything)
         proc.stopped(status)
+        self._exited(proc)
 
     def _force_delete(self, cid: str) -> None:
         try:
@@ -224,10 +239,13 @@ class TaskEngine:
                 raise FailedPrecondition(f"{self._name(p)} is {p.status.name.lower()}, not created",
                                          sandbox_id=self.sandbox_id)
             p.starting = True
+        self._ev.starting((cid, exec_id))
+        failed = False
         try:
             if not exec_id:
                 self._guest([CRUN, "start", cid], "crun start")
                 p.started(p.pid)
+                self._ev.publish(c.namespace, ev.Topic.START, ev.task_start(cid, p.pid))
                 return p.pid
             pidfile = f"{c.staged.guest_dir}/exec-{exec_id}.pid"
             spec = self._stager.put_file(cid, f"exec-{exec_id}.json", json.dumps(p.spec).encode())
@@ -238,15 +256,20 @@ class TaskEngine:
                 code = exec_failure_status(p.stdio.tail)
                 if code is None:
                     raise
+                failed = True
                 # As a shell reports it (127 not found, 126 not executable), with crun's
                 # message on the exec's stderr: ExecSync gets an exit code, not an error.
                 p.started(0)
                 p.stdio.close()
                 p.stopped(code)
                 return 0
+            self._ev.publish(c.namespace, ev.Topic.EXEC_STARTED, ev.exec_started(cid, exec_id, p.pid))
             return p.pid
         finally:
             p.starting = False
+            self._ev.starting((cid, exec_id), False)
+            if failed:
+                self._exited(p)  # crun could not start it: an exit status all the same
 
     def exec(self, cid: str, exec_id: str, *, io: IoSpec, process: dict[str, _Any]) -> None:
         """Record an exec process (started by :meth:`start`). AlreadyExists for a known exec id,
@@ -270,6 +293,7 @@ class TaskEngine:
                 c.execs.pop(exec_id, None)
             raise
         log.info("sandbox %s: exec %s added to %s (%s)", self.sandbox_id, exec_id, cid, p.spec and p.spec["args"][0])
+        self._ev.publish(c.namespace, ev.Topic.EXEC_ADDED, ev.exec_added(cid, exec_id))
 
     # ------------------------------------------------------------------ queries
     def state(self, cid: str, exec_id: str = "") -> ProcessState:
@@ -352,6 +376,7 @@ class TaskEngine:
             with self._lock:
                 c.execs.pop(exec_id, None)
             p.stdio.close()
+            self._publish_delete(c, p)
             return p.exit()
         with self._lock:
             if p.status is Status.RUNNING:
@@ -380,7 +405,68 @@ class TaskEngine:
         for x in execs:
             x.stdio.close()
         log.info("sandbox %s: container %s deleted (exit %d)", self.sandbox_id, cid, p.exit_status)
+        self._publish_delete(c, p)
         return p.exit()
+
+    # ------------------------------------------------------------------ cgroup
+    def stats(self, cid: str) -> CgroupV2Metrics:
+        """The container's guest cgroup figures, read with one guest exec. crun keeps the
+        cgroup until Delete, so a container that exited still answers (CRI's OOM check reads
+        memory_events.oom_kill after an exit 137); should it be gone, the figures read when
+        the exit was seen, else NotFound."""
+        c = self._container(cid)
+        m = self._read_stats(cid) or c.last_stats
+        if m is None:
+            raise NotFound(f"container {cid!r} has no cgroup in the guest", sandbox_id=self.sandbox_id)
+        return m
+
+    def _read_stats(self, cid: str) -> CgroupV2Metrics | None:
+        return parse_stats(self._channel().exec(stats_argv(cid), in_guest_root=True,
+                                                timeout=GUEST_CALL_TIMEOUT).stdout.decode(errors="replace"))
+
+    def update(self, cid: str, resources: dict[str, _Any]) -> None:
+        """Apply runtime-spec LinuxResources to the container's cgroup: ``crun update
+        --resources``, so that limits map onto cgroup v2 files exactly as at create (cpu
+        shares -> cpu.weight, swap -> memory.swap.max, ...). FailedPrecondition once the
+        container stopped or when crun refuses them."""
+        c = self._container(cid)
+        if c.init.status is Status.STOPPED:
+            raise FailedPrecondition(f"container {cid!r} is stopped", sandbox_id=self.sandbox_id)
+        path = self._stager.put_file(cid, "resources.json", json.dumps(guest_resources(resources)).encode())
+        self._guest([CRUN, "update", "--resources", path, cid], "crun update")
+
+    # ------------------------------------------------------------------ events
+    def _exited(self, p: TaskProcess) -> None:
+        """A process stopped: /tasks/oom first when the OOM killer took it (137 and the
+        cgroup's oom_kill count grew), then /tasks/exit (after its /tasks/start)."""
+        key = (p.container_id, p.exec_id)
+        self._ev.await_start(key)
+        with self._lock:
+            c = self._containers.get(p.container_id)
+        try:
+            # No container: a create that failed, nobody was told of it. Closed: the guest lives
+            # on (serve stops) or is gone with its pod; a /tasks/exit would make CRI end it.
+            if c is not None and not self._closed:
+                self._publish_exit(c, p)
+        finally:
+            self._ev.exit_due(key, False)
+
+    def _publish_exit(self, c: _Container, p: TaskProcess) -> None:
+        if p.exit_status == 137:
+            try:
+                c.last_stats = self._read_stats(c.id) or c.last_stats
+            except VmSandboxError as e:
+                log.warning("sandbox %s: cannot read %s's memory.events: %s", self.sandbox_id, c.id, e)
+            kills = c.last_stats.memory_events.oom_kill if c.last_stats and c.last_stats.memory_events else 0
+            if kills > c.oom_kills:
+                c.oom_kills = kills
+                log.info("sandbox %s: %s was killed by the OOM killer", self.sandbox_id, self._name(p))
+                self._ev.publish(c.namespace, ev.Topic.OOM, ev.task_oom(c.id))
+        self._ev.publish(c.namespace, ev.Topic.EXIT, ev.task_exit(c.id, p.exec_id, p.exit()))
+
+    def _publish_delete(self, c: _Container, p: TaskProcess) -> None:
+        self._ev.await_exit((c.id, p.exec_id))  # its waiter may still be reading memory.events
+        self._ev.publish(c.namespace, ev.Topic.DELETE, ev.task_delete(c.id, p.exec_id, p.exit()))
 
     def shutdown(self) -> None:
         """containerd's Shutdown(id): the socket serves the whole sandbox, so nothing to do."""
@@ -388,6 +474,7 @@ class TaskEngine:
     def close(self) -> None:
         """The sandbox goes away: end every guest process; every Wait returns. Idempotent."""
         with self._lock:
+            self._closed = True
             procs = [p for c in self._containers.values() for p in (c.init, *c.execs.values())]
             waiters = list(self._waiters)
         for p in procs:

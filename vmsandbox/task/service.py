@@ -3,8 +3,13 @@
 Every request names the container by ``id`` (and an exec by ``exec_id``). Errors are
 vmsandbox.errors classes; the ttrpc server turns them into google.rpc.Status codes
 (NotFound for an unknown id or a finished process on Kill, as containerd expects). Pause,
-Resume, Checkpoint answer Unimplemented; Update and Stats too, until the guest cgroup work
-lands.
+Resume, Checkpoint answer Unimplemented.
+
+Stats answers an ``io.containerd.cgroups.v2.Metrics`` Any read from the container's cgroup in
+the guest (also after its exit, until Delete: CRI's OOMKilled check); Update takes a
+runtime-spec ``LinuxResources`` JSON Any and applies it with ``crun update``. Create records
+the request's containerd namespace (ttrpc metadata), in which the engine publishes the
+container's ``/tasks/*`` events.
 """
 
 from __future__ import annotations
@@ -12,17 +17,19 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from datetime import datetime
 
-from google.protobuf import empty_pb2, timestamp_pb2
+from google.protobuf import any_pb2, empty_pb2
 from google.protobuf.message import Message
 
 from ..errors import InvalidArgument, Unimplemented
-from ..model import Mount, PtySize
+from ..model import AnyMessage, Mount, PtySize
+from ..payloads import cgroupsv2
+from ..payloads.linux_resources import parse_linux_resources
 from ..proto.containerd.task.v3 import shim_pb2 as pb
 from ..proto.containerd.types.task import task_pb2 as task_types
 from ..ttrpc import RequestContext, Server
 from .engine import TaskEngine
+from .events import namespace_of, timestamp
 from .process import IoSpec
 
 __all__ = ["SERVICE_NAME", "RPCS", "TaskService", "UNIMPLEMENTED"]
@@ -49,14 +56,8 @@ RPCS: tuple[tuple[str, type[Message], type[Message]], ...] = (
     ("Connect", pb.ConnectRequest, pb.ConnectResponse),
     ("Shutdown", pb.ShutdownRequest, empty_pb2.Empty),
 )
-UNIMPLEMENTED = frozenset({"Pause", "Resume", "Checkpoint", "Update", "Stats"})
+UNIMPLEMENTED = frozenset({"Pause", "Resume", "Checkpoint"})
 VERSION = "vmsandbox-task-v3"
-
-
-def _ts(at: datetime) -> timestamp_pb2.Timestamp:
-    t = timestamp_pb2.Timestamp()
-    t.FromDatetime(at)
-    return t
 
 
 class TaskService:
@@ -85,7 +86,7 @@ class TaskService:
     def Create(self, r: pb.CreateTaskRequest, ctx: RequestContext) -> pb.CreateTaskResponse:
         rootfs = tuple(Mount(m.type, m.source, m.target, tuple(m.options)) for m in r.rootfs)
         pid = self._e.create(r.id, bundle=r.bundle, rootfs=rootfs, checkpoint=r.checkpoint,
-                             io=IoSpec(r.stdin, r.stdout, r.stderr, r.terminal))
+                             io=IoSpec(r.stdin, r.stdout, r.stderr, r.terminal), namespace=namespace_of(ctx.metadata))
         return pb.CreateTaskResponse(pid=pid)
 
     def Start(self, r: pb.StartRequest, ctx: RequestContext) -> pb.StartResponse:
@@ -96,14 +97,14 @@ class TaskService:
         return pb.StateResponse(id=s.id, exec_id=s.exec_id, bundle=s.bundle, pid=s.pid,
                                 status=s.status.name, stdin=s.io.stdin,
                                 stdout=s.io.stdout, stderr=s.io.stderr, terminal=s.io.terminal,
-                                exit_status=s.exit_status, exited_at=_ts(s.exited_at))
+                                exit_status=s.exit_status, exited_at=timestamp(s.exited_at))
 
     def Wait(self, r: pb.WaitRequest, ctx: RequestContext) -> pb.WaitResponse:
         ex = self._e.wait(r.id, r.exec_id, abandon=ctx.done)
         if ex is None:
             ctx.check()
             raise Unimplemented("unreachable: Wait abandoned without a reason")
-        return pb.WaitResponse(exit_status=ex.exit_status, exited_at=_ts(ex.exited_at))
+        return pb.WaitResponse(exit_status=ex.exit_status, exited_at=timestamp(ex.exited_at))
 
     def Kill(self, r: pb.KillRequest, ctx: RequestContext) -> empty_pb2.Empty:
         self._e.kill(r.id, r.exec_id, signal=r.signal, all=r.all)
@@ -111,7 +112,7 @@ class TaskService:
 
     def Delete(self, r: pb.DeleteRequest, ctx: RequestContext) -> pb.DeleteResponse:
         ex = self._e.delete(r.id, r.exec_id)
-        return pb.DeleteResponse(pid=ex.pid, exit_status=ex.exit_status, exited_at=_ts(ex.exited_at))
+        return pb.DeleteResponse(pid=ex.pid, exit_status=ex.exit_status, exited_at=timestamp(ex.exited_at))
 
     def Exec(self, r: pb.ExecProcessRequest, ctx: RequestContext) -> empty_pb2.Empty:
         try:
@@ -133,6 +134,14 @@ class TaskService:
 
     def Pids(self, r: pb.PidsRequest, ctx: RequestContext) -> pb.PidsResponse:
         return pb.PidsResponse(processes=[task_types.ProcessInfo(pid=p) for p in self._e.pids(r.id)])
+
+    def Update(self, r: pb.UpdateTaskRequest, ctx: RequestContext) -> empty_pb2.Empty:
+        self._e.update(r.id, parse_linux_resources(AnyMessage(r.resources.type_url, r.resources.value)))
+        return empty_pb2.Empty()
+
+    def Stats(self, r: pb.StatsRequest, ctx: RequestContext) -> pb.StatsResponse:
+        a = cgroupsv2.to_any(self._e.stats(r.id))
+        return pb.StatsResponse(stats=any_pb2.Any(type_url=a.type_url, value=a.value))
 
     def Connect(self, r: pb.ConnectRequest, ctx: RequestContext) -> pb.ConnectResponse:
         return pb.ConnectResponse(shim_pid=os.getpid(), task_pid=self._e.connect(r.id), version=VERSION)

@@ -36,6 +36,7 @@ from ..sandbox.events import LifecycleEvent, Step
 from ..sandbox.ports import GuestChannel
 from ..ttrpc import Server
 from .engine import TaskEngine
+from .events import NO_EVENTS, EventSink
 from .ports import BundleStager, StagedBundle
 from .service import TaskService
 
@@ -87,8 +88,9 @@ class TaskSockets:
 
     def __init__(self, run_dir: Path, channel_of: Callable[[str], GuestChannel],
                  stager_of: Callable[[str], BundleStager] = lambda sandbox_id: NoShareStager(), *,
-                 allowed_uids: Collection[int] = (0,)) -> None:
+                 allowed_uids: Collection[int] = (0,), events: EventSink = NO_EVENTS) -> None:
         self.run_dir = run_dir
+        self._events = events
         self._channel_of, self._stager_of, self._uids = channel_of, stager_of, tuple(allowed_uids)
         self._lock = threading.Lock()
         self._served: dict[str, _Served] = {}
@@ -111,7 +113,8 @@ class TaskSockets:
             except OSError as e:
                 raise FailedPrecondition(f"cannot make the task socket folder {path.parent}: {e}",
                                          sandbox_id=sandbox_id) from e
-            engine = TaskEngine(sandbox_id, lambda: self._channel_of(sandbox_id), self._stager_of(sandbox_id))
+            engine = TaskEngine(sandbox_id, lambda: self._channel_of(sandbox_id), self._stager_of(sandbox_id),
+                                events=self._events)
             server = Server(allowed_uids=self._uids)
             TaskService(engine).register(server)
             try:

@@ -18,8 +18,8 @@ from typing import Any as _Any
 
 from ..errors import InvalidArgument
 
-__all__ = ["rewrite_spec", "rewrite_process", "load_spec", "is_bind", "guest_cgroups_path", "JOINABLE_NAMESPACES",
-           "GUEST_CGROUP_PARENT"]
+__all__ = ["rewrite_spec", "rewrite_process", "load_spec", "is_bind", "guest_cgroups_path", "guest_resources",
+           "JOINABLE_NAMESPACES", "GUEST_CGROUP_PARENT"]
 
 GUEST_CGROUP_PARENT = "/vsbx"
 #: Namespaces a container may share with the pod; in the guest that means with the guest itself.
@@ -31,6 +31,15 @@ _BIND = ("bind", "rbind")
 def guest_cgroups_path(container_id: str) -> str:
     """Where the container's cgroup lives in the guest (crun's cgroupfs manager)."""
     return f"{GUEST_CGROUP_PARENT}/{container_id}"
+
+
+def guest_resources(resources: Mapping[str, _Any]) -> dict[str, _Any]:
+    """runtime-spec LinuxResources for the guest (at create and at update): host CPU and NUMA
+    numbers mean nothing in a guest with fewer vCPUs, so cpu.cpus and cpu.mems are dropped."""
+    out = dict(resources)
+    if isinstance(out.get("cpu"), dict):
+        out["cpu"] = {k: v for k, v in out["cpu"].items() if k not in ("cpus", "mems")}
+    return out
 
 
 def _bind_source(source: str, sources: Mapping[str, str]) -> str:
@@ -117,10 +126,8 @@ def rewrite_spec(spec: Mapping[str, _Any], *, container_id: str, guest_rootfs: s
         linux.pop("uidMappings", None)
         linux.pop("gidMappings", None)
     linux["cgroupsPath"] = guest_cgroups_path(container_id)
-    resources = linux.get("resources")
-    if isinstance(resources, dict) and isinstance(resources.get("cpu"), dict):
-        # Host CPU and NUMA numbers mean nothing in a guest with fewer vCPUs.
-        resources["cpu"] = {k: v for k, v in resources["cpu"].items() if k not in ("cpus", "mems")}
+    if isinstance(linux.get("resources"), dict):
+        linux["resources"] = guest_resources(linux["resources"])
     linux.pop("mountLabel", None)
     out["linux"] = linux
 
