@@ -41,6 +41,7 @@ from .cgroups import parse_stats, stats_argv
 from .events import NO_EVENTS, EventSink
 from .ports import BundleStager, StagedBundle
 from .process import LOST_EXIT, Exit, IoSpec, ProcessState, Status, TaskProcess
+from .podfiles import PodFiles
 from .spec import guest_resources, is_bind, load_spec, rewrite_process, rewrite_spec
 from .stdio import FIFO_OPEN_TIMEOUT, Stdio
 
@@ -97,6 +98,7 @@ class TaskEngine:
         self._containers: dict[str, _Container] = {}
         self._creating: set[str] = set()
         self._waiters: list[threading.Thread] = []
+        self._pod_files = PodFiles(channel)
 
     # ------------------------------------------------------------------ lookup
     def _container(self, cid: str) -> _Container:
@@ -153,7 +155,7 @@ class TaskEngine:
             staged = self._stager.stage(cid, rootfs, binds)
             undo.callback(quietly(self._stager.unstage, cid))
             guest_spec = rewrite_spec(spec, container_id=cid, guest_rootfs=staged.guest_rootfs,
-                                      sources=staged.sources)
+                                      sources=staged.sources, pod_files=self._pod_files())
             self._stager.put_file(cid, "config.json", json.dumps(guest_spec).encode())
             stdio = Stdio(io.stdin, io.stdout, io.stderr, open_timeout=self._fifo_timeout)
             stdio.open()
