@@ -56,11 +56,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         say(f"run {bench.prefix}: setting up")
         bench.setup(default_parallel)
-        if opts.serial:
-            bench.run_serial()
-        bench.run_parallel()
-        if not opts.no_network:
-            bench.run_network()
+        if not opts.only_cri:
+            if opts.serial:
+                bench.run_serial()
+            bench.run_parallel()
+            if not opts.no_network:
+                bench.run_network()
+        if opts.cri:
+            bench.run_cri()
     except KeyboardInterrupt:
         bench.results["error"] = "interrupted"
         status = 130

@@ -14,8 +14,10 @@ from typing import Any
 __all__ = ["Options", "parse_args", "parse_parallel", "default_parallel", "QUICK", "FULL", "REPO"]
 
 REPO = Path(__file__).resolve().parents[2]
-QUICK = {"serial": 3, "warmup": 1, "ops_repeat": 20, "stop_samples": 2, "pings": 20, "net_mib": 32}
-FULL = {"serial": 20, "warmup": 2, "ops_repeat": 100, "stop_samples": 5, "pings": 100, "net_mib": 256}
+QUICK = {"serial": 3, "warmup": 1, "ops_repeat": 20, "stop_samples": 2, "pings": 20, "net_mib": 32, "cri": 3,
+         "cri_execs": 10}
+FULL = {"serial": 20, "warmup": 2, "ops_repeat": 100, "stop_samples": 5, "pings": 100, "net_mib": 256, "cri": 10,
+        "cri_execs": 20}
 PARALLEL_DEFAULT = {"tcg": "1,5,10", "kvm": "1,10,50"}
 
 
@@ -31,6 +33,9 @@ class Options:
     no_network: bool
     pings: int
     net_mib: int
+    cri: int
+    cri_execs: int
+    only_cri: bool
     out: Path
     no_plots: bool
     state_dir: str | None
@@ -80,7 +85,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
                     f"This run measures the vmsandbox in {_measured_code()}"),
     )
     ap.add_argument("--quick", action="store_true",
-                    help=f"few samples, for a 2-core TCG host in < 3 min ({QUICK})")
+                    help=f"few samples, for a 2-core TCG host in < 5 min ({QUICK})")
     ap.add_argument("--serial", type=int, help=f"serial samples (quick {QUICK['serial']}, full {FULL['serial']})")
     ap.add_argument("--warmup", type=int, help="discarded serial starts first (quick 1, full 2)")
     ap.add_argument("--parallel", type=parse_parallel,
@@ -94,6 +99,11 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     ap.add_argument("--pings", type=int, help=f"pings each way (quick {QUICK['pings']}, full {FULL['pings']})")
     ap.add_argument("--net-mib", type=int,
                     help=f"MiB per TCP transfer (quick {QUICK['net_mib']}, full {FULL['net_mib']})")
+    ap.add_argument("--cri", type=int, help="pods of the CRI section: container start through a private containerd "
+                                            f"(quick {QUICK['cri']}, full {FULL['cri']}; 0 skips it)")
+    ap.add_argument("--cri-execs", type=int, help=f"ExecSync calls per CRI pod (quick {QUICK['cri_execs']}, "
+                                                  f"full {FULL['cri_execs']})")
+    ap.add_argument("--only-cri", action="store_true", help="run only the CRI section")
     ap.add_argument("--out", type=Path, help="JSON file (default bench-results/bench-<UTC time>.json); PNGs go beside it")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--state-dir", help="controller state dir that no other controller uses "
@@ -112,6 +122,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
             setattr(args, k, v)
     if args.serial < 0 or args.warmup < 0 or args.ops_repeat < 1 or args.stop_samples < 0:
         ap.error("--serial/--warmup/--stop-samples must be >= 0 and --ops-repeat >= 1")
+    if args.cri < 0 or args.cri_execs < 1 or (args.only_cri and args.cri < 1):
+        ap.error("--cri must be >= 0 (>= 1 with --only-cri) and --cri-execs >= 1")
     if args.pings < 1 or args.net_mib < 1:
         ap.error("--pings and --net-mib must be >= 1")
     if args.out is None:

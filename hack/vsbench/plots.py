@@ -94,6 +94,21 @@ def plots(res: Mapping[str, Any], out: Path) -> list[str]:
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=8)
         save(fig, "memory")
+    cri = (res.get("cri") or {}).get("figures_ms") or {}
+    if cri:
+        from .report import CRI_LABELS
+
+        keys = [k for k in CRI_LABELS if cri.get(k)]
+        fig, ax = plt.subplots(figsize=(8, 4))
+        p50 = [cri[k]["p50"] for k in keys]
+        p90 = [cri[k]["p90"] for k in keys]
+        ax.barh([CRI_LABELS[k].strip() for k in keys], p50, xerr=[[0] * len(keys), [b - a for a, b in zip(p50, p90)]],
+                color="tab:blue", label="p50 (bar to p90)")
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlabel("ms (log)")
+        ax.legend(fontsize=8)
+        save(fig, "cri")
     return made
 
 

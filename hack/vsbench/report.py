@@ -8,7 +8,7 @@ from typing import Any
 from .phases import PHASES
 from .stats import pick as p
 
-__all__ = ["ANCHORS", "report", "network_lines", "noise_line", "anchors_line", "render_table", "fmt_ms",
+__all__ = ["ANCHORS", "report", "cri_lines", "network_lines", "noise_line", "anchors_line", "render_table", "fmt_ms",
            "fmt_ratio"]
 
 # Published figures the README compares us with (see the benchmark issue).
@@ -139,17 +139,46 @@ def report(res: Mapping[str, Any]) -> str:
     if net:
         out.append("")
         out.extend(network_lines(net))
+    cri = res.get("cri")
+    if cri:
+        out.append("")
+        out.extend(cri_lines(cri))
     noise = noise_line(res)
     if noise:
         out.append("")
         out.append(noise)
-    out.append("")
-    out.append(anchors_line(res))
+    if res.get("serial") or res.get("parallel"):
+        out.append("")
+        out.append(anchors_line(res))
     if res.get("error"):
         out.append(f"\nERROR: {res['error']}")
     if "duration_s" in res:
         out.append(f"total bench time {res['duration_s']:.1f}s")
     return "\n".join(out)
+
+
+CRI_LABELS = {
+    "pod_to_running": "RunPodSandbox -> 1st container RUNNING",
+    "run_pod": "  RunPodSandbox",
+    "first_create": "  CreateContainer (1st)",
+    "first_start": "  StartContainer (1st)",
+    "create_start": "Create+StartContainer (2nd, warm pod)",
+    "exec_sync": "ExecSync true",
+    "stop_remove": "StopPodSandbox + RemovePodSandbox",
+}
+
+
+def cri_lines(cri: Mapping[str, Any]) -> list[str]:
+    """The CRI section: container start latency through containerd, ms."""
+    if cri.get("skipped"):
+        return [f"Containers through CRI: skipped ({cri['skipped']})"]
+    out = [f"Containers through CRI (containerd {cri.get('containerd')}): N={cri.get('n')} pods "
+           f"(+{cri.get('warmup')} warm-up), {cri.get('execs_per_pod')} ExecSync each, ms"]
+    figs = cri.get("figures_ms") or {}
+    rows = [[label, fmt_ms(p(figs.get(k), "p50")), fmt_ms(p(figs.get(k), "p90")), fmt_ms(p(figs.get(k), "max")),
+             str(int(p(figs.get(k), "n") or 0))] for k, label in CRI_LABELS.items()]
+    out.append(render_table(["step", "p50", "p90", "max", "n"], rows))
+    return out
 
 
 def network_lines(net: Mapping[str, Any]) -> list[str]:

@@ -21,6 +21,7 @@ from vmsandbox.sandbox.controller import DOMAIN_PREFIX
 
 from .bare import FIRST_EXEC, BareBaseline, config_disk_of
 from .console import MARKERS, ConsoleWatcher
+from .crilat import CriSection
 from .guestlog import GUEST_KEYS, biggest_gaps, parse_dmesg, parse_uptime
 from .host import code_facts, host_facts, read_text, say
 from .network import NetworkSection
@@ -73,6 +74,7 @@ class Bench:
         self.state_dir = Path(opts.state_dir).resolve() if opts.state_dir else None
         self.bare: BareBaseline | None = None
         self.network: NetworkSection | None = None
+        self.cri: CriSection | None = None
         self.parallel: list[int] = list(opts.parallel or [])
 
     @property
@@ -343,8 +345,25 @@ class Bench:
         self.network.run(self.results.setdefault("network", {}))
 
     # ------------------------------------------------------------------ cleanup
+    def run_cri(self) -> None:
+        """Container start latency through a private containerd and `vmsandbox serve` (:mod:`.crilat`)."""
+        from .node import find_binaries
+
+        try:
+            find_binaries()
+        except RuntimeError as e:  # no containerd to drive: the rest of the run still counts
+            say(f"CRI section skipped: {e}")
+            self.results["cri"] = {"skipped": str(e)}
+            return
+        say(f"CRI: {self.opts.warmup} + {self.opts.cri} pods through a private containerd")
+        self.cri = CriSection(self.prefix, self._provision_image)
+        self.results["cri"] = self.cri.run(self.opts.cri, self.opts.warmup, self.opts.cri_execs)
+
     def cleanup(self) -> None:
         """Remove every sandbox, domain, netns and file this run made; never anything else."""
+        if self.cri is not None:
+            for problem in self.cri.cleanup():
+                say(f"cleanup: {problem}")
         if self.ctl is not None:
             for sid in sorted(self.sids):
                 try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 import os
+import select
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -261,3 +262,35 @@ def test_a_dropped_guest_connection_ends_every_wait_with_255(engine: TaskEngine,
         assert channel.exec(["kill", "-0", str(pid)], in_guest_root=True, timeout=10).exit_code == 0  # orphaned
         assert engine.delete(cid).exit_status == 255  # crun delete --force ends the orphaned init
         assert channel.exec(["kill", "-0", str(pid)], in_guest_root=True, timeout=10).exit_code != 0
+
+
+def test_a_stdout_reader_that_goes_away_neither_hangs_nor_kills_the_container(engine: TaskEngine,
+                                                                              tmp_path: Path) -> None:
+    """CRI's log reader closes its end mid-stream (containerd crashed, the log copy died):
+    the rest of stdout is discarded (EPIPE), stderr still flows, the init exits on its own
+    with its real status, and Wait and Delete return."""
+    cid = unique("gone")
+    script = "yes out-line | head -c 2000000; echo after-the-flood >&2; exit 5"
+    with fifos(tmp_path, "gone") as (_, o, e):
+        engine.create(cid, bundle=bundle(tmp_path, script), rootfs=(), io=IoSpec("", o.path, e.path))
+        e.collect()
+        engine.start(cid)
+        assert o.fd is not None
+        got = b""
+        deadline = time.monotonic() + 30
+        while len(got) < 100_000:  # more than a FIFO holds: the writer blocked on us at least once
+            assert time.monotonic() < deadline, len(got)
+            select.select([o.fd], [], [], 1)
+            try:
+                got += os.read(o.fd, 65536)
+            except BlockingIOError:
+                pass
+        os.close(o.fd)
+        o.fd = None
+        deadline = time.monotonic() + 60
+        ex = engine.wait(cid, abandon=lambda: time.monotonic() > deadline)
+        assert ex is not None, "Wait hung after the reader went away"
+        assert ex.exit_status == 5
+        assert e.eof.wait(5) and bytes(e.data) == b"after-the-flood\n"
+        assert engine.delete(cid).exit_status == 5
+        assert got.startswith(b"out-line\n")

@@ -29,6 +29,7 @@ from vmsandbox.guest.fake import ExecCall, FakeGuests, FakeProcess
 from vmsandbox.model import ExecResult
 from vmsandbox.task.engine import TaskEngine
 from vmsandbox.task.fake import FakeStager
+from vmsandbox.task.spec import GUEST_POD_FILES
 
 SID = "s" * 64
 R = TypeVar("R", bound="Rig")
@@ -88,6 +89,7 @@ class FakeCrun:
     on_start: Callable[[FakeProcess], None] = lambda proc: None
     on_exec: Callable[[FakeProcess], None] = lambda proc: None
     commands: list[tuple[str, ...]] = field(default_factory=list)
+    pod_files: tuple[str, ...] = ("hostname", "hosts", "authorized_keys")  # the guest's config dir
     cgroup_files: dict[str, str] = field(default_factory=lambda: dict(CGROUP_FILES))
     updates: list[tuple[str, _Any]] = field(default_factory=list)
     stager: FakeStager | None = None
@@ -126,6 +128,8 @@ class FakeCrun:
     def handle(self, call: ExecCall) -> ExecResult:
         argv = call.argv
         self.commands.append(argv)
+        if argv == ("ls", GUEST_POD_FILES):
+            return ExecResult(0, "".join(f + "\n" for f in self.pod_files).encode(), b"")
         if argv[0] == "cat":
             data = self.files.get(argv[1])
             return ExecResult(0, data, b"") if data is not None else ExecResult(1, b"", b"No such file\n")

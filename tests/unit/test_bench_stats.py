@@ -467,3 +467,21 @@ def test_network_presets_and_flags() -> None:
     with pytest.raises(SystemExit):
         options.parse_args(["--pings", "0", "--out", "x.json"])
     assert len(network.NET_GUEST.split(".")) == 4 and network.NET_MTU == 1500
+
+
+def test_cri_presets_flags_and_report() -> None:
+    quick = options.parse_args(["--quick", "--out", "x.json"])
+    assert (quick.cri, quick.cri_execs, quick.only_cri) == (3, 10, False)
+    only = options.parse_args(["--only-cri", "--cri", "2", "--out", "x.json"])
+    assert (only.cri, only.only_cri) == (2, True)
+    with pytest.raises(SystemExit):
+        options.parse_args(["--only-cri", "--cri", "0", "--out", "x.json"])
+    figs = {k: stats.summarize([100.0, 300.0]) for k in report.CRI_LABELS}
+    figs["exec_sync"] = stats.summarize([40.0, 50.0, 60.0])
+    text = "\n".join(report.cri_lines({"containerd": "2.1.9", "n": 2, "warmup": 1, "execs_per_pod": 3,
+                                       "figures_ms": figs}))
+    assert "containerd 2.1.9): N=2 pods (+1 warm-up), 3 ExecSync each" in text
+    line = next(x for x in text.splitlines() if "ExecSync true" in x)
+    assert line.split()[-4:] == ["50.0", "58.0", "60.0", "3"]
+    assert "RunPodSandbox -> 1st container RUNNING" in report.report({"host": {}, "cri": {"figures_ms": figs}})
+    assert report.cri_lines({"skipped": "no containerd"}) == ["Containers through CRI: skipped (no containerd)"]

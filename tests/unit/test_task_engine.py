@@ -56,6 +56,9 @@ def test_create_stages_rewrites_and_runs_a_supervised_crun_create(rig: Rig, tmp_
         assert guest["root"]["path"] == f"/run/vsbx/shared/{CID}/rootfs"
         assert guest["linux"]["cgroupsPath"] == f"/vsbx/{CID}"
         assert {ns["type"] for ns in guest["linux"]["namespaces"]} == {"pid", "mount"}
+        # The pod files the guest has (not resolv.conf: no DNS settings), bound at /etc.
+        assert {m["destination"]: m["source"] for m in guest["mounts"] if m["destination"].startswith("/etc/")} == {
+            "/etc/hostname": "/run/vsbx/config/hostname", "/etc/hosts": "/run/vsbx/config/hosts"}
         (call,) = [p.call for p in rig.guests.processes]
         d = f"/run/vsbx/shared/{CID}"
         assert call.argv == ("crun", "create", "--bundle", d, "--pid-file", f"{d}/init.pid", CID)

@@ -114,3 +114,22 @@ def test_the_guest_crun_is_given_a_runtime_spec_version_it_knows() -> None:
     out = rewrite_spec({"ociVersion": "1.2.1", "process": {"args": ["sh"], "cwd": "/"}}, container_id="c1",
                        guest_rootfs="/run/vsbx/shared/c1/rootfs", sources={})
     assert out["ociVersion"] == GUEST_OCI_VERSION == "1.0.2"
+
+
+def test_the_guests_pod_files_are_bound_where_the_spec_has_none() -> None:
+    doc = spec()
+    doc["mounts"].append({"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/kubelet/hosts",
+                          "options": ["rbind"]})
+    out = rewrite_spec(doc, container_id=CID, guest_rootfs=ROOT, sources={"/var/lib/kubelet/hosts": "/g/hosts"},
+                       pod_files={"hostname", "hosts", "resolv.conf"})
+    by_dest = {m["destination"]: m for m in out["mounts"]}
+    assert by_dest["/etc/hosts"]["source"] == "/g/hosts"  # the spec's own wins
+    assert by_dest["/etc/resolv.conf"] == {"destination": "/etc/resolv.conf", "type": "bind",
+                                           "source": "/run/vsbx/config/resolv.conf",
+                                           "options": ["rbind", "rprivate", "rw"]}
+    assert by_dest["/etc/hostname"]["source"] == "/run/vsbx/config/hostname"
+    assert [m["destination"] for m in out["mounts"]].count("/etc/hosts") == 1
+    # A guest without DNS settings has no resolv.conf: nothing to bind.
+    assert "/etc/resolv.conf" not in {m["destination"] for m in rw(spec())["mounts"]}
+    out = rewrite_spec(spec(), container_id=CID, guest_rootfs=ROOT, sources={}, pod_files={"hosts"})
+    assert [m["destination"] for m in out["mounts"]] == ["/proc", "/etc/hosts"]

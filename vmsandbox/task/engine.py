@@ -42,6 +42,7 @@ from . import events as ev
 from .cgroups import parse_stats, stats_argv
 from .events import NO_EVENTS, EventSink
 from .keeper import kept_exit
+from .podfiles import PodFiles
 from .ports import BundleStager
 from .process import LOST_EXIT, Container, Exit, IoSpec, ProcessState, Status, TaskProcess, exec_failure_status
 from .records import TaskRecords
@@ -80,6 +81,7 @@ class TaskEngine(KeptInits):
         self._containers: dict[str, Container] = {}
         self._creating: set[str] = set()
         self._waiters: list[threading.Thread] = []
+        self._pod_files = PodFiles(channel)
 
     # ------------------------------------------------------------------ lookup
     def _container(self, cid: str) -> Container:
@@ -136,7 +138,7 @@ class TaskEngine(KeptInits):
             staged = self._stager.stage(cid, rootfs, binds)
             undo.callback(quietly(self._stager.unstage, cid))
             guest_spec = rewrite_spec(spec, container_id=cid, guest_rootfs=staged.guest_rootfs,
-                                      sources=staged.sources)
+                                      sources=staged.sources, pod_files=self._pod_files())
             self._stager.put_file(cid, "config.json", json.dumps(guest_spec).encode())
             init, keep = self._new_init(cid, io, undo)
             pidfile = f"{staged.guest_dir}/init.pid"

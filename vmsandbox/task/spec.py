@@ -4,7 +4,9 @@ containerd writes ``config.json`` for the host: namespace paths ``/proc/<sandbox
 a host cgroupsPath, bind sources on the host, hooks and LSM labels of the host. In the guest
 the pod *is* the VM: containers share the guest's network, ipc, uts (and, for a pod-wide pid
 namespace, pid) namespaces, so an entry that names a host path is dropped (the container
-joins the guest's); entries without a path (a namespace of its own) are kept.
+joins the guest's); entries without a path (a namespace of its own) are kept. CRI writes no
+hostname, hosts or resolv.conf for a proxy sandboxer: the guest's copies of the pod's (from
+its config disk) are bound at /etc/* unless the spec mounts those paths itself.
 """
 
 from __future__ import annotations
@@ -13,15 +15,18 @@ import copy
 import json
 import posixpath
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any as _Any
 
 from ..errors import InvalidArgument
 
-__all__ = ["rewrite_spec", "rewrite_process", "load_spec", "is_bind", "guest_cgroups_path", "guest_resources",
+__all__ = ["GUEST_POD_FILES", "POD_FILES", "pod_file_mounts", "rewrite_spec", "rewrite_process", "load_spec", "is_bind", "guest_cgroups_path", "guest_resources",
            "JOINABLE_NAMESPACES", "GUEST_CGROUP_PARENT"]
 
 GUEST_CGROUP_PARENT = "/vsbx"
+GUEST_POD_FILES = "/run/vsbx/config"
+"""Where the guest keeps the pod's hostname, hosts and resolv.conf (images/init's $cfg)."""
+POD_FILES = ("hostname", "hosts", "resolv.conf")
 #: Namespaces a container may share with the pod; in the guest that means with the guest itself.
 JOINABLE_NAMESPACES = frozenset({"network", "ipc", "uts", "pid", "user"})
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -85,14 +90,24 @@ GUEST_OCI_VERSION = "1.0.2"
 """The runtime-spec version the guest's crun is given."""
 
 
+def pod_file_mounts(present: Collection[str], mounts: Collection[Mapping[str, _Any]]) -> list[dict[str, _Any]]:
+    """Bind mounts of the guest's pod files in ``present`` (names from :data:`POD_FILES`) at
+    /etc/<name>, read-write as CRI mounts its own, for each destination ``mounts`` lacks."""
+    taken = {posixpath.normpath(str(m.get("destination", ""))) for m in mounts}
+    return [{"destination": f"/etc/{name}", "type": "bind", "source": f"{GUEST_POD_FILES}/{name}",
+             "options": ["rbind", "rprivate", "rw"]}
+            for name in POD_FILES if name in present and f"/etc/{name}" not in taken]
+
+
 def rewrite_spec(spec: Mapping[str, _Any], *, container_id: str, guest_rootfs: str,
-                 sources: Mapping[str, str]) -> dict[str, _Any]:
+                 sources: Mapping[str, str], pod_files: Collection[str] = ()) -> dict[str, _Any]:
     """containerd's spec for ``container_id`` as crun in the guest must see it.
 
     ``guest_rootfs`` is where the staged rootfs appears in the guest; ``sources`` maps host
     directories (volumes, sandbox files) to their guest paths. Raises InvalidArgument for a
     spec that is not an OCI document, a namespace path we cannot honour, or a bind source
-    that was not staged.
+    that was not staged. ``pod_files``: which of :data:`POD_FILES` the guest has (see
+    :func:`pod_file_mounts`).
     """
     if not _ID.match(container_id):
         raise InvalidArgument(f"container id {container_id!r} is not valid")
@@ -137,7 +152,7 @@ def rewrite_spec(spec: Mapping[str, _Any], *, container_id: str, guest_rootfs: s
         if is_bind(m):
             m["source"] = _bind_source(str(m.get("source", "")), sources)
         mounts.append(m)
-    out["mounts"] = mounts
+    out["mounts"] = mounts + pod_file_mounts(pod_files, mounts)
     return out
 
 
