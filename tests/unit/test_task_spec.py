@@ -77,9 +77,9 @@ def test_joining_a_host_namespace_that_is_not_the_pods_is_refused(kind: str) -> 
         rw(doc)
 
 
-def test_the_terminal_is_the_guest_channels_pty() -> None:
+def test_the_terminal_is_kept_for_the_console_socket_and_its_size_goes() -> None:
     p = rewrite_process({"args": ["sh"], "terminal": True, "consoleSize": {"height": 1, "width": 2}})
-    assert p == {"args": ["sh"], "terminal": False, "cwd": "/"}
+    assert p == {"args": ["sh"], "terminal": True, "cwd": "/"}
 
 
 @pytest.mark.parametrize("process", [{}, {"args": []}, {"args": "sh"}, {"args": ["sh", 1]},

@@ -50,6 +50,7 @@ class SpawnCall:
     size: PtySize | None
     in_guest_root: bool
     supervise_pidfile: str | None
+    console_socket: str | None = None
 
 
 class FakeProcess:
@@ -232,6 +233,7 @@ class FakeChannel:
         size: PtySize | None = None,
         in_guest_root: bool = False,
         supervise_pidfile: str | None = None,
+        console_socket: str | None = None,
     ) -> FakeProcess:
         self._g.fp.hit("spawn")
         if not argv:
@@ -239,7 +241,7 @@ class FakeChannel:
         if not self.connected or self.stale:
             raise Unavailable("no connection to the guest agent", sandbox_id=self.sandbox_id)
         call = SpawnCall(self.socket_path, tuple(argv), dict(env or {}), cwd, tty, size, in_guest_root,
-                         supervise_pidfile)
+                         supervise_pidfile, console_socket)
         proc = FakeProcess(call, stdout, stderr, self.sandbox_id)
         self._g.processes.append(proc)
         self._g.on_spawn(proc)

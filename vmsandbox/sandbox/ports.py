@@ -184,12 +184,16 @@ class GuestChannel(Protocol):
         size: PtySize | None = None,
         in_guest_root: bool = False,
         supervise_pidfile: str | None = None,
+        console_socket: str | None = None,
     ) -> GuestProcess:
         """Start argv (no shell) on its own channel and return at once; output streams to the
         sinks (a tty process has one stream, to ``stdout``). ``supervise_pidfile``: argv is a
         command that leaves a daemon behind and writes its pid there (``crun create
         --pid-file``); the process then ends with that daemon's exit status, and the pid is
         published in ``<pidfile>.ready`` once argv exited 0 (images/README.md, token ``p``).
+        ``console_socket`` (with a pid file): a guest unix socket path where argv (``crun
+        --console-socket``) sends the terminal's pty master; the process's terminal is then
+        pumped to and from this channel (token ``y``).
         Unavailable when there is no live connection; InvalidArgument for a bad request."""
 
     def close(self) -> None: ...

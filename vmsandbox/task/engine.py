@@ -7,12 +7,18 @@ start``, Kill ``crun kill`` (or ``kill`` for an exec), Delete ``crun delete --fo
 bundle unstaged. A waiter thread per process turns the end of its channel into STOPPED (255
 when the connection dropped), after its output drained and its FIFOs were closed.
 
+A terminal process (``terminal=true``) gets ``--console-socket`` on a guest socket vsbx-exec
+listens on (token ``y``): crun sends it the pty master, vsbx-exec pumps it to and from the
+channel's own pty, whose size ResizePty sets (SIGWINCH reaches the container's terminal). Its
+output is the stdout FIFO only (a terminal has no stderr); CloseIO sends ^D (EOT).
+
 Guest layout: the stager's per-container dir holds config.json, ``init.pid`` (+ ``.ready``)
 and ``exec-<id>.json``/``exec-<id>.pid``; crun keeps its state in its default root.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -49,6 +55,8 @@ __all__ = ["TaskEngine", "CRUN", "READY_TIMEOUT", "GUEST_CALL_TIMEOUT"]
 log = logging.getLogger(__name__)
 
 CRUN = "crun"
+CONSOLE_DIR = "/run/vsbx"
+"""Where the console sockets of terminal processes live in the guest (tmpfs)."""
 READY_TIMEOUT = 120.0
 """How long crun create / crun exec may take to leave its process behind (TCG is slow)."""
 GUEST_CALL_TIMEOUT = 60.0
@@ -154,8 +162,9 @@ class TaskEngine:
             undo.callback(quietly(self._stager.unstage, cid))
             guest_spec = rewrite_spec(spec, container_id=cid, guest_rootfs=staged.guest_rootfs,
                                       sources=staged.sources)
+            guest_spec["process"]["terminal"] = io.terminal
             self._stager.put_file(cid, "config.json", json.dumps(guest_spec).encode())
-            stdio = Stdio(io.stdin, io.stdout, io.stderr, open_timeout=self._fifo_timeout)
+            stdio = self._stdio(io)
             stdio.open()
             undo.callback(quietly(stdio.close))
             init = TaskProcess(cid, "", io, stdio)
@@ -169,11 +178,24 @@ class TaskEngine:
         log.info("sandbox %s: container %s created, guest pid %d", self.sandbox_id, cid, init.pid)
         return init.pid
 
+    def _stdio(self, io: IoSpec) -> Stdio:
+        # A terminal is one stream: CRI does not read a tty process's stderr FIFO.
+        return Stdio(io.stdin, io.stdout, "" if io.terminal else io.stderr, open_timeout=self._fifo_timeout,
+                     terminal=io.terminal)
+
+    def _console_socket(self, proc: TaskProcess) -> str:
+        """A short guest path (sun_path holds 108 bytes) unique to the process."""
+        key = f"{self.sandbox_id}/{proc.container_id}/{proc.exec_id}".encode()
+        return f"{CONSOLE_DIR}/tty-{hashlib.sha256(key).hexdigest()[:20]}.sock"
+
     def _launch(self, proc: TaskProcess, argv: list[str], pidfile: str, *, created: bool) -> None:
         """Spawn a supervised crun command, wait for its pid, start the waiter."""
+        console = self._console_socket(proc) if proc.io.terminal else None
+        if console is not None:  # crun's options come before the container id
+            argv = argv[:-1] + ["--console-socket", console] + argv[-1:]
         gp = self._channel().spawn(argv, stdout=proc.stdio.stdout, stderr=proc.stdio.stderr,
                                    tty=proc.io.terminal, size=proc.size, in_guest_root=True,
-                                   supervise_pidfile=pidfile)
+                                   supervise_pidfile=pidfile, console_socket=console)
         proc.guest = gp
         try:
             pid = self._await_pid(gp, pidfile, argv[1], proc.stdio)
@@ -278,13 +300,14 @@ class TaskEngine:
             raise InvalidArgument("exec_id must not be empty", sandbox_id=self.sandbox_id)
         c = self._container(cid)
         spec = rewrite_process(process)
+        spec["terminal"] = io.terminal
         if c.init.status is not Status.RUNNING:
             raise FailedPrecondition(f"container {cid!r} is {c.init.status.name.lower()}, not running",
                                      sandbox_id=self.sandbox_id)
         with self._lock:
             if exec_id in c.execs:
                 raise AlreadyExists(f"exec {exec_id!r} already exists in {cid!r}", sandbox_id=self.sandbox_id)
-            stdio = Stdio(io.stdin, io.stdout, io.stderr, open_timeout=self._fifo_timeout)
+            stdio = self._stdio(io)
             c.execs[exec_id] = p = TaskProcess(cid, exec_id, io, stdio, spec=spec)
         try:
             stdio.open()

@@ -59,8 +59,9 @@ def is_bind(m: Mapping[str, _Any]) -> bool:
 
 
 def rewrite_process(process: Mapping[str, _Any]) -> dict[str, _Any]:
-    """A runtime-spec Process for the guest: the host's LSM labels go, and the terminal is the
-    guest channel's pty (``terminal`` false: crun would want a console socket)."""
+    """A runtime-spec Process for the guest: the host's LSM labels go; ``terminal`` is kept
+    (the engine gives crun a console socket for it), ``consoleSize`` goes (vsbx-exec sizes the
+    terminal from ResizePty)."""
     if not isinstance(process, Mapping):
         raise InvalidArgument("the process spec must be a JSON object")
     out = copy.deepcopy(dict(process))
@@ -74,7 +75,7 @@ def rewrite_process(process: Mapping[str, _Any]) -> dict[str, _Any]:
     if not isinstance(env, list) or not all(isinstance(e, str) for e in env):
         raise InvalidArgument("process.env must be a list of strings")
     out["cwd"] = cwd
-    out["terminal"] = False
+    out["terminal"] = bool(out.get("terminal", False))
     out.pop("consoleSize", None)
     out.pop("apparmorProfile", None)
     out.pop("selinuxLabel", None)
