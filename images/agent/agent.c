@@ -13,8 +13,9 @@
  *     hex tokens (a=argv element, e=KEY=VALUE, c=cwd, t=timeout ms, r=run in the guest root
  *     rather than the sandbox rootfs, p=supervise the daemon whose pid argv writes to this
  *     file, y=listen on this unix socket for the pty master crun sends for a terminal
- *     process, then pump it to and from our own stdio), chroots into /rootfs when it is mounted and execs argv directly, never through
- *     a shell. Exit code: the child's (or the supervised daemon's), or 128+signal.
+ *     process, then pump it to and from our own stdio), chroots into /rootfs when it is
+ *     mounted and execs argv directly, never through a shell. Exit code: the child's (or
+ *     the supervised daemon's), or 128+signal.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -408,6 +409,21 @@ static int console_receive(int lsock) {
     return -1;
 }
 
+/* argv failed after crun made the terminal: what the process wrote there (crun's child
+ * reports a failed execve on its stderr, the terminal) is copied to our stdout, to be seen. */
+static void console_flush(int lsock) {
+    struct pollfd p = {lsock, POLLIN, 0};
+    int master = poll(&p, 1, 0) > 0 ? console_receive(lsock) : -1;
+    if (master < 0) return;
+    char buf[4096];
+    ssize_t n;
+    fcntl(master, F_SETFL, O_NONBLOCK);
+    while ((n = read(master, buf, sizeof buf)) > 0) {
+        if (write(STDOUT_FILENO, buf, (size_t)n) < 0) break;
+    }
+    close(master);
+}
+
 /* Our own terminal's size (the host's, set by SSH window-changes) onto the container's. */
 static void copy_winsize(int master) {
     struct winsize ws;
@@ -600,7 +616,10 @@ static int exec_main(int argc, char **argv) {
     if (wait_for(pid, pid, &status) < 0) return 126;
     if (pidfile && !timed_out && WIFEXITED(status) && WEXITSTATUS(status) == 0)
         return console ? supervise_tty(pidfile, pid, console, lsock) : supervise(pidfile, pid);
-    if (console) unlink(console);
+    if (console) {
+        console_flush(lsock);
+        unlink(console);
+    }
     if (timed_out) {
         fprintf(stderr, "vsbx-exec: timed out after %ld ms\n", timeout_ms);
         return 124;

@@ -173,6 +173,12 @@ def test_a_terminal_container_and_a_terminal_exec_under_real_crun(engine: TaskEn
         assert ex is not None and ex.exit_status == 3, bytes(xo.data)
         assert xo.eof.wait(5) and b"cat:0" in xo.data and b"/dev/pts/" in xo.data
         engine.delete(cid, "x")
+        engine.exec(cid, "missing", io=IoSpec("", xo.path, xe.path, terminal=True),
+                    process={"args": ["no-such-binary"], "cwd": "/", "env": ["PATH=/bin"], "terminal": True})
+        engine.start(cid, "missing")
+        ex = engine.wait(cid, "missing")
+        assert ex is not None and ex.exit_status == 127
+        engine.delete(cid, "missing")
 
         engine.kill(cid, signal=9)
         init = engine.wait(cid)

@@ -38,6 +38,9 @@ if pid == 0:
     fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
     for fd in (0, 1, 2):
         os.dup2(slave, fd)
+    if script == "FAIL":  # as crun's child reports a failed execve: on the terminal
+        os.write(2, b"executable file not found\n")
+        os._exit(127)
     while not os.path.exists(pidfile + ".ready"):  # like an init waiting for crun start
         time.sleep(0.01)
     os.execvp("sh", ["sh", "-c", script])
@@ -45,6 +48,9 @@ os.close(slave)
 with socket.socket(socket.AF_UNIX) as s:
     s.connect(sock)
     socket.send_fds(s, [b"console"], [master])
+if script == "FAIL":
+    os.waitpid(pid, 0)
+    sys.exit(1)
 with open(pidfile + ".tmp", "w") as f:
     f.write(str(pid))
 os.rename(pidfile + ".tmp", pidfile)
@@ -131,6 +137,13 @@ def test_a_signalled_terminal_process_is_128_plus_n(terminal: type[Terminal]) ->
     t = terminal("echo up; kill -9 $$")
     t.until(b"up")
     assert t.proc.wait(15) == 128 + 9
+
+
+def test_a_failed_create_shows_what_its_terminal_got(terminal: type[Terminal]) -> None:
+    t = terminal("FAIL")
+    assert b"executable file not found" in t.until(b"not found")
+    assert t.proc.wait(15) == 1
+    assert not t.sock.exists()
 
 
 def test_no_terminal_on_the_socket_is_a_failure(vsbx_exec: Path, tmp_path: Path) -> None:  # noqa: F811
