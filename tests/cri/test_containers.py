@@ -76,8 +76,9 @@ def test_a_container_runs_in_the_pods_guest_and_its_output_reaches_cris_log(
     assert not share.exists() or list(share.iterdir()) == []
 
 
-def _on_a_pty(argv: list[str], rows: int, cols: int, timeout: float = 180) -> tuple[int, bytes]:
-    """Run argv with a pty of the given size as its controlling terminal (a user's shell)."""
+def _on_a_pty(argv: list[str], rows: int, cols: int, typed: bytes = b"", timeout: float = 180) -> tuple[int, bytes]:
+    """Run argv with a pty of the given size as its controlling terminal (a user's shell);
+    ``typed`` is typed once the output shows a prompt (``# ``)."""
     master, slave = os.openpty()
     fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
     p = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
@@ -96,6 +97,9 @@ def _on_a_pty(argv: list[str], rows: int, cols: int, timeout: float = 180) -> tu
                 if not chunk:
                     break
                 out += chunk
+                if typed and b"# " in out:
+                    os.write(master, typed)
+                    typed = b""
             elif p.poll() is not None:
                 break
         return p.wait(30), bytes(out)
@@ -116,10 +120,14 @@ def test_a_tty_container_logs_its_terminal_and_a_tty_exec_sees_the_users_termina
     assert streams[:2] == [("stdout", "/dev/pts/0"), ("stdout", "on-the-terminal")], lines  # one stream
 
     code, out = _on_a_pty([str(containerd.bins.ctr), "--address", str(containerd.socket), "-n", "k8s.io", "tasks",
-                           "exec", "--tty", "--fifo-dir", str(containerd.root / "fifo"), "--exec-id", "tty-exec", cid, "sh", "-c", "tty; stty size; exit 4"],
-                          rows=33, cols=111)
+                           "exec", "--tty", "--fifo-dir", str(containerd.root / "fifo"), "--exec-id", "tty-exec", cid,
+                           "sh", "-c", "tty; stty size; exit 4"], rows=33, cols=111)
     assert code == 4, out
     assert b"/dev/pts/" in out and b"33 111" in out, out
+    code, out = _on_a_pty([str(containerd.bins.ctr), "--address", str(containerd.socket), "-n", "k8s.io", "tasks",
+                           "exec", "--tty", "--fifo-dir", str(containerd.root / "fifo"), "--exec-id", "tty-sh", cid,
+                           "sh"], rows=24, cols=80, typed=b"echo typed-$((6*7)); exit 6\r")
+    assert code == 6 and b"typed-42" in out, out  # the user's keys reach an interactive shell through containerd
 
     r = rt.ExecSync(cri.ExecSyncRequest(container_id=cid, cmd=["sh", "-c", "echo no-tty; tty"],
                                         timeout=60), timeout=120)
