@@ -159,11 +159,10 @@ def test_a_terminal_container_and_a_terminal_exec_under_real_crun(engine: TaskEn
 
         engine.exec(cid, "x", io=IoSpec(xi.path, xo.path, xe.path, terminal=True),
                     process={"args": ["sh", "-c", "tty; stty size; cat; echo cat:$?; exit 3"], "cwd": "/",
-                             "env": ["PATH=/bin"], "terminal": True})
+                             "env": ["PATH=/bin"], "terminal": True, "consoleSize": {"width": 90, "height": 20}})
         xo.collect()
         xi.open_writer()
-        engine.resize(cid, "x", PtySize(90, 20))
-        engine.start(cid, "x")
+        engine.start(cid, "x")  # consoleSize (as ctr sets it): the size from the start, no ResizePty yet
         until(xo, b"20 90")
         xi.write(b"typed\r")
         until(xo, b"typed\r\ntyped\r\n")  # echo, then cat's copy

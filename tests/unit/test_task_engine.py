@@ -386,13 +386,15 @@ def test_a_terminal_process_gets_a_console_socket_one_stream_and_eot_at_close_io
                              call.console_socket, CID)
         assert rig.guest_spec()["process"]["terminal"] is True
         rig.engine.start(CID)
-        rig.engine.exec(CID, "t", io=io(to, te, ti, terminal=True), process={"args": ["sh"], "terminal": True})
+        rig.engine.exec(CID, "t", io=io(to, te, ti, terminal=True),
+                        process={"args": ["sh"], "terminal": True, "consoleSize": {"width": 111, "height": 33}})
         to.collect()
         ti.open_writer()
         rig.engine.start(CID, "t")
         x = rig.guests.processes[-1]
         assert x.call.console_socket not in (None, call.console_socket)
         assert x.call.argv[-3:] == ("--console-socket", x.call.console_socket, CID)
+        assert x.call.size == PtySize(111, 33)  # the user's terminal from the start, before any ResizePty
         assert json.loads(rig.stager.files[f"{d}/exec-t.json"])["terminal"] is True
         ti.write(b"exit\r")
         ti.close()

@@ -7,10 +7,7 @@ start``, Kill ``crun kill`` (or ``kill`` for an exec), Delete ``crun delete --fo
 bundle unstaged. A waiter thread per process turns the end of its channel into STOPPED (255
 when the connection dropped), after its output drained and its FIFOs were closed.
 
-A terminal process (``terminal=true``) gets ``--console-socket`` on a guest socket vsbx-exec
-listens on (token ``y``): crun sends it the pty master, vsbx-exec pumps it to and from the
-channel's own pty, whose size ResizePty sets (SIGWINCH reaches the container's terminal). Its
-output is the stdout FIFO only (a terminal has no stderr); CloseIO sends ^D (EOT).
+A terminal process also gets crun's console socket (:mod:`.terminal`).
 
 Guest layout: the stager's per-container dir holds config.json, ``init.pid`` (+ ``.ready``)
 and ``exec-<id>.json``/``exec-<id>.pid``; crun keeps its state in its default root.
@@ -18,7 +15,6 @@ and ``exec-<id>.json``/``exec-<id>.pid``; crun keeps its state in its default ro
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -49,14 +45,13 @@ from .ports import BundleStager, StagedBundle
 from .process import LOST_EXIT, Exit, IoSpec, ProcessState, Status, TaskProcess
 from .spec import guest_resources, is_bind, load_spec, rewrite_process, rewrite_spec
 from .stdio import FIFO_OPEN_TIMEOUT, Stdio
+from .terminal import console_size, console_socket, stdio_for, with_console_socket
 
 __all__ = ["TaskEngine", "CRUN", "READY_TIMEOUT", "GUEST_CALL_TIMEOUT"]
 
 log = logging.getLogger(__name__)
 
 CRUN = "crun"
-CONSOLE_DIR = "/run/vsbx"
-"""Where the console sockets of terminal processes live in the guest (tmpfs)."""
 READY_TIMEOUT = 120.0
 """How long crun create / crun exec may take to leave its process behind (TCG is slow)."""
 GUEST_CALL_TIMEOUT = 60.0
@@ -161,13 +156,12 @@ class TaskEngine:
             staged = self._stager.stage(cid, rootfs, binds)
             undo.callback(quietly(self._stager.unstage, cid))
             guest_spec = rewrite_spec(spec, container_id=cid, guest_rootfs=staged.guest_rootfs,
-                                      sources=staged.sources)
-            guest_spec["process"]["terminal"] = io.terminal
+                                      sources=staged.sources, terminal=io.terminal)
             self._stager.put_file(cid, "config.json", json.dumps(guest_spec).encode())
-            stdio = self._stdio(io)
+            stdio = stdio_for(io, self._fifo_timeout)
             stdio.open()
             undo.callback(quietly(stdio.close))
-            init = TaskProcess(cid, "", io, stdio)
+            init = TaskProcess(cid, "", io, stdio, size=console_size(guest_spec["process"]))
             pidfile = f"{staged.guest_dir}/init.pid"
             argv = [CRUN, "create", "--bundle", staged.guest_dir, "--pid-file", pidfile, cid]
             undo.callback(quietly(self._force_delete, cid))
@@ -178,21 +172,10 @@ class TaskEngine:
         log.info("sandbox %s: container %s created, guest pid %d", self.sandbox_id, cid, init.pid)
         return init.pid
 
-    def _stdio(self, io: IoSpec) -> Stdio:
-        # A terminal is one stream: CRI does not read a tty process's stderr FIFO.
-        return Stdio(io.stdin, io.stdout, "" if io.terminal else io.stderr, open_timeout=self._fifo_timeout,
-                     terminal=io.terminal)
-
-    def _console_socket(self, proc: TaskProcess) -> str:
-        """A short guest path (sun_path holds 108 bytes) unique to the process."""
-        key = f"{self.sandbox_id}/{proc.container_id}/{proc.exec_id}".encode()
-        return f"{CONSOLE_DIR}/tty-{hashlib.sha256(key).hexdigest()[:20]}.sock"
-
     def _launch(self, proc: TaskProcess, argv: list[str], pidfile: str, *, created: bool) -> None:
         """Spawn a supervised crun command, wait for its pid, start the waiter."""
-        console = self._console_socket(proc) if proc.io.terminal else None
-        if console is not None:  # crun's options come before the container id
-            argv = argv[:-1] + ["--console-socket", console] + argv[-1:]
+        console = console_socket(self.sandbox_id, proc.container_id, proc.exec_id) if proc.io.terminal else None
+        argv = with_console_socket(argv, console)
         gp = self._channel().spawn(argv, stdout=proc.stdio.stdout, stderr=proc.stdio.stderr,
                                    tty=proc.io.terminal, size=proc.size, in_guest_root=True,
                                    supervise_pidfile=pidfile, console_socket=console)
@@ -299,16 +282,15 @@ class TaskEngine:
         if not exec_id:
             raise InvalidArgument("exec_id must not be empty", sandbox_id=self.sandbox_id)
         c = self._container(cid)
-        spec = rewrite_process(process)
-        spec["terminal"] = io.terminal
+        spec = rewrite_process(process, terminal=io.terminal)
         if c.init.status is not Status.RUNNING:
             raise FailedPrecondition(f"container {cid!r} is {c.init.status.name.lower()}, not running",
                                      sandbox_id=self.sandbox_id)
         with self._lock:
             if exec_id in c.execs:
                 raise AlreadyExists(f"exec {exec_id!r} already exists in {cid!r}", sandbox_id=self.sandbox_id)
-            stdio = self._stdio(io)
-            c.execs[exec_id] = p = TaskProcess(cid, exec_id, io, stdio, spec=spec)
+            stdio = stdio_for(io, self._fifo_timeout)
+            c.execs[exec_id] = p = TaskProcess(cid, exec_id, io, stdio, spec=spec, size=console_size(spec))
         try:
             stdio.open()
         except BaseException:
