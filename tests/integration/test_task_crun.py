@@ -137,7 +137,10 @@ def test_a_terminal_container_and_a_terminal_exec_under_real_crun(engine: TaskEn
                                                                    tmp_path: Path) -> None:
     """process.terminal: crun's pty (console socket) is the container's controlling terminal."""
     cid = unique("tty")
-    script = "tty; stty size; trap 'stty size' WINCH; echo ready; until read line; do :; done; echo got:$line; exec sleep 60"
+    # SIGWINCH is awaited in a sleep loop: busybox ash defers a trap that comes during a read
+    # until input arrives.
+    script = ("tty; stty size; trap 'stty size; w=1' WINCH; echo ready; while [ -z \"$w\" ]; do sleep 0.1; done; "
+              "until read line; do :; done; echo got:$line; exec sleep 60")
     doc = oci_spec(channel, ["sh", "-c", script])
     with fifos(tmp_path, "init", stdin=True) as (i, o, e), fifos(tmp_path, "x", stdin=True) as (xi, xo, xe):
         assert i is not None and xi is not None
