@@ -12,10 +12,11 @@
  * vsbx-exec -c "vsbx1 TOKENS"   (root's login shell, run by dropbear for each exec): decodes
  *     hex tokens (a=argv element, e=KEY=VALUE, c=cwd, t=timeout ms, r=run in the guest root
  *     rather than the sandbox rootfs, p=supervise the daemon whose pid argv writes to this
- *     file, y=listen on this unix socket for the pty master crun sends for a terminal
- *     process, then pump it to and from our own stdio), chroots into /rootfs when it is
- *     mounted and execs argv directly, never through a shell. Exit code: the child's (or
- *     the supervised daemon's), or 128+signal.
+ *     file, k=with p: keep it detached under PREFIX, w=rejoin the keeper of PREFIX,
+ *     y=listen on this unix socket for the pty master crun sends for a terminal process,
+ *     then pump it to and from our own stdio), chroots into /rootfs when it is mounted and
+ *     execs argv directly, never through a shell. Exit code: the child's (or the supervised
+ *     daemon's), or 128+signal.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -25,6 +26,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
@@ -517,12 +519,133 @@ static int supervise_tty(const char *pidfile, pid_t pgrp, const char *console, i
     return exit_code(status);
 }
 
+/* ---------------------------------------------------------------- the keeper (tokens p + k)
+ *
+ * A container init must outlive the SSH session that created it (a restart of the host's
+ * `vmsandbox serve` drops the connection). With `k PREFIX` the supervision runs in a keeper:
+ * a child that leaves the session (setsid), becomes the child subreaper and runs argv with
+ * stdout/stderr appended to PREFIX.out / PREFIX.err (files on the share the host reads), then
+ * supervises the daemon as `p` does and writes the exit code to PREFIX.exit (temp + rename).
+ * For its whole life it holds an flock on a guest-local lock file, so `w PREFIX` can wait for
+ * it from any later session: the lock is released even when the keeper is SIGKILLed (no exit
+ * file then: 255). The session's vsbx-exec just waits for the keeper and exits with its code.
+ */
+
+static char *suffixed(const char *prefix, const char *suffix) {
+    size_t n = strlen(prefix) + strlen(suffix) + 1;
+    char *s = malloc(n);
+    if (s) snprintf(s, n, "%s%s", prefix, suffix);
+    return s;
+}
+
+/* /run/vsbx/keep/<PREFIX with '/' as '_'>.lock (VSBX_KEEP_DIR for tests on the host). */
+static char *lock_path(const char *prefix) {
+    const char *dir = getenv("VSBX_KEEP_DIR");
+    if (!dir || !*dir) dir = "/run/vsbx/keep";
+    mkdir("/run/vsbx", 0755);
+    mkdir(dir, 0700);
+    size_t d = strlen(dir), n = d + strlen(prefix) + 8;
+    char *s = malloc(n);
+    if (!s) return NULL;
+    snprintf(s, n, "%s/%s.lock", dir, prefix);
+    for (char *c = s + d + 1; *c; c++)
+        if (*c == '/') *c = '_';
+    return s;
+}
+
+static int write_exit(const char *prefix, int code) {
+    char *tmp = suffixed(prefix, ".exit.tmp"), *dst = suffixed(prefix, ".exit");
+    if (!tmp || !dst) return -1;
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) return -1;
+    int ok = dprintf(fd, "%d\n", code) > 0;
+    if (close(fd) != 0 || !ok) return -1;
+    return rename(tmp, dst);
+}
+
+/* The keeper's exit code from PREFIX.exit; 255 when there is none (it was killed). */
+static int read_exit(const char *prefix) {
+    char *path = suffixed(prefix, ".exit");
+    char buf[16] = {0};
+    int fd = path ? open(path, O_RDONLY | O_CLOEXEC) : -1;
+    if (fd < 0) return 255;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    char *end;
+    long v = n > 0 ? strtol(buf, &end, 10) : -1;
+    return (n > 0 && end != buf && v >= 0 && v <= 255) ? (int)v : 255;
+}
+
+/* `w PREFIX`: wait for the keeper of PREFIX to end, then exit with its code. */
+static int rejoin(const char *prefix) {
+    char *lock = lock_path(prefix);
+    int fd = lock ? open(lock, O_RDWR | O_CLOEXEC) : -1;
+    if (fd >= 0) {
+        while (flock(fd, LOCK_EX) < 0 && errno == EINTR) {
+        }
+        close(fd);
+    }
+    return read_exit(prefix);
+}
+
+static int open_append(const char *prefix, const char *suffix) {
+    char *path = suffixed(prefix, suffix);
+    return path ? open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600) : -1;
+}
+
+static int run_supervised(char **args, char **envs, const char *cwd, int chrooted, const char *pidfile,
+                          long timeout_ms);
+
+/* In the keeper: take the lock, run argv with its output on the files, supervise, record. */
+static int keep(const char *prefix, char **args, char **envs, const char *cwd, int chrooted, const char *pidfile) {
+    char *lock = lock_path(prefix), *exitf = suffixed(prefix, ".exit");
+    int lk = lock ? open(lock, O_RDWR | O_CREAT | O_CLOEXEC, 0600) : -1;
+    if (lk < 0 || flock(lk, LOCK_EX | LOCK_NB) < 0) {
+        fprintf(stderr, "vsbx-exec: %s is kept already or cannot be locked\n", prefix);
+        return 126;
+    }
+    if (exitf) unlink(exitf);
+    int out = open_append(prefix, ".out"), err = open_append(prefix, ".err");
+    if (out < 0 || err < 0) {
+        fprintf(stderr, "vsbx-exec: cannot open %s.out/.err: %s\n", prefix, strerror(errno));
+        return 126;
+    }
+    pid_t k = fork();
+    if (k < 0) {
+        perror("vsbx-exec: fork");
+        return 126;
+    }
+    if (k > 0) {
+        close(lk); /* the keeper holds it (the same open file) */
+        int status = 0;
+        while (waitpid(k, &status, 0) < 0) {
+            if (errno != EINTR) return 255;
+        }
+        return WIFEXITED(status) ? WEXITSTATUS(status) : 255;
+    }
+    /* The keeper: no tie to this session; its own messages go to the err file too. */
+    setsid();
+    signal(SIGHUP, SIG_IGN);
+    signal(SIGPIPE, SIG_IGN);
+    prctl(PR_SET_CHILD_SUBREAPER, 1);
+    dup2(out, STDOUT_FILENO);
+    dup2(err, STDERR_FILENO);
+    int code = run_supervised(args, envs, cwd, chrooted, pidfile, 0);
+    if (write_exit(prefix, code) < 0) fprintf(stderr, "vsbx-exec: cannot write %s.exit: %s\n", prefix, strerror(errno));
+    unlink(lock);
+    _exit(code);
+}
+
+/* Token y: the console socket's path and its listening socket (-1: none). */
+static const char *console;
+static int lsock = -1;
+
 static int exec_main(int argc, char **argv) {
     if (argc != 3 || strcmp(argv[1], "-c") != 0 || strncmp(argv[2], "vsbx1", 5) != 0) {
         fprintf(stderr, "vsbx-exec: only vmsandbox exec requests are accepted\n");
         return 126;
     }
-    char *args[1024], *envs[1024], *cwd = NULL, *pidfile = NULL, *console = NULL;
+    char *args[1024], *envs[1024], *cwd = NULL, *pidfile = NULL, *keep_prefix = NULL, *rejoin_prefix = NULL;
     int nargs = 0, nenvs = 0, in_root = 0;
     long timeout_ms = 0;
     char *p = argv[2] + 5;
@@ -544,9 +667,16 @@ static int exec_main(int argc, char **argv) {
         case 't': timeout_ms = strtol(val, NULL, 10); break;
         case 'r': in_root = 1; break;
         case 'p': pidfile = val; break;
+        case 'k': keep_prefix = val; break;
+        case 'w': rejoin_prefix = val; break;
         case 'y': console = val; break;
         default: fprintf(stderr, "vsbx-exec: unknown token %c\n", kind); return 126;
         }
+    }
+    if (rejoin_prefix) return rejoin(rejoin_prefix);
+    if (keep_prefix && !pidfile) {
+        fprintf(stderr, "vsbx-exec: k needs p\n");
+        return 126;
     }
     if (nargs == 0) {
         fprintf(stderr, "vsbx-exec: empty argv\n");
@@ -554,17 +684,24 @@ static int exec_main(int argc, char **argv) {
     }
     args[nargs] = NULL;
     envs[nenvs] = NULL;
-    if (console && !pidfile) {
-        fprintf(stderr, "vsbx-exec: a console socket needs a supervised pid file\n");
+    if (console && (!pidfile || keep_prefix)) {
+        fprintf(stderr, "vsbx-exec: a console socket needs a supervised pid file and no keeper\n");
         return 126;
     }
-    int lsock = -1;
     if (console && (lsock = console_listen(console)) < 0) {
         fprintf(stderr, "vsbx-exec: console socket %s: %s\n", console, strerror(errno));
         return 126;
     }
     struct stat st;
     int chrooted = !in_root && stat("/run/vsbx/rootfs-ready", &st) == 0;
+    if (keep_prefix) return keep(keep_prefix, args, envs, cwd, chrooted, pidfile);
+    return run_supervised(args, envs, cwd, chrooted, pidfile, timeout_ms);
+}
+
+/* Run argv (in /rootfs when chrooted) and wait for it; with a pidfile, then supervise the
+ * daemon it left behind. The exit code vsbx-exec reports. */
+static int run_supervised(char **args, char **envs, const char *cwd, int chrooted, const char *pidfile,
+                          long timeout_ms) {
     /* The daemon argv leaves behind is reparented to us rather than to PID 1. */
     if (pidfile && prctl(PR_SET_CHILD_SUBREAPER, 1) < 0) {
         perror("vsbx-exec: PR_SET_CHILD_SUBREAPER");
@@ -599,7 +736,7 @@ static int exec_main(int argc, char **argv) {
             _exit(126);
         }
         clearenv();
-        for (int i = 0; i < nenvs; i++) putenv(envs[i]);
+        for (char **e = envs; *e; e++) putenv(*e);
         execvp(args[0], args);
         int e = errno;
         fprintf(stderr, "vsbx-exec: %s: %s\n", args[0], strerror(e));

@@ -16,6 +16,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,7 +161,10 @@ disabled_plugins = ['io.containerd.nri.v1.nri', 'io.containerd.snapshotter.v1.bt
         self.proc = subprocess.Popen(
             ["nsenter", f"--net=/run/netns/{self.node_ns}", "--", str(self.bins.containerd), "--config", str(self.config)],
             stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"),
-            env={**os.environ, "TMPDIR": str(self.root)},
+            # containerd resolves runtime_type to containerd-shim-vmsandbox-v1 when it reloads
+            # the tasks of running containers at a restart: the venv's bin must be on its PATH.
+            env={**os.environ, "TMPDIR": str(self.root),
+                 "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])},
         )
         deadline = time.monotonic() + 60
         while True:

@@ -15,7 +15,7 @@ import pytest
 
 from tests.cri.conftest import Pods
 from tests.cri.harness import BUSYBOX_IMAGE, Containerd
-from tests.cri.test_pods import guest
+from tests.cri.test_pods import _status_once_reconnected, guest
 from tests.serve import Serve
 from vmsandbox.proto.k8s.runtime.v1 import api_pb2 as cri
 
@@ -74,6 +74,61 @@ def test_a_container_runs_in_the_pods_guest_and_its_output_reaches_cris_log(
     rt.RemoveContainer(cri.RemoveContainerRequest(container_id=cid), timeout=120)
     share = serve.state_dir / "sandboxes" / pod / "shared"
     assert not share.exists() or list(share.iterdir()) == []
+
+
+def test_a_running_container_survives_restarts_of_serve_and_of_containerd(
+        pods: Pods, serve: Serve, containerd: Containerd) -> None:
+    cfg = pods.config("keep")
+    pod = pods.run(cfg)
+    ccfg = cri.ContainerConfig(
+        metadata=cri.ContainerMetadata(name="ticker"), image=cri.ImageSpec(image=BUSYBOX_IMAGE),
+        command=["sh", "-c", "i=0; while true; do echo tick$i; i=$((i+1)); sleep 0.5; done"], log_path="ticker.log")
+    cid = containerd.runtime().CreateContainer(cri.CreateContainerRequest(pod_sandbox_id=pod, config=ccfg, sandbox_config=cfg),
+                             timeout=120).container_id
+    containerd.runtime().StartContainer(cri.StartContainerRequest(container_id=cid), timeout=120)
+    log = Path(cfg.log_directory) / "ticker.log"
+
+    def ticks_after(restart: object) -> None:
+        before = len(_log_lines(log, 2))
+        restart()  # type: ignore[operator]
+        assert _status_once_reconnected(pods, pod).status.state == cri.SANDBOX_READY
+        state = containerd.runtime().ContainerStatus(cri.ContainerStatusRequest(container_id=cid), timeout=60).status.state
+        assert state == cri.CONTAINER_RUNNING
+        lines = _log_lines(log, before + 6)
+        assert len(lines) >= before + 6, lines[-3:]  # the log gets what it wrote after the restart
+        texts = [line.split(" ", 3)[3] for line in lines]
+        assert texts == [f"tick{i}" for i in range(len(texts))]  # no tick lost or twice
+
+    def restart_serve() -> None:
+        serve.stop()
+        serve.start()
+
+    ticks_after(restart_serve)
+    ticks_after(containerd.restart)
+    containerd.runtime().StopContainer(cri.StopContainerRequest(container_id=cid, timeout=2), timeout=120)
+    status = containerd.runtime().ContainerStatus(cri.ContainerStatusRequest(container_id=cid), timeout=60).status
+    assert (status.state, status.exit_code in (137, 143)) == (cri.CONTAINER_EXITED, True)
+    containerd.runtime().RemoveContainer(cri.RemoveContainerRequest(container_id=cid), timeout=120)
+    sdir = serve.state_dir / "sandboxes" / pod
+    assert not (sdir / "shared").exists() or list((sdir / "shared").iterdir()) == []
+    assert not (sdir / "tasks").exists() or list((sdir / "tasks").iterdir()) == []
+    assert not _processes_named(f"vsbx-hold-{cid}")  # the FIFO holder went with the container
+    pods.stop(pod)
+    pods.remove(pod)
+    assert not sdir.exists()
+    assert not _processes_named("relay.py", pod)  # and the task socket's relay with the pod
+
+
+def _processes_named(*words: str) -> list[int]:
+    found = []
+    for d in os.listdir("/proc"):
+        try:
+            argv = Path("/proc", d, "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if d.isdigit() and all(w in argv for w in words):
+            found.append(int(d))
+    return found
 
 
 def _on_a_pty(argv: list[str], rows: int, cols: int, typed: bytes = b"", timeout: float = 180) -> tuple[int, bytes]:

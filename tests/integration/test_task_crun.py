@@ -49,6 +49,9 @@ class GuestTreeStager:
         self._sh(f"cat > {path}", data)
         return path
 
+    def guest_file(self, container_id: str, name: str, *, create: bool = False) -> int | None:
+        return None  # nothing of the guest dir is visible to the host: the init is not kept
+
     def unstage(self, container_id: str) -> None:
         self._sh(f"rm -rf {BASE}/{container_id}")
 

@@ -74,6 +74,9 @@ class ExecStager:
         self._sh(f"cat > {path}.cmd", args[2].encode() if args[:2] == ["sh", "-c"] else " ".join(args).encode())
         return path
 
+    def guest_file(self, container_id: str, name: str, *, create: bool = False) -> int | None:
+        return None  # nothing of the guest dir is visible to the host: the init is not kept
+
     def unstage(self, container_id: str) -> None:
         self._sh(f"rm -rf {BASE}/{container_id}")
 

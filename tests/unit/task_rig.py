@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any as _Any
+from typing import TypeVar
 
 from google.protobuf.message import Message
 
@@ -30,6 +31,7 @@ from vmsandbox.task.engine import TaskEngine
 from vmsandbox.task.fake import FakeStager
 
 SID = "s" * 64
+R = TypeVar("R", bound="Rig")
 CID = "c" * 64
 #: A guest cgroup of a busy container, as kernel 6.1 writes it (values in bytes/usec).
 CGROUP_FILES = {
@@ -278,3 +280,13 @@ def open_fds() -> set[str]:
             if e.errno != errno.ENOENT:
                 raise
     return out
+
+
+@contextmanager
+def leak_checked(rig: R) -> Iterator[R]:
+    """Yield ``rig``; then close its engine and check that no file under its tmp dir stays open."""
+    before = open_fds()
+    yield rig
+    rig.engine.close()
+    leaked = {f for f in open_fds() - before if str(rig.tmp) in f}
+    assert not leaked, f"files left open: {leaked}"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.task_rig import CID, Fifo, Rig, fifos, open_fds
+from tests.unit.task_rig import CID, Fifo, Rig, fifos, leak_checked
 from vmsandbox import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unimplemented
 from vmsandbox.guest.fake import FakeProcess
 from vmsandbox.model import EPOCH, Mount, PtySize
@@ -22,12 +22,8 @@ ROOTFS = (Mount("overlay", "overlay", "", ("lowerdir=/l", "upperdir=/u", "workdi
 
 @pytest.fixture
 def rig(tmp_path: Path) -> Iterator[Rig]:
-    before = open_fds()
-    r = Rig(tmp_path)
-    yield r
-    r.engine.close()
-    leaked = {f for f in open_fds() - before if str(tmp_path) in f}
-    assert not leaked, f"FIFOs left open: {leaked}"
+    with leak_checked(Rig(tmp_path)) as r:
+        yield r
 
 
 def io(o: Fifo, e: Fifo, i: Fifo | None = None, terminal: bool = False) -> IoSpec:

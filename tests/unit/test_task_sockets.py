@@ -160,3 +160,29 @@ def test_a_start_whose_socket_cannot_be_served_removes_the_sandbox(tmp_path: Pat
     finally:
         rig.close()
 
+
+
+def test_with_a_relay_the_socket_and_its_connections_outlive_serve(tmp_path: Path, run_dir: Path) -> None:
+    from vmsandbox.task.sockets import _relay_pid
+
+    rig = Rig(tmp_path, run_dir=run_dir)
+    uids = (os.getuid(),)
+    try:
+        first = TaskSockets(run_dir, lambda sid: rig.ctl.guest_channel(sid), allowed_uids=uids, relay=True)
+        rig.ctl.create(Sandbox("sb6"))
+        address = TaskServingController(rig.ctl, first).start("sb6").address
+        path = task_socket_path(run_dir, "sb6")
+        pid = _relay_pid(path)
+        assert pid and answers(address)
+        with Client(address) as containerd:  # one connection, kept across the restart
+            first.close_all()  # `vmsandbox serve` exits: the relay and its socket stay
+            assert path.exists() and _relay_pid(path) == pid
+            again = TaskSockets(run_dir, lambda sid: rig.ctl.guest_channel(sid), allowed_uids=uids, relay=True)
+            ctl = TaskServingController(rig.restart(), again, running=["sb6"])
+            assert ctl.status("sb6").address == address and _relay_pid(path) == pid
+            with pytest.raises(NotFound):
+                containerd.call(SERVICE_NAME, "State", pb.StateRequest(id="nope"), pb.StateResponse, timeout=10)
+        ctl.shutdown("sb6")
+        assert _relay_pid(path) == 0 and not path.parent.exists()
+    finally:
+        rig.close()

@@ -145,13 +145,16 @@ def serve(cfg: Config, progress: ProgressLine, *, socket: str, socket_group: str
     from ..task.events import NO_EVENTS
     from ..hostmount import SystemHostMounts
     from ..task.sockets import TaskServingController, TaskSockets
+    from ..task.records import TaskRecords
     from ..task.stager import ShareStager
 
     mounts = SystemHostMounts()
     events = ContainerdEvents(cfg.containerd_address) if cfg.containerd_address else None
+    # A container's host-only record lives beside the share, in <sandbox dir>/tasks.
     sockets = TaskSockets(cfg.run_dir, lambda sandbox_id: ctl.guest_channel(sandbox_id),
                           lambda sandbox_id: ShareStager(mounts, ctl.share_path(sandbox_id)),
-                          events=events or NO_EVENTS)
+                          records_of=lambda sandbox_id: TaskRecords(ctl.share_path(sandbox_id).parent / "tasks"),
+                          events=events or NO_EVENTS, relay=True)
     # A removal by any path (containerd's Shutdown, the CLI's, a failed Start) closes its socket.
     ctl = LibvirtController(config=cfg, progress=progress, events=sockets.on_lifecycle)
     try:

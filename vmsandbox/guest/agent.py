@@ -57,9 +57,24 @@ def encode_exec_request(
     timeout: float | None = None,
     in_guest_root: bool = False,
     supervise_pidfile: str | None = None,
+    keep: str | None = None,
+    rejoin: str | None = None,
     console_socket: str | None = None,
 ) -> str:
-    """The command string for ``vsbx-exec``: ``vsbx1`` then hex tokens, no shell syntax."""
+    """The command string for ``vsbx-exec``: ``vsbx1`` then hex tokens, no shell syntax.
+
+    ``keep`` (with ``supervise_pidfile``): a detached keeper supervises the daemon, its output
+    in ``<keep>.out``/``.err`` and its exit code in ``<keep>.exit``; ``rejoin`` (no argv):
+    wait for the keeper of that prefix and end with its code (images/README.md, tokens k, w)."""
+    for what, path in (("keep", keep), ("rejoin", rejoin)):
+        if path is not None and (not path.startswith("/") or "\0" in path):
+            raise InvalidArgument(f"the {what} prefix must be an absolute path, not {path!r}")
+    if keep is not None and supervise_pidfile is None:
+        raise InvalidArgument("keep needs supervise_pidfile")
+    if rejoin is not None:
+        if argv:
+            raise InvalidArgument("rejoin takes no argv")
+        return "vsbx1 w" + rejoin.encode("utf-8", "surrogateescape").hex()
     if not argv or not all(isinstance(a, str) for a in argv):
         raise InvalidArgument("argv must be a non-empty sequence of strings")
     if len(argv) > 1000:
@@ -93,6 +108,8 @@ def encode_exec_request(
         tokens.append("r")
     if supervise_pidfile is not None:
         tokens.append("p" + hx(supervise_pidfile))
+    if keep is not None:
+        tokens.append("k" + hx(keep))
     if console_socket is not None:
         tokens.append("y" + hx(console_socket))
     cmd = " ".join(tokens)
@@ -314,6 +331,8 @@ class GuestAgent:
         size: PtySize | None = None,
         in_guest_root: bool = False,
         supervise_pidfile: str | None = None,
+        keep: str | None = None,
+        rejoin: str | None = None,
         console_socket: str | None = None,
     ) -> SshProcess:
         """Start argv on its own channel; see :meth:`vmsandbox.sandbox.ports.GuestChannel.spawn`."""
@@ -321,9 +340,11 @@ class GuestAgent:
         if tty:
             environ.setdefault("TERM", "xterm")
         cmd = encode_exec_request(argv, env=environ, cwd=cwd, in_guest_root=in_guest_root,
-                                  supervise_pidfile=supervise_pidfile, console_socket=console_socket)
+                                  supervise_pidfile=supervise_pidfile, keep=keep, rejoin=rejoin,
+                                  console_socket=console_socket)
         t = self._transport
         if t is None or not t.is_active():
             raise Unavailable("no connection to the guest agent", sandbox_id=self.sandbox_id)
         return spawn_on(t, cmd, stdout=stdout, stderr=stderr, tty=tty, size=size,
-                        term=environ.get("TERM", "xterm"), sandbox_id=self.sandbox_id, what=argv[0])
+                        term=environ.get("TERM", "xterm"), sandbox_id=self.sandbox_id,
+                        what=argv[0] if argv else f"rejoin {rejoin}")

@@ -50,6 +50,8 @@ class SpawnCall:
     size: PtySize | None
     in_guest_root: bool
     supervise_pidfile: str | None
+    keep: str | None = None
+    rejoin: str | None = None
     console_socket: str | None = None
 
 
@@ -233,15 +235,17 @@ class FakeChannel:
         size: PtySize | None = None,
         in_guest_root: bool = False,
         supervise_pidfile: str | None = None,
+        keep: str | None = None,
+        rejoin: str | None = None,
         console_socket: str | None = None,
     ) -> FakeProcess:
         self._g.fp.hit("spawn")
-        if not argv:
+        if not argv and rejoin is None:
             raise InvalidArgument("argv must be a non-empty sequence of strings")
         if not self.connected or self.stale:
             raise Unavailable("no connection to the guest agent", sandbox_id=self.sandbox_id)
         call = SpawnCall(self.socket_path, tuple(argv), dict(env or {}), cwd, tty, size, in_guest_root,
-                         supervise_pidfile, console_socket)
+                         supervise_pidfile, keep, rejoin, console_socket)
         proc = FakeProcess(call, stdout, stderr, self.sandbox_id)
         self._g.processes.append(proc)
         self._g.on_spawn(proc)

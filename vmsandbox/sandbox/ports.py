@@ -184,6 +184,8 @@ class GuestChannel(Protocol):
         size: PtySize | None = None,
         in_guest_root: bool = False,
         supervise_pidfile: str | None = None,
+        keep: str | None = None,
+        rejoin: str | None = None,
         console_socket: str | None = None,
     ) -> GuestProcess:
         """Start argv (no shell) on its own channel and return at once; output streams to the
@@ -191,6 +193,11 @@ class GuestChannel(Protocol):
         command that leaves a daemon behind and writes its pid there (``crun create
         --pid-file``); the process then ends with that daemon's exit status, and the pid is
         published in ``<pidfile>.ready`` once argv exited 0 (images/README.md, token ``p``).
+        ``keep`` (a guest path prefix, with ``supervise_pidfile``): a detached keeper does the
+        supervision and survives the connection: the daemon's stdout/stderr go to
+        ``<keep>.out``/``.err``, its exit code to ``<keep>.exit`` (the sinks get vsbx-exec's own
+        messages only). ``rejoin`` (empty argv): a process that ends with the exit code of
+        the keeper of that prefix (255 when it was killed without one).
         ``console_socket`` (with a pid file): a guest unix socket path where argv (``crun
         --console-socket``) sends the terminal's pty master; the process's terminal is then
         pumped to and from this channel (token ``y``).

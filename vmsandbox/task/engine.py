@@ -1,16 +1,17 @@
 """The containers of one sandbox, run in its guest by crun: what the task rpcs do.
 
 Every container init is one supervised ``crun create`` on its own guest channel (vsbx-exec
-token ``p``: the channel ends with the init's exit status, and its stdio is the container's);
-every exec process likewise is one supervised ``crun exec --detach``. Start is ``crun
-start``, Kill ``crun kill`` (or ``kill`` for an exec), Delete ``crun delete --force`` and the
-bundle unstaged. A waiter thread per process turns the end of its channel into STOPPED (255
-when the connection dropped), after its output drained and its FIFOs were closed.
+token ``p``: the channel ends with the init's exit status); every exec process likewise is
+one supervised ``crun exec --detach``, its stdio the channel's. Start is ``crun start``, Kill
+``crun kill`` (or ``kill`` for an exec), Delete ``crun delete --force`` and the bundle
+unstaged. A waiter thread per process turns the end of its channel into STOPPED (255 when
+the connection dropped), after its output drained and its FIFOs were closed.
 
-A terminal process also gets crun's console socket (:mod:`.terminal`).
+An init without a tty may be kept, to survive restarts of serve (:mod:`.restarts`).
 
-Guest layout: the stager's per-container dir holds config.json, ``init.pid`` (+ ``.ready``)
-and ``exec-<id>.json``/``exec-<id>.pid``; crun keeps its state in its default root.
+Guest layout: the stager's per-container dir holds config.json, ``init.pid`` (+ ``.ready``),
+``init.out``/``.err``/``.exit`` and ``exec-<id>.json``/``exec-<id>.pid``; crun keeps its
+state in its default root.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any as _Any
 
@@ -41,13 +41,16 @@ from ..sandbox.undo import quietly
 from . import events as ev
 from .cgroups import parse_stats, stats_argv
 from .events import NO_EVENTS, EventSink
-from .ports import BundleStager, StagedBundle
-from .process import LOST_EXIT, Exit, IoSpec, ProcessState, Status, TaskProcess
+from .keeper import kept_exit
+from .ports import BundleStager
+from .process import LOST_EXIT, Container, Exit, IoSpec, ProcessState, Status, TaskProcess, exec_failure_status
+from .records import TaskRecords
+from .restarts import KeptInits
 from .spec import guest_resources, is_bind, load_spec, rewrite_process, rewrite_spec
 from .stdio import FIFO_OPEN_TIMEOUT, Stdio
-from .terminal import console_size, console_socket, stdio_for, with_console_socket
+from .terminal import console_argv, console_size, stdio_for
 
-__all__ = ["TaskEngine", "CRUN", "READY_TIMEOUT", "GUEST_CALL_TIMEOUT"]
+__all__ = ["TaskEngine", "CRUN", "READY_TIMEOUT", "GUEST_CALL_TIMEOUT", "exec_failure_status"]
 
 log = logging.getLogger(__name__)
 
@@ -58,31 +61,7 @@ GUEST_CALL_TIMEOUT = 60.0
 _POLL = 0.05
 
 
-@dataclass
-class _Container:
-    id: str
-    bundle: str
-    staged: StagedBundle
-    init: TaskProcess
-    execs: dict[str, TaskProcess] = field(default_factory=dict)
-    deleting: bool = False
-    namespace: str = ""  # containerd's, for the events
-    oom_kills: int = 0  # memory.events oom_kill when last read
-    last_stats: CgroupV2Metrics | None = None
-
-
-def exec_failure_status(crun_message: str) -> int | None:
-    """The shell's exit status for an exec crun could not start: 127 when the executable was
-    not found, 126 when it could not be executed; None for any other failure."""
-    m = crun_message.lower()
-    if "not found" in m or "no such file" in m:
-        return 127
-    if "permission denied" in m or "exec format error" in m:
-        return 126
-    return None
-
-
-class TaskEngine:
+class TaskEngine(KeptInits):
     """The task API's logic for one sandbox. Thread-safe; every method raises vmsandbox.errors.
 
     ``channel()`` returns the sandbox's connected guest channel (Unavailable or
@@ -90,26 +69,28 @@ class TaskEngine:
     """
 
     def __init__(self, sandbox_id: str, channel: Callable[[], GuestChannel], stager: BundleStager, *,
+                 records: TaskRecords | None = None,
                  ready_timeout: float = READY_TIMEOUT, fifo_timeout: float = FIFO_OPEN_TIMEOUT,
                  events: EventSink = NO_EVENTS) -> None:
         self.sandbox_id = sandbox_id
         self._ev, self._closed = ev.OrderedEvents(events), False
-        self._channel, self._stager = channel, stager
+        self._channel, self._stager, self._records = channel, stager, records
+        self._detached = False
         self._ready_timeout, self._fifo_timeout = ready_timeout, fifo_timeout
         self._lock = threading.Lock()
-        self._containers: dict[str, _Container] = {}
+        self._containers: dict[str, Container] = {}
         self._creating: set[str] = set()
         self._waiters: list[threading.Thread] = []
 
     # ------------------------------------------------------------------ lookup
-    def _container(self, cid: str) -> _Container:
+    def _container(self, cid: str) -> Container:
         with self._lock:
             c = self._containers.get(cid)
         if c is None:
             raise NotFound(f"container {cid!r} not found", sandbox_id=self.sandbox_id)
         return c
 
-    def _process(self, cid: str, exec_id: str) -> tuple[_Container, TaskProcess]:
+    def _process(self, cid: str, exec_id: str) -> tuple[Container, TaskProcess]:
         c = self._container(cid)
         if not exec_id:
             return c, c.init
@@ -158,30 +139,29 @@ class TaskEngine:
             guest_spec = rewrite_spec(spec, container_id=cid, guest_rootfs=staged.guest_rootfs,
                                       sources=staged.sources, terminal=io.terminal)
             self._stager.put_file(cid, "config.json", json.dumps(guest_spec).encode())
-            stdio = stdio_for(io, self._fifo_timeout)
-            stdio.open()
-            undo.callback(quietly(stdio.close))
-            init = TaskProcess(cid, "", io, stdio, size=console_size(guest_spec["process"]))
+            init, keep = self._new_init(cid, io, undo, console_size(guest_spec["process"]))
             pidfile = f"{staged.guest_dir}/init.pid"
             argv = [CRUN, "create", "--bundle", staged.guest_dir, "--pid-file", pidfile, cid]
             undo.callback(quietly(self._force_delete, cid))
-            self._launch(init, argv, pidfile, created=True)
+            self._launch(init, argv, pidfile, created=True, keep=keep and f"{staged.guest_dir}/{keep}")
+            c = Container(cid, bundle, staged, init, namespace=namespace)
+            self._save(c)
             undo.pop_all()
         with self._lock:
-            self._containers[cid] = _Container(cid, bundle, staged, init, namespace=namespace)
+            self._containers[cid] = c
         log.info("sandbox %s: container %s created, guest pid %d", self.sandbox_id, cid, init.pid)
         return init.pid
 
-    def _launch(self, proc: TaskProcess, argv: list[str], pidfile: str, *, created: bool) -> None:
+    def _launch(self, proc: TaskProcess, argv: list[str], pidfile: str, *, created: bool,
+                keep: str | None = None) -> None:
         """Spawn a supervised crun command, wait for its pid, start the waiter."""
-        console = console_socket(self.sandbox_id, proc.container_id, proc.exec_id) if proc.io.terminal else None
-        argv = with_console_socket(argv, console)
+        argv, console = console_argv(argv, self.sandbox_id, proc)  # a terminal: crun's console socket
         gp = self._channel().spawn(argv, stdout=proc.stdio.stdout, stderr=proc.stdio.stderr,
                                    tty=proc.io.terminal, size=proc.size, in_guest_root=True,
-                                   supervise_pidfile=pidfile, console_socket=console)
+                                   supervise_pidfile=pidfile, keep=keep, console_socket=console)
         proc.guest = gp
         try:
-            pid = self._await_pid(gp, pidfile, argv[1], proc.stdio)
+            pid = self._await_pid(gp, pidfile, argv[1], proc)
         except BaseException:
             gp.abort()
             raise
@@ -190,6 +170,9 @@ class TaskEngine:
         else:
             proc.started(pid)
         proc.stdio.attach(gp)
+        self._start_watch(proc)
+
+    def _start_watch(self, proc: TaskProcess) -> None:
         t = threading.Thread(target=self._watch, args=(proc,), daemon=True,
                              name=f"vsbx-task-{self.sandbox_id[:12]}-{proc.container_id[:12]}")
         with self._lock:
@@ -197,7 +180,7 @@ class TaskEngine:
         self._ev.exit_due((proc.container_id, proc.exec_id))
         t.start()
 
-    def _await_pid(self, gp: GuestProcess, pidfile: str, verb: str, stdio: Stdio) -> int:
+    def _await_pid(self, gp: GuestProcess, pidfile: str, verb: str, proc: TaskProcess) -> int:
         deadline = time.monotonic() + self._ready_timeout
         ch = self._channel()
         while True:
@@ -209,7 +192,9 @@ class TaskEngine:
                     code = gp.wait(0)
                 except VmSandboxError as e:
                     raise Unavailable(f"crun {verb}: {e}", sandbox_id=self.sandbox_id) from e
-                raise FailedPrecondition(f"crun {verb} failed (exit {code}): {stdio.tail}",
+                if proc.output is not None:
+                    proc.output.drain()  # crun's message is in the err file
+                raise FailedPrecondition(f"crun {verb} failed (exit {code}): {proc.stdio.tail}",
                                          sandbox_id=self.sandbox_id)
             if time.monotonic() >= deadline:
                 raise FailedPrecondition(f"crun {verb} did not finish in {self._ready_timeout}s",
@@ -217,16 +202,23 @@ class TaskEngine:
             time.sleep(_POLL)
 
     def _watch(self, proc: TaskProcess) -> None:
-        gp = proc.guest
-        assert gp is not None
-        try:
-            status = gp.wait()
-        except VmSandboxError as e:
-            log.warning("sandbox %s: lost %s/%s (%s); exit %d", self.sandbox_id, proc.container_id,
-                        proc.exec_id or "init", e, LOST_EXIT)
-            status = LOST_EXIT
+        gp, status = proc.guest, LOST_EXIT
+        while gp is not None:
+            try:
+                status = gp.wait()
+                break
+            except VmSandboxError as e:
+                if proc.output is None and not self._detached:
+                    log.warning("sandbox %s: lost %s/%s (%s); exit %d", self.sandbox_id, proc.container_id,
+                                proc.exec_id or "init", e, LOST_EXIT)
+                gp = self._rejoin_lost(proc)  # a kept init runs on: watch it on a new channel
+        if self._detached:
+            return  # serve stops: a kept init runs on, the next serve rejoins it
+        ended = kept_exit(self._stager, proc.container_id) if proc.output is not None else None
+        if proc.output is not None:
+            proc.output.finish()  # the keeper ended (or the channel dropped): deliver what the files hold
         proc.stdio.close()  # output drained (wait returns after the sinks got everything)
-        proc.stopped(status)
+        proc.stopped(*(ended or (status, None)))
         self._exited(proc)
 
     def _force_delete(self, cid: str) -> None:
@@ -250,6 +242,7 @@ class TaskEngine:
             if not exec_id:
                 self._guest([CRUN, "start", cid], "crun start")
                 p.started(p.pid)
+                self._save(c)
                 self._ev.publish(c.namespace, ev.Topic.START, ev.task_start(cid, p.pid))
                 return p.pid
             pidfile = f"{c.staged.guest_dir}/exec-{exec_id}.pid"
@@ -404,6 +397,8 @@ class TaskEngine:
             p.guest.abort()
         p.wait(lambda: False)
         self._stager.unstage(cid)
+        if self._records is not None:
+            self._records.remove(cid)
         with self._lock:
             self._containers.pop(cid, None)
             execs = list(c.execs.values())
@@ -456,7 +451,7 @@ class TaskEngine:
         finally:
             self._ev.exit_due(key, False)
 
-    def _publish_exit(self, c: _Container, p: TaskProcess) -> None:
+    def _publish_exit(self, c: Container, p: TaskProcess) -> None:
         if p.exit_status == 137:
             try:
                 c.last_stats = self._read_stats(c.id) or c.last_stats
@@ -469,7 +464,7 @@ class TaskEngine:
                 self._ev.publish(c.namespace, ev.Topic.OOM, ev.task_oom(c.id))
         self._ev.publish(c.namespace, ev.Topic.EXIT, ev.task_exit(c.id, p.exec_id, p.exit()))
 
-    def _publish_delete(self, c: _Container, p: TaskProcess) -> None:
+    def _publish_delete(self, c: Container, p: TaskProcess) -> None:
         self._ev.await_exit((c.id, p.exec_id))  # its waiter may still be reading memory.events
         self._ev.publish(c.namespace, ev.Topic.DELETE, ev.task_delete(c.id, p.exec_id, p.exit()))
 
@@ -491,6 +486,11 @@ class TaskEngine:
                 p.stdio.close()
         for w in waiters:
             w.join(timeout=10)
+        with self._lock:
+            ids = list(self._containers)
+        for cid in ids:
+            if self._records is not None:
+                self._records.remove(cid)
 
     @staticmethod
     def _name(p: TaskProcess) -> str:

@@ -40,5 +40,12 @@ class BundleStager(Protocol):
     def put_file(self, container_id: str, name: str, data: bytes) -> str:
         """Write ``name`` (a plain file name) into the container's guest dir; its guest path."""
 
+    def guest_file(self, container_id: str, name: str, *, create: bool = False) -> int | None:
+        """A read+write fd of the regular file ``name`` in the container's guest dir, as the
+        host sees it (the guest is untrusted: no symlink is followed; InvalidArgument for
+        anything but a regular file). ``create``: a new empty file replaces what was there.
+        None when the file does not exist, or when this stager's guest dir is not visible
+        to the host at all (then a container's output cannot be kept across restarts)."""
+
     def unstage(self, container_id: str) -> None:
         """Unmount and remove everything :meth:`stage` and :meth:`put_file` made. Idempotent."""

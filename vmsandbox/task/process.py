@@ -15,10 +15,13 @@ from datetime import datetime
 from typing import Any as _Any
 
 from ..model import EPOCH, PtySize, utcnow
+from ..payloads.cgroupsv2 import CgroupV2Metrics
 from ..sandbox.ports import GuestProcess
+from .outfile import Follower
+from .ports import StagedBundle
 from .stdio import Stdio
 
-__all__ = ["Status", "Exit", "IoSpec", "ProcessState", "TaskProcess", "LOST_EXIT"]
+__all__ = ["Status", "Exit", "IoSpec", "ProcessState", "TaskProcess", "Container", "LOST_EXIT", "exec_failure_status"]
 
 LOST_EXIT = 255
 """The exit status of a process whose guest connection dropped (containerd's unknown exit)."""
@@ -74,6 +77,7 @@ class TaskProcess:
     size: PtySize | None = None
     guest: GuestProcess | None = None
     starting: bool = False  # an exec's Start is in flight (no guest process yet)
+    output: Follower | None = None  # a kept init's output files, followed
     cond: threading.Condition = field(default_factory=threading.Condition)
 
     def started(self, pid: int) -> None:
@@ -86,12 +90,13 @@ class TaskProcess:
         with self.cond:
             self.pid = pid
 
-    def stopped(self, exit_status: int) -> bool:
-        """Record the exit (the first one wins); False when it had stopped already."""
+    def stopped(self, exit_status: int, at: datetime | None = None) -> bool:
+        """Record the exit (the first one wins; ``at``: when, if not now); False when it had
+        stopped already."""
         with self.cond:
             if self.status is Status.STOPPED:
                 return False
-            self.status, self.exit_status, self.exited_at = Status.STOPPED, exit_status, utcnow()
+            self.status, self.exit_status, self.exited_at = Status.STOPPED, exit_status, at or utcnow()
             self.cond.notify_all()
             return True
 
@@ -111,3 +116,29 @@ class TaskProcess:
         with self.cond:
             return ProcessState(self.container_id, self.exec_id, bundle, self.pid, self.status, self.io,
                                 self.exit_status, self.exited_at)
+
+
+def exec_failure_status(crun_message: str) -> int | None:
+    """The shell's exit status for an exec crun could not start: 127 when the executable was
+    not found, 126 when it could not be executed; None for any other failure."""
+    m = crun_message.lower()
+    if "not found" in m or "no such file" in m:
+        return 127
+    if "permission denied" in m or "exec format error" in m:
+        return 126
+    return None
+
+
+@dataclass
+class Container:
+    """One container of a TaskEngine: its init, its execs and what the engine keeps of it."""
+
+    id: str
+    bundle: str
+    staged: StagedBundle
+    init: TaskProcess
+    execs: dict[str, TaskProcess] = field(default_factory=dict)
+    deleting: bool = False
+    namespace: str = ""  # containerd's, for the events
+    oom_kills: int = 0  # memory.events oom_kill when last read
+    last_stats: CgroupV2Metrics | None = None

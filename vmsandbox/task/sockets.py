@@ -14,7 +14,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,6 +42,7 @@ from ..ttrpc import Server
 from .engine import TaskEngine
 from .events import NO_EVENTS, EventSink
 from .ports import BundleStager, StagedBundle
+from .records import TaskRecords
 from .service import TaskService
 
 __all__ = ["TaskSockets", "TaskServingController", "task_socket_path", "task_address", "TASK_API_VERSION",
@@ -48,6 +53,8 @@ log = logging.getLogger(__name__)
 TASK_API_VERSION = 3
 SOCKET_PATH_LIMIT = 106  # containerd's pkg/shim socketPathLimit
 SOCKET_NAME = "task.sock"
+UPSTREAM_NAME = "serve.sock"  # where serve listens behind the relay
+RELAY_PID = "relay.pid"
 
 
 def task_socket_path(run_dir: Path, sandbox_id: str) -> Path:
@@ -72,6 +79,9 @@ class NoShareStager:
     def put_file(self, container_id: str, name: str, data: bytes) -> str:
         raise FailedPrecondition("this sandbox's guest has no rootfs share yet")
 
+    def guest_file(self, container_id: str, name: str, *, create: bool = False) -> int | None:
+        return None
+
     def unstage(self, container_id: str) -> None:
         pass
 
@@ -88,10 +98,15 @@ class TaskSockets:
 
     def __init__(self, run_dir: Path, channel_of: Callable[[str], GuestChannel],
                  stager_of: Callable[[str], BundleStager] = lambda sandbox_id: NoShareStager(), *,
-                 allowed_uids: Collection[int] = (0,), events: EventSink = NO_EVENTS) -> None:
-        self.run_dir = run_dir
+                 records_of: Callable[[str], TaskRecords | None] = lambda sandbox_id: None,
+                 allowed_uids: Collection[int] = (0,), events: EventSink = NO_EVENTS, relay: bool = False) -> None:
+        """``relay``: containerd connects to a relay process that outlives serve (:mod:`.relay`)
+        rather than to serve itself; ``vmsandbox serve`` uses one so that its restarts do not
+        fail containerd's Waits."""
+        self.run_dir, self._relay = run_dir, relay
         self._events = events
         self._channel_of, self._stager_of, self._uids = channel_of, stager_of, tuple(allowed_uids)
+        self._records_of = records_of
         self._lock = threading.Lock()
         self._served: dict[str, _Served] = {}
 
@@ -114,12 +129,17 @@ class TaskSockets:
                 raise FailedPrecondition(f"cannot make the task socket folder {path.parent}: {e}",
                                          sandbox_id=sandbox_id) from e
             engine = TaskEngine(sandbox_id, lambda: self._channel_of(sandbox_id), self._stager_of(sandbox_id),
-                                events=self._events)
-            server = Server(allowed_uids=self._uids)
+                                events=self._events, records=self._records_of(sandbox_id))
+            engine.recover()  # the kept containers of a serve that ran before
+            server = Server(allowed_uids=(os.getuid(),) if self._relay else self._uids)
             TaskService(engine).register(server)
             try:
-                server.start(str(path))
+                server.start(str(path.parent / UPSTREAM_NAME if self._relay else path))
+                if self._relay:
+                    ensure_relay(path, path.parent / UPSTREAM_NAME, self._uids)
             except BaseException:
+                server.stop(grace=0)
+                engine.detach()
                 _rmdir(path.parent)
                 raise
             self._served[sandbox_id] = s = _Served(server, engine, f"ttrpc+unix://{path}")
@@ -134,6 +154,7 @@ class TaskSockets:
             return
         s.engine.close()
         s.server.stop(grace=1.0)
+        stop_relay(task_socket_path(self.run_dir, sandbox_id))
         _rmdir(task_socket_path(self.run_dir, sandbox_id).parent)
 
     def on_lifecycle(self, event: LifecycleEvent) -> None:
@@ -142,17 +163,61 @@ class TaskSockets:
             self.close(event.sandbox_id)
 
     def close_all(self) -> None:
+        """``vmsandbox serve`` stops: every socket goes, kept containers run on (see
+        :meth:`TaskEngine.detach`); the next serve takes them back."""
         with self._lock:
-            ids = list(self._served)
-        for sid in ids:
-            self.close(sid)
+            served, self._served = dict(self._served), {}
+        for sid, s in served.items():
+            s.server.stop(answer=False)  # a relay keeps containerd's connections and requests
+            s.engine.detach()
+            if not self._relay:
+                _rmdir(task_socket_path(self.run_dir, sid).parent)
 
 
 def _rmdir(d: Path) -> None:
+    for leftover in (UPSTREAM_NAME, RELAY_PID, SOCKET_NAME):
+        (d / leftover).unlink(missing_ok=True)
     try:
         d.rmdir()
     except FileNotFoundError:
         pass
+
+
+def _relay_pid(listen: Path) -> int:
+    """The pid of the relay that serves ``listen``, 0 when none runs."""
+    try:
+        pid = int((listen.parent / RELAY_PID).read_text())
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return 0
+    return pid if len(argv) > 2 and argv[1].endswith(b"relay.py") and argv[2] == os.fsencode(listen) else 0
+
+
+def ensure_relay(listen: Path, upstream: Path, uids: Collection[int], timeout: float = 30.0) -> None:
+    """Start the relay of ``listen`` unless it runs (it survived a restart of serve); return
+    once it accepts connections."""
+    if _relay_pid(listen):
+        return
+    script = Path(__file__).with_name("relay.py")
+    p = subprocess.Popen([sys.executable, str(script), str(listen), str(upstream), *map(str, uids)],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
+    (listen.parent / RELAY_PID).write_text(f"{p.pid}\n")
+    deadline = time.monotonic() + timeout
+    while not listen.exists():
+        if p.poll() is not None or time.monotonic() > deadline:
+            p.kill()
+            raise FailedPrecondition(f"the task socket relay for {listen} did not start (exit {p.poll()})")
+        time.sleep(0.02)
+
+
+def stop_relay(listen: Path) -> None:
+    pid = _relay_pid(listen)
+    if pid:
+        os.kill(pid, signal.SIGTERM)
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass  # a relay a serve before us started: init reaps it
 
 
 class TaskServingController:

@@ -25,6 +25,7 @@ from ..errors import AlreadyExists, InvalidArgument, VmSandboxError
 from ..model import Mount
 from ..sandbox.ports import HostMounts
 from ..sandbox.undo import quietly
+from .outfile import open_guest_file
 from .ports import StagedBundle
 
 __all__ = ["ShareStager", "GUEST_SHARE"]
@@ -89,6 +90,13 @@ class ShareStager:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         return f"{self._guest}/{container_id}/{name}"
+
+    def guest_file(self, container_id: str, name: str, *, create: bool = False) -> int | None:
+        self._dir(container_id)  # a valid id
+        try:
+            return open_guest_file(self._share, [container_id, name], create=create)
+        except FileNotFoundError:
+            return None
 
     def unstage(self, container_id: str) -> None:
         d = self._dir(container_id)

@@ -20,9 +20,14 @@ import select
 import stat
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from ..errors import FailedPrecondition, InvalidArgument
 from ..sandbox.ports import GuestProcess
+from .holder import hold, release
+
+if TYPE_CHECKING:
+    from .process import IoSpec
 
 __all__ = ["Stdio", "FIFO_OPEN_TIMEOUT"]
 
@@ -100,8 +105,12 @@ class Stdio:
     """The FIFOs of one process. Paths may be "" (no such stream)."""
 
     def __init__(self, stdin: str, stdout: str, stderr: str, *, open_timeout: float = FIFO_OPEN_TIMEOUT,
-                 terminal: bool = False) -> None:
+                 holder: str = "", holder_pid: int = 0, terminal: bool = False) -> None:
+        """``holder``: a name to keep the stdout/stderr FIFOs open in a holder process under
+        (:mod:`.holder`; ``holder_pid``: one that runs already, after a restart). ``terminal``:
+        CloseIO types ^D."""
         self.paths = (stdin, stdout, stderr)
+        self.holder, self.holder_pid = holder, holder_pid
         self.terminal = terminal
         self._in: int | None = None
         self._keeper: int | None = None
@@ -111,6 +120,19 @@ class Stdio:
         self._pump: threading.Thread | None = None
         self._proc: GuestProcess | None = None
         self._timeout = open_timeout
+
+    @classmethod
+    def reopened(cls, io: IoSpec, *, holder: str, holder_pid: int, open_timeout: float = FIFO_OPEN_TIMEOUT) -> Stdio:
+        """The stdout/stderr FIFOs of a process taken back after a restart (its stdin does
+        not come back); when they cannot be opened any more, a Stdio that discards."""
+        stdio = cls("", io.stdout, io.stderr, open_timeout=open_timeout, holder=holder, holder_pid=holder_pid)
+        try:
+            stdio.open()
+        except (InvalidArgument, FailedPrecondition) as e:
+            log.warning("the FIFOs %s, %s are gone (%s): that output is discarded", io.stdout, io.stderr, e)
+            stdio.close()
+            return cls("", "", "")
+        return stdio
 
     def open(self) -> None:
         """Open every FIFO named; on failure nothing stays open."""
@@ -124,6 +146,9 @@ class Stdio:
                 _check_fifo(stdin)
                 self._in = os.open(stdin, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
                 self._keeper = os.open(stdin, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            held = [fd for fd in (self.stdout.fd, self.stderr.fd) if fd is not None]
+            if self.holder and held and not self.holder_pid:
+                self.holder_pid = hold(held, self.holder)
         except BaseException:
             self.close()
             raise
@@ -197,6 +222,13 @@ class Stdio:
 
     def close(self) -> None:
         """Close everything: after the process ended and its output drained. Idempotent."""
+        self.let_go()
+        pid, self.holder_pid = self.holder_pid, 0
+        if pid:
+            release(pid, self.holder)  # now CRI's readers see EOF
+
+    def let_go(self) -> None:
+        """Close our ends but leave the holder (``vmsandbox serve`` stops; the process runs on)."""
         self._stop.set()
         if self._pump is not None and self._pump is not threading.current_thread():
             self._pump.join(timeout=5)

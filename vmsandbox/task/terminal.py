@@ -14,10 +14,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any as _Any
 
 from ..model import PtySize
-from .process import IoSpec
+from .process import IoSpec, TaskProcess
 from .stdio import Stdio
 
-__all__ = ["CONSOLE_DIR", "console_socket", "with_console_socket", "stdio_for", "console_size"]
+__all__ = ["CONSOLE_DIR", "console_socket", "with_console_socket", "console_argv", "stdio_for", "console_size"]
 
 CONSOLE_DIR = "/run/vsbx"
 """Where the console sockets live in the guest (tmpfs)."""
@@ -37,10 +37,16 @@ def with_console_socket(argv: Sequence[str], path: str | None) -> list[str]:
     return [*argv[:-1], "--console-socket", path, argv[-1]]
 
 
-def stdio_for(io: IoSpec, open_timeout: float) -> Stdio:
+def console_argv(argv: Sequence[str], sandbox_id: str, proc: TaskProcess) -> tuple[list[str], str | None]:
+    """The crun command line for ``proc`` and its console socket (None: not a terminal)."""
+    path = console_socket(sandbox_id, proc.container_id, proc.exec_id) if proc.io.terminal else None
+    return with_console_socket(argv, path), path
+
+
+def stdio_for(io: IoSpec, open_timeout: float, holder: str = "") -> Stdio:
     """The FIFOs of a process: a terminal's stderr FIFO is left alone (nobody reads it)."""
     return Stdio(io.stdin, io.stdout, "" if io.terminal else io.stderr, open_timeout=open_timeout,
-                 terminal=io.terminal)
+                 holder=holder, terminal=io.terminal)
 
 
 def console_size(process: Mapping[str, _Any]) -> PtySize | None:

@@ -166,13 +166,15 @@ class Server:
         log.info("ttrpc server listening on %s", path)
         return path
 
-    def stop(self, grace: float | None = None) -> None:
+    def stop(self, grace: float | None = None, *, answer: bool = True) -> None:
         """Stop serving; idempotent. Returns once every thread of the server has ended.
 
         New connections and requests are refused at once; in-flight requests get ``grace``
         seconds (default: the constructor's ``stop_grace``) to answer, are then cancelled
         (their :class:`RequestContext` is done) and get a little longer before the connections
-        close. A handler that ignores cancellation is left behind, logged.
+        close. A handler that ignores cancellation is left behind, logged. ``answer=False``:
+        the connections close first, so no client hears of the cancelled requests (a relay
+        sends them again to the next server).
         """
         grace = self._stop_grace if grace is None else grace
         with self._lock:
@@ -190,6 +192,9 @@ class Server:
             remove_socket(self._path, self._owned)
         with self._lock:
             conns = list(self._conns)
+        if not answer:
+            self._abandon(conns)
+            return
         for c in conns:
             c.drain()
         end = time.monotonic() + grace
@@ -209,6 +214,15 @@ class Server:
             self._state = "stopped"
         if state == "running":
             log.info("ttrpc server on %s stopped", self._path)
+
+    def _abandon(self, conns: list[Connection]) -> None:
+        threads = [t for c in conns for t in c.close()]
+        for c in conns:
+            c.cancel_all("the ttrpc server is going away")
+        for t in threads:
+            t.join(_JOIN_TIMEOUT)
+        with self._lock:
+            self._state = "stopped"
 
     def _accept_loop(self) -> None:
         assert self._listener is not None and self._waker is not None
