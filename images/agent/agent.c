@@ -12,9 +12,11 @@
  * vsbx-exec -c "vsbx1 TOKENS"   (root's login shell, run by dropbear for each exec): decodes
  *     hex tokens (a=argv element, e=KEY=VALUE, c=cwd, t=timeout ms, r=run in the guest root
  *     rather than the sandbox rootfs, p=supervise the daemon whose pid argv writes to this
- *     file, k=with p: keep it detached under PREFIX, w=rejoin the keeper of PREFIX), chroots
- *     into /rootfs when it is mounted and execs argv directly, never through a shell. Exit
- *     code: the child's (or the supervised daemon's), or 128+signal.
+ *     file, k=with p: keep it detached under PREFIX, w=rejoin the keeper of PREFIX,
+ *     y=listen on this unix socket for the pty master crun sends for a terminal process,
+ *     then pump it to and from our own stdio), chroots into /rootfs when it is mounted and
+ *     execs argv directly, never through a shell. Exit code: the child's (or the supervised
+ *     daemon's), or 128+signal.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -25,11 +27,14 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
+#include <termios.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -308,35 +313,210 @@ static int read_pid(const char *path) {
     return (int)v;
 }
 
-/* `crun create` (argv) exited 0 and left the container init behind, reparented to us (we
- * are a child subreaper): publish its pid in PIDFILE.ready (atomically: temp + rename), then
- * wait for it and exit with its status. The container's stdio is ours: the SSH channel. */
-static int supervise(const char *pidfile, pid_t pgrp) {
+/* Publish the pid argv wrote to PIDFILE in PIDFILE.ready (atomically: temp + rename), so the
+ * host can read it; the pid, or -1 (reported on stderr) when there is none or it cannot be
+ * published (the process is then killed). */
+static int publish_ready(const char *pidfile) {
     int pid = read_pid(pidfile);
     if (pid < 0) {
         fprintf(stderr, "vsbx-exec: no valid pid in %s\n", pidfile);
-        return 126;
+        return -1;
     }
     size_t n = strlen(pidfile);
     char *ready = malloc(n + 16), *tmp = malloc(n + 16);
-    if (!ready || !tmp) return 126;
+    if (!ready || !tmp) return -1;
     snprintf(ready, n + 16, "%s.ready", pidfile);
     snprintf(tmp, n + 16, "%s.ready.tmp", pidfile);
     FILE *f = fopen(tmp, "w");
     if (!f || fprintf(f, "%d\n", pid) < 0 || fclose(f) != 0 || rename(tmp, ready) < 0) {
         fprintf(stderr, "vsbx-exec: cannot write %s: %s\n", ready, strerror(errno));
         kill(pid, SIGKILL);
-        return 126;
+        return -1;
     }
+    free(ready);
+    free(tmp);
+    return pid;
+}
+
+static int exit_code(int status) {
+    if (timed_out) return 124;
+    if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
+    return WEXITSTATUS(status);
+}
+
+/* `crun create` (argv) exited 0 and left the container init behind, reparented to us (we
+ * are a child subreaper): publish its pid in PIDFILE.ready, then wait for it and exit with
+ * its status. The container's stdio is ours: the SSH channel. */
+static int supervise(const char *pidfile, pid_t pgrp) {
+    int pid = publish_ready(pidfile);
+    if (pid < 0) return 126;
     int status = 0;
     if (wait_for(pid, pgrp, &status) < 0) {
         /* Not our child: it ended before its parent did, and was reaped there. */
         fprintf(stderr, "vsbx-exec: the supervised process %d is not our child\n", pid);
         return 255;
     }
-    if (timed_out) return 124;
-    if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
-    return WEXITSTATUS(status);
+    return exit_code(status);
+}
+
+/* ---------------------------------------------------------------- console socket (y) */
+
+/* The unix socket crun's --console-socket connects to; -1 (errno set) on failure. */
+static int console_listen(const char *path) {
+    struct sockaddr_un sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sun_family = AF_UNIX;
+    if (strlen(path) >= sizeof sa.sun_path) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    strcpy(sa.sun_path, path);
+    unlink(path);
+    int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (s < 0) return -1;
+    if (bind(s, (struct sockaddr *)&sa, sizeof sa) < 0 || listen(s, 4) < 0) {
+        int e = errno;
+        close(s);
+        errno = e;
+        return -1;
+    }
+    return s;
+}
+
+/* The pty master crun sent (SCM_RIGHTS) on a connection to `lsock`. argv exited already, so
+ * its connection is queued: waiting a moment is only for a slow kernel. -1 when none came. */
+static int console_receive(int lsock) {
+    struct pollfd p = {lsock, POLLIN, 0};
+    if (poll(&p, 1, 1000) <= 0) return -1;
+    int c = accept4(lsock, NULL, NULL, SOCK_CLOEXEC);
+    if (c < 0) return -1;
+    char data[256], ctl[CMSG_SPACE(sizeof(int))];
+    struct iovec iov = {data, sizeof data};
+    struct msghdr m;
+    memset(&m, 0, sizeof m);
+    m.msg_iov = &iov;
+    m.msg_iovlen = 1;
+    m.msg_control = ctl;
+    m.msg_controllen = sizeof ctl;
+    ssize_t n = recvmsg(c, &m, MSG_CMSG_CLOEXEC);
+    close(c);
+    if (n < 0) return -1;
+    for (struct cmsghdr *h = CMSG_FIRSTHDR(&m); h; h = CMSG_NXTHDR(&m, h)) {
+        if (h->cmsg_level == SOL_SOCKET && h->cmsg_type == SCM_RIGHTS) {
+            int fd;
+            memcpy(&fd, CMSG_DATA(h), sizeof fd);
+            return fd;
+        }
+    }
+    return -1;
+}
+
+/* argv failed after crun made the terminal: what the process wrote there (crun's child
+ * reports a failed execve on its stderr, the terminal) is copied to our stdout, to be seen. */
+static void console_flush(int lsock) {
+    struct pollfd p = {lsock, POLLIN, 0};
+    int master = poll(&p, 1, 0) > 0 ? console_receive(lsock) : -1;
+    if (master < 0) return;
+    char buf[4096];
+    ssize_t n;
+    fcntl(master, F_SETFL, O_NONBLOCK);
+    while ((n = read(master, buf, sizeof buf)) > 0) {
+        if (write(STDOUT_FILENO, buf, (size_t)n) < 0) break;
+    }
+    close(master);
+}
+
+/* Our own terminal's size (the host's, set by SSH window-changes) onto the container's. */
+static void copy_winsize(int master) {
+    struct winsize ws;
+    if (ioctl(STDIN_FILENO, TIOCGWINSZ, &ws) == 0) ioctl(master, TIOCSWINSZ, &ws);
+}
+
+/* Like supervise(), for a terminal process: crun sent its pty master on the console socket
+ * `lsock`. Our stdin goes to the master, the master's output to our stdout (one stream: a
+ * terminal has no stderr), until the process ended and its terminal is drained. Our own pty
+ * (if the host asked for one) is made raw, so every byte (^C, ^D) reaches the container's
+ * terminal, whose line discipline handles it; SIGWINCH on ours resizes the container's. */
+static int supervise_tty(const char *pidfile, pid_t pgrp, const char *console, int lsock) {
+    int master = console_receive(lsock);
+    close(lsock);
+    unlink(console);
+    if (master < 0) {
+        fprintf(stderr, "vsbx-exec: no terminal came on the console socket\n");
+        int pid = read_pid(pidfile);
+        if (pid > 0) kill(pid, SIGKILL);
+        kill(-pgrp, SIGKILL);
+        return 126;
+    }
+    copy_winsize(master); /* before the pid is published: the host starts the init after it */
+    int pid = publish_ready(pidfile);
+    if (pid < 0) return 126;
+    sigset_t mask;
+    sigemptyset(&mask);
+    sigaddset(&mask, SIGCHLD);
+    sigaddset(&mask, SIGWINCH);
+    sigprocmask(SIG_BLOCK, &mask, NULL);
+    int sfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
+    if (isatty(STDIN_FILENO)) {
+        struct termios t;
+        if (tcgetattr(STDIN_FILENO, &t) == 0) {
+            cfmakeraw(&t);
+            tcsetattr(STDIN_FILENO, TCSANOW, &t);
+        }
+    }
+    copy_winsize(master); /* a window-change that came before our mask */
+    fcntl(master, F_SETFL, O_NONBLOCK);
+    fcntl(STDIN_FILENO, F_SETFL, fcntl(STDIN_FILENO, F_GETFL) | O_NONBLOCK);
+    fcntl(STDOUT_FILENO, F_SETFL, fcntl(STDOUT_FILENO, F_GETFL) | O_NONBLOCK);
+    static struct pipebuf in, out; /* in: our stdin -> master, out: master -> our stdout */
+    int status = 0, exited = 0, in_eof = 0, master_eof = 0;
+    pid_t r = waitpid(pid, &status, WNOHANG);
+    if (r < 0) {
+        fprintf(stderr, "vsbx-exec: the supervised process %d is not our child\n", pid);
+        return 255;
+    }
+    exited = r == pid;
+    /* After the exit, what the terminal still holds is drained until it stays quiet a moment
+     * (a child of the process may keep the terminal open: it is not waited for). */
+    while (!(exited && master_eof && out.len == 0)) {
+        short mev = (short)((!master_eof && out.len < BUF ? POLLIN : 0) | (!master_eof && in.len ? POLLOUT : 0));
+        struct pollfd p[4] = {
+            {!in_eof && in.len < BUF ? STDIN_FILENO : -1, POLLIN, 0},
+            {mev ? master : -1, mev, 0},
+            {out.len ? STDOUT_FILENO : -1, POLLOUT, 0},
+            {sfd, POLLIN, 0},
+        };
+        int n = poll(p, 4, exited ? 200 : -1);
+        if (n < 0) {
+            if (errno != EINTR) break;
+            if (timed_out && !exited) kill(pid, SIGKILL);
+            continue;
+        }
+        if (n == 0) break; /* exited, and the terminal stayed quiet */
+        if (p[3].revents) {
+            struct signalfd_siginfo si;
+            while (read(sfd, &si, sizeof si) == (ssize_t)sizeof si) {
+                if (si.ssi_signo == SIGWINCH) copy_winsize(master);
+            }
+            int st;
+            while ((r = waitpid(-1, &st, WNOHANG)) > 0) {
+                if (r == pid) {
+                    status = st;
+                    exited = 1;
+                }
+            }
+        }
+        if ((p[0].revents & (POLLIN | POLLHUP | POLLERR)) && !fill(STDIN_FILENO, &in)) in_eof = 1;
+        if ((p[1].revents & (POLLIN | POLLHUP | POLLERR)) && !fill(master, &out)) master_eof = 1;
+        if ((p[1].revents & POLLOUT) && in.len && !drain(master, &in)) in.len = 0;
+        if (master_eof) in.len = 0;
+        if ((p[2].revents & (POLLOUT | POLLERR | POLLHUP)) && out.len && !drain(STDOUT_FILENO, &out)) {
+            out.len = 0; /* nobody reads our stdout any more: the host is gone */
+            if (exited) break;
+        }
+    }
+    close(master);
+    return exit_code(status);
 }
 
 /* ---------------------------------------------------------------- the keeper (tokens p + k)
@@ -456,6 +636,10 @@ static int keep(const char *prefix, char **args, char **envs, const char *cwd, i
     _exit(code);
 }
 
+/* Token y: the console socket's path and its listening socket (-1: none). */
+static const char *console;
+static int lsock = -1;
+
 static int exec_main(int argc, char **argv) {
     if (argc != 3 || strcmp(argv[1], "-c") != 0 || strncmp(argv[2], "vsbx1", 5) != 0) {
         fprintf(stderr, "vsbx-exec: only vmsandbox exec requests are accepted\n");
@@ -485,6 +669,7 @@ static int exec_main(int argc, char **argv) {
         case 'p': pidfile = val; break;
         case 'k': keep_prefix = val; break;
         case 'w': rejoin_prefix = val; break;
+        case 'y': console = val; break;
         default: fprintf(stderr, "vsbx-exec: unknown token %c\n", kind); return 126;
         }
     }
@@ -499,6 +684,14 @@ static int exec_main(int argc, char **argv) {
     }
     args[nargs] = NULL;
     envs[nenvs] = NULL;
+    if (console && (!pidfile || keep_prefix)) {
+        fprintf(stderr, "vsbx-exec: a console socket needs a supervised pid file and no keeper\n");
+        return 126;
+    }
+    if (console && (lsock = console_listen(console)) < 0) {
+        fprintf(stderr, "vsbx-exec: console socket %s: %s\n", console, strerror(errno));
+        return 126;
+    }
     struct stat st;
     int chrooted = !in_root && stat("/run/vsbx/rootfs-ready", &st) == 0;
     if (keep_prefix) return keep(keep_prefix, args, envs, cwd, chrooted, pidfile);
@@ -527,7 +720,7 @@ static int run_supervised(char **args, char **envs, const char *cwd, int chroote
         prctl(PR_SET_PDEATHSIG, SIGKILL);
         if (getppid() == 1) _exit(126); /* the parent already died */
         signal(SIGPIPE, SIG_DFL);
-        if (isatty(STDIN_FILENO)) {
+        if (!console && isatty(STDIN_FILENO)) {
             /* On a pty (the host asked for a tty) our group must be the foreground one, or
              * the command stops at its first tty read (SIGTTIN) and never sees SIGWINCH. */
             signal(SIGTTOU, SIG_IGN);
@@ -558,7 +751,12 @@ static int run_supervised(char **args, char **envs, const char *cwd, int chroote
     }
     int status = 0;
     if (wait_for(pid, pid, &status) < 0) return 126;
-    if (pidfile && !timed_out && WIFEXITED(status) && WEXITSTATUS(status) == 0) return supervise(pidfile, pid);
+    if (pidfile && !timed_out && WIFEXITED(status) && WEXITSTATUS(status) == 0)
+        return console ? supervise_tty(pidfile, pid, console, lsock) : supervise(pidfile, pid);
+    if (console) {
+        console_flush(lsock);
+        unlink(console);
+    }
     if (timed_out) {
         fprintf(stderr, "vsbx-exec: timed out after %ld ms\n", timeout_ms);
         return 124;

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import select
+import struct
+import subprocess
+import termios
 import time
 from pathlib import Path
 
@@ -28,17 +33,24 @@ def _log_lines(path: Path, want: int, timeout: float = 60) -> list[str]:
     return lines
 
 
-def test_a_container_runs_in_the_pods_guest_and_its_output_reaches_cris_log(
-        pods: Pods, serve: Serve, containerd: Containerd) -> None:
-    cfg = pods.config("ctr")
+def _started(pods: Pods, containerd: Containerd, name: str, command: list[str],
+             **kw: bool) -> tuple[cri.PodSandboxConfig, str, str]:
+    """A new pod with one started busybox container logging to ``<name>.log``: (config, pod, container)."""
+    cfg = pods.config(name)
     pod = pods.run(cfg)
     rt = containerd.runtime()
-    ccfg = cri.ContainerConfig(
-        metadata=cri.ContainerMetadata(name="hello"), image=cri.ImageSpec(image=BUSYBOX_IMAGE),
-        command=["sh", "-c", "uname -r; echo to-stderr >&2; exec sleep 1000"], log_path="hello.log")
+    ccfg = cri.ContainerConfig(metadata=cri.ContainerMetadata(name=name), image=cri.ImageSpec(image=BUSYBOX_IMAGE),
+                               command=command, log_path=f"{name}.log", **kw)
     cid = rt.CreateContainer(cri.CreateContainerRequest(pod_sandbox_id=pod, config=ccfg, sandbox_config=cfg),
                              timeout=120).container_id
     rt.StartContainer(cri.StartContainerRequest(container_id=cid), timeout=120)
+    return cfg, pod, cid
+
+
+def test_a_container_runs_in_the_pods_guest_and_its_output_reaches_cris_log(
+        pods: Pods, serve: Serve, containerd: Containerd) -> None:
+    cfg, pod, cid = _started(pods, containerd, "hello", ["sh", "-c", "uname -r; echo to-stderr >&2; exec sleep 1000"])
+    rt = containerd.runtime()
     status = rt.ContainerStatus(cri.ContainerStatusRequest(container_id=cid), timeout=60).status
     assert status.state == cri.CONTAINER_RUNNING
 
@@ -117,3 +129,63 @@ def _processes_named(*words: str) -> list[int]:
         if d.isdigit() and all(w in argv for w in words):
             found.append(int(d))
     return found
+
+
+def _on_a_pty(argv: list[str], rows: int, cols: int, typed: bytes = b"", timeout: float = 180) -> tuple[int, bytes]:
+    """Run argv with a pty of the given size as its controlling terminal (a user's shell);
+    ``typed`` is typed once the output shows a prompt (``# ``)."""
+    master, slave = os.openpty()
+    fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+    p = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                         preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+    os.close(slave)
+    out = bytearray()
+    end = time.monotonic() + timeout
+    try:
+        while time.monotonic() < end:
+            r, _, _ = select.select([master], [], [], 0.5)
+            if r:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: every slave end closed
+                    break
+                if not chunk:
+                    break
+                out += chunk
+                if typed and b"# " in out:
+                    os.write(master, typed)
+                    typed = b""
+            elif p.poll() is not None:
+                break
+        return p.wait(30), bytes(out)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+        os.close(master)
+
+
+def test_a_tty_container_logs_its_terminal_and_a_tty_exec_sees_the_users_terminal_size(
+        pods: Pods, serve: Serve, containerd: Containerd) -> None:
+    cfg, _, cid = _started(pods, containerd, "term", ["sh", "-c", "tty; echo on-the-terminal >&2; exec sleep 1000"],
+                           tty=True, stdin=True)
+    rt = containerd.runtime()
+    lines = _log_lines(Path(cfg.log_directory) / "term.log", 2)
+    streams = [(line.split(" ", 3)[1], line.split(" ", 3)[3].rstrip("\r")) for line in lines]
+    assert streams[:2] == [("stdout", "/dev/pts/0"), ("stdout", "on-the-terminal")], lines  # one stream
+
+    code, out = _on_a_pty([str(containerd.bins.ctr), "--address", str(containerd.socket), "-n", "k8s.io", "tasks",
+                           "exec", "--tty", "--fifo-dir", str(containerd.root / "fifo"), "--exec-id", "tty-exec", cid,
+                           "sh", "-c", "tty; stty size; exit 4"], rows=33, cols=111)
+    assert code == 4, out
+    assert b"/dev/pts/" in out and b"33 111" in out, out
+    code, out = _on_a_pty([str(containerd.bins.ctr), "--address", str(containerd.socket), "-n", "k8s.io", "tasks",
+                           "exec", "--tty", "--fifo-dir", str(containerd.root / "fifo"), "--exec-id", "tty-sh", cid,
+                           "sh"], rows=24, cols=80, typed=b"echo typed-$((6*7)); exit 6\r")
+    assert code == 6 and b"typed-42" in out, out  # the user's keys reach an interactive shell through containerd
+
+    r = rt.ExecSync(cri.ExecSyncRequest(container_id=cid, cmd=["sh", "-c", "echo no-tty; tty"],
+                                        timeout=60), timeout=120)
+    assert (r.exit_code, r.stdout) == (1, b"no-tty\nnot a tty\n"), r  # ExecSync has no terminal
+    rt.StopContainer(cri.StopContainerRequest(container_id=cid, timeout=2), timeout=120)
+    rt.RemoveContainer(cri.RemoveContainerRequest(container_id=cid), timeout=120)

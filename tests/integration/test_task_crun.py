@@ -16,8 +16,9 @@ import pytest
 
 from tests.conftest import unique
 from tests.integration.test_guest_process import running_guest
-from tests.unit.task_rig import fifos
+from tests.unit.task_rig import Fifo, fifos
 from vmsandbox import LibvirtController, NotFound
+from vmsandbox.model import PtySize
 from vmsandbox.sandbox.ports import GuestChannel
 from vmsandbox.task import IoSpec, StagedBundle, Status, TaskEngine
 
@@ -39,7 +40,7 @@ class GuestTreeStager:
     def stage(self, container_id: str, rootfs: object, binds: object) -> StagedBundle:
         d = f"{BASE}/{container_id}"
         self._sh(f"mkdir -p {d}/rootfs/bin {d}/rootfs/proc {d}/rootfs/dev {d}/rootfs/sys {d}/rootfs/tmp && "
-                 f"cp /bin/busybox {d}/rootfs/bin/ && for a in sh sleep cat echo ls; do "
+                 f"cp /bin/busybox {d}/rootfs/bin/ && for a in sh sleep cat echo ls tty stty; do "
                  f"ln -s busybox {d}/rootfs/bin/$a; done")
         return StagedBundle(d, f"{d}/rootfs", {})
 
@@ -126,3 +127,69 @@ def test_a_container_under_real_crun(engine: TaskEngine, channel: GuestChannel, 
         r = channel.exec(["crun", "list"], in_guest_root=True, timeout=30)
         assert cid not in r.stdout.decode()
         print(f"crun create {created:.2f}s")
+
+
+def until(f: Fifo, want: bytes, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while want not in f.data:
+        assert time.monotonic() < deadline, bytes(f.data)
+        time.sleep(0.05)
+
+
+def test_a_terminal_container_and_a_terminal_exec_under_real_crun(engine: TaskEngine, channel: GuestChannel,
+                                                                   tmp_path: Path) -> None:
+    """process.terminal: crun's pty (console socket) is the container's controlling terminal."""
+    cid = unique("tty")
+    # SIGWINCH is awaited in a sleep loop: busybox ash defers a trap that comes during a read
+    # until input arrives.
+    script = ("tty; stty size; trap 'stty size; w=1' WINCH; echo ready; while [ -z \"$w\" ]; do sleep 0.1; done; "
+              "until read line; do :; done; echo got:$line; exec sleep 60")
+    doc = oci_spec(channel, ["sh", "-c", script])
+    with fifos(tmp_path, "init", stdin=True) as (i, o, e), fifos(tmp_path, "x", stdin=True) as (xi, xo, xe):
+        assert i is not None and xi is not None
+        e.close()  # CRI reads no stderr of a tty: nothing may wait for a reader there
+        t0 = time.monotonic()
+        engine.create(cid, bundle=bundle(tmp_path, doc), rootfs=(), io=IoSpec(i.path, o.path, e.path, terminal=True))
+        created = time.monotonic() - t0
+        o.collect()
+        i.open_writer()
+        engine.resize(cid, "", PtySize(100, 30))  # before Start, as containerd may
+        engine.start(cid)
+        until(o, b"ready")
+        assert b"/dev/pts/0\r\n" in o.data and b"30 100\r\n" in o.data, bytes(o.data)
+        engine.resize(cid, "", PtySize(120, 40))
+        until(o, b"40 120")
+        i.write(b"hello\r")
+        until(o, b"got:hello")
+        assert b"hello\r\n" in o.data  # the container's terminal echoes what the stdin FIFO brought
+
+        engine.exec(cid, "x", io=IoSpec(xi.path, xo.path, xe.path, terminal=True),
+                    process={"args": ["sh", "-c", "tty; stty size; cat; echo cat:$?; exit 3"], "cwd": "/",
+                             "env": ["PATH=/bin"], "terminal": True, "consoleSize": {"width": 90, "height": 20}})
+        xo.collect()
+        xi.open_writer()
+        engine.start(cid, "x")  # consoleSize (as ctr sets it): the size from the start, no ResizePty yet
+        until(xo, b"20 90")
+        xi.write(b"typed\r")
+        until(xo, b"typed\r\ntyped\r\n")  # echo, then cat's copy
+        xi.close()
+        engine.close_io(cid, "x")  # ^D: cat sees EOF
+        ex = engine.wait(cid, "x")
+        assert ex is not None and ex.exit_status == 3, bytes(xo.data)
+        assert xo.eof.wait(5) and b"cat:0" in xo.data and b"/dev/pts/" in xo.data
+        engine.delete(cid, "x")
+        engine.exec(cid, "missing", io=IoSpec("", xo.path, xe.path, terminal=True),
+                    process={"args": ["no-such-binary"], "cwd": "/", "env": ["PATH=/bin"], "terminal": True})
+        engine.start(cid, "missing")
+        ex = engine.wait(cid, "missing")
+        assert ex is not None and ex.exit_status == 127
+        engine.delete(cid, "missing")
+
+        engine.kill(cid, signal=9)
+        init = engine.wait(cid)
+        assert init is not None and init.exit_status == 137
+        assert o.eof.wait(5)
+        assert engine.delete(cid).exit_status == 137
+        r = channel.exec(["sh", "-c", "ls /run/vsbx/ | grep -c '^tty-' || true"], in_guest_root=True, timeout=30)
+        assert r.stdout.strip() == b"0", "a console socket stayed behind"
+        print(f"terminal crun create {created:.2f}s")

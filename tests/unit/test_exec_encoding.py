@@ -53,6 +53,7 @@ class Request:
     timeout_ms: int | None = None
     in_root: bool = False
     pidfile: str | None = None
+    console: str | None = None
 
 
 def decode(request: str) -> Request:
@@ -75,6 +76,8 @@ def decode(request: str) -> Request:
             out.in_root = True
         elif kind == "p":
             out.pidfile = val
+        elif kind == "y":
+            out.console = val
         else:
             raise AssertionError(f"unknown token {tok!r}")
     return out
@@ -113,6 +116,15 @@ def test_cwd_timeout_and_guest_root_tokens() -> None:
 def test_supervise_token_carries_the_pid_file_verbatim() -> None:
     assert decode(encode_exec_request(["crun"], supervise_pidfile="/run/vsbx/c/x y.pid")).pidfile == "/run/vsbx/c/x y.pid"
     assert decode(encode_exec_request(["crun"])).pidfile is None
+
+
+def test_console_token_carries_the_socket_path_and_needs_a_pid_file() -> None:
+    r = decode(encode_exec_request(["crun"], supervise_pidfile="/run/p.pid", console_socket="/run/vsbx/tty-1.sock"))
+    assert (r.pidfile, r.console) == ("/run/p.pid", "/run/vsbx/tty-1.sock")
+    for bad in ({"console_socket": "/run/x.sock"}, {"supervise_pidfile": "/p", "console_socket": "rel.sock"},
+                {"supervise_pidfile": "/p", "console_socket": "/" + "x" * 107}):
+        with pytest.raises(InvalidArgument):
+            encode_exec_request(["crun"], **bad)  # type: ignore[arg-type]
 
 
 def test_a_tiny_timeout_is_still_at_least_one_millisecond() -> None:

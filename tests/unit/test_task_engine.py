@@ -369,3 +369,38 @@ def test_a_failing_unstage_does_not_hide_why_create_failed(rig: Rig, tmp_path: P
     with fifos(tmp_path, "init") as (_, o, e):
         with pytest.raises(FailedPrecondition, match="cannot find the rootfs"):
             rig.engine.create(CID, bundle=rig.bundle(), rootfs=ROOTFS, io=io(o, e))
+
+
+def test_a_terminal_process_gets_a_console_socket_one_stream_and_eot_at_close_io(rig: Rig, tmp_path: Path) -> None:
+    """crun needs --console-socket for process.terminal; CRI reads no stderr FIFO of a tty."""
+    with fifos(tmp_path, "init", stdin=True) as (i, o, e), fifos(tmp_path, "t", stdin=True) as (ti, to, te):
+        assert i is not None and ti is not None
+        e.close()  # nobody reads stderr (CRI with a tty): opening it would wait, then fail
+        rig.engine.create(CID, bundle=rig.bundle(), rootfs=ROOTFS, io=io(o, e, i, terminal=True))
+        call = rig.guests.processes[-1].call
+        d = f"/run/vsbx/shared/{CID}"
+        assert call.tty and call.console_socket is not None and call.console_socket.startswith("/run/vsbx/tty-")
+        assert len(call.console_socket) < 108
+        assert call.argv == ("crun", "create", "--bundle", d, "--pid-file", f"{d}/init.pid", "--console-socket",
+                             call.console_socket, CID)
+        assert rig.guest_spec()["process"]["terminal"] is True
+        rig.engine.start(CID)
+        rig.engine.exec(CID, "t", io=io(to, te, ti, terminal=True),
+                        process={"args": ["sh"], "terminal": True, "consoleSize": {"width": 111, "height": 33}})
+        to.collect()
+        ti.open_writer()
+        rig.engine.start(CID, "t")
+        x = rig.guests.processes[-1]
+        assert x.call.console_socket not in (None, call.console_socket)
+        assert x.call.argv[-3:] == ("--console-socket", x.call.console_socket, CID)
+        assert x.call.size == PtySize(111, 33)  # the user's terminal from the start, before any ResizePty
+        assert json.loads(rig.stager.files[f"{d}/exec-t.json"])["terminal"] is True
+        ti.write(b"exit\r")
+        ti.close()
+        rig.engine.close_io(CID, "t")
+        x.wait_stdin(lambda p: p.stdin_closed)
+        assert bytes(x.stdin) == b"exit\r\x04"  # ^D, as typed, then no more input
+        x.emit(b"output\r\n")
+        x.exit(0)
+        assert rig.engine.wait(CID, "t") is not None
+        assert to.eof.wait(5) and bytes(to.data) == b"output\r\n"

@@ -6,7 +6,9 @@ import pytest
 
 from tests.unit.task_rig import CID, spec
 from vmsandbox import InvalidArgument
+from vmsandbox.model import PtySize
 from vmsandbox.task.spec import load_spec, rewrite_process, rewrite_spec
+from vmsandbox.task.terminal import console_size
 
 ROOT = f"/run/vsbx/shared/{CID}/rootfs"
 
@@ -77,9 +79,14 @@ def test_joining_a_host_namespace_that_is_not_the_pods_is_refused(kind: str) -> 
         rw(doc)
 
 
-def test_the_terminal_is_the_guest_channels_pty() -> None:
+def test_the_terminal_and_its_size_are_kept_for_the_console_socket() -> None:
     p = rewrite_process({"args": ["sh"], "terminal": True, "consoleSize": {"height": 1, "width": 2}})
-    assert p == {"args": ["sh"], "terminal": False, "cwd": "/"}
+    assert p == {"args": ["sh"], "terminal": True, "cwd": "/", "consoleSize": {"height": 1, "width": 2}}
+    assert console_size(p) == PtySize(2, 1)
+    for bad in ({"terminal": False, "consoleSize": {"height": 1, "width": 2}}, {"terminal": True},
+                {"terminal": True, "consoleSize": {"height": 0, "width": 2}}, {"terminal": True, "consoleSize": 3}):
+        assert console_size(bad) is None
+    assert rewrite_process({"args": ["sh"], "terminal": True}, terminal=False)["terminal"] is False
 
 
 @pytest.mark.parametrize("process", [{}, {"args": []}, {"args": "sh"}, {"args": ["sh", 1]},

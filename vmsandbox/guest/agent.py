@@ -59,6 +59,7 @@ def encode_exec_request(
     supervise_pidfile: str | None = None,
     keep: str | None = None,
     rejoin: str | None = None,
+    console_socket: str | None = None,
 ) -> str:
     """The command string for ``vsbx-exec``: ``vsbx1`` then hex tokens, no shell syntax.
 
@@ -90,6 +91,9 @@ def encode_exec_request(
         raise InvalidArgument(f"cwd must be an absolute path, not {cwd!r}")
     if supervise_pidfile is not None and (not supervise_pidfile.startswith("/") or "\0" in supervise_pidfile):
         raise InvalidArgument(f"the pid file must be an absolute path, not {supervise_pidfile!r}")
+    if console_socket is not None and (supervise_pidfile is None or not console_socket.startswith("/")
+                                       or "\0" in console_socket or len(console_socket.encode()) > 107):
+        raise InvalidArgument(f"a console socket needs a pid file and a short absolute path, not {console_socket!r}")
     def hx(text: str) -> str:
         return text.encode("utf-8", "surrogateescape").hex()
 
@@ -106,6 +110,8 @@ def encode_exec_request(
         tokens.append("p" + hx(supervise_pidfile))
     if keep is not None:
         tokens.append("k" + hx(keep))
+    if console_socket is not None:
+        tokens.append("y" + hx(console_socket))
     cmd = " ".join(tokens)
     if len(cmd) > MAX_REQUEST:
         raise InvalidArgument(
@@ -327,13 +333,15 @@ class GuestAgent:
         supervise_pidfile: str | None = None,
         keep: str | None = None,
         rejoin: str | None = None,
+        console_socket: str | None = None,
     ) -> SshProcess:
         """Start argv on its own channel; see :meth:`vmsandbox.sandbox.ports.GuestChannel.spawn`."""
         environ = dict(env or {})
         if tty:
             environ.setdefault("TERM", "xterm")
         cmd = encode_exec_request(argv, env=environ, cwd=cwd, in_guest_root=in_guest_root,
-                                  supervise_pidfile=supervise_pidfile, keep=keep, rejoin=rejoin)
+                                  supervise_pidfile=supervise_pidfile, keep=keep, rejoin=rejoin,
+                                  console_socket=console_socket)
         t = self._transport
         if t is None or not t.is_active():
             raise Unavailable("no connection to the guest agent", sandbox_id=self.sandbox_id)

@@ -52,6 +52,7 @@ class SpawnCall:
     supervise_pidfile: str | None
     keep: str | None = None
     rejoin: str | None = None
+    console_socket: str | None = None
 
 
 class FakeProcess:
@@ -236,6 +237,7 @@ class FakeChannel:
         supervise_pidfile: str | None = None,
         keep: str | None = None,
         rejoin: str | None = None,
+        console_socket: str | None = None,
     ) -> FakeProcess:
         self._g.fp.hit("spawn")
         if not argv and rejoin is None:
@@ -243,7 +245,7 @@ class FakeChannel:
         if not self.connected or self.stale:
             raise Unavailable("no connection to the guest agent", sandbox_id=self.sandbox_id)
         call = SpawnCall(self.socket_path, tuple(argv), dict(env or {}), cwd, tty, size, in_guest_root,
-                         supervise_pidfile, keep, rejoin)
+                         supervise_pidfile, keep, rejoin, console_socket)
         proc = FakeProcess(call, stdout, stderr, self.sandbox_id)
         self._g.processes.append(proc)
         self._g.on_spawn(proc)

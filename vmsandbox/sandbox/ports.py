@@ -186,6 +186,7 @@ class GuestChannel(Protocol):
         supervise_pidfile: str | None = None,
         keep: str | None = None,
         rejoin: str | None = None,
+        console_socket: str | None = None,
     ) -> GuestProcess:
         """Start argv (no shell) on its own channel and return at once; output streams to the
         sinks (a tty process has one stream, to ``stdout``). ``supervise_pidfile``: argv is a
@@ -197,6 +198,9 @@ class GuestChannel(Protocol):
         ``<keep>.out``/``.err``, its exit code to ``<keep>.exit`` (the sinks get vsbx-exec's own
         messages only). ``rejoin`` (empty argv): a process that ends with the exit code of
         the keeper of that prefix (255 when it was killed without one).
+        ``console_socket`` (with a pid file): a guest unix socket path where argv (``crun
+        --console-socket``) sends the terminal's pty master; the process's terminal is then
+        pumped to and from this channel (token ``y``).
         Unavailable when there is no live connection; InvalidArgument for a bad request."""
 
     def close(self) -> None: ...

@@ -35,33 +35,31 @@ from ..errors import (
     VmSandboxError,
 )
 from ..model import Mount, PtySize
-from ..payloads.cgroupsv2 import CgroupV2Metrics
 from ..sandbox.ports import GuestChannel, GuestProcess
 from ..sandbox.undo import quietly
 from . import events as ev
-from .cgroups import parse_stats, stats_argv
+from .accounting import ContainerAccounting
 from .events import NO_EVENTS, EventSink
 from .keeper import kept_exit
 from .podfiles import PodFiles
-from .ports import BundleStager
+from .ports import CRUN, GUEST_CALL_TIMEOUT, BundleStager
 from .process import LOST_EXIT, Container, Exit, IoSpec, ProcessState, Status, TaskProcess, exec_failure_status
 from .records import TaskRecords
 from .restarts import KeptInits
-from .spec import guest_resources, is_bind, load_spec, rewrite_process, rewrite_spec
+from .spec import is_bind, load_spec, rewrite_process, rewrite_spec
 from .stdio import FIFO_OPEN_TIMEOUT, Stdio
+from .terminal import console_argv, console_size, stdio_for
 
 __all__ = ["TaskEngine", "CRUN", "READY_TIMEOUT", "GUEST_CALL_TIMEOUT", "exec_failure_status"]
 
 log = logging.getLogger(__name__)
 
-CRUN = "crun"
 READY_TIMEOUT = 120.0
 """How long crun create / crun exec may take to leave its process behind (TCG is slow)."""
-GUEST_CALL_TIMEOUT = 60.0
 _POLL = 0.05
 
 
-class TaskEngine(KeptInits):
+class TaskEngine(KeptInits, ContainerAccounting):
     """The task API's logic for one sandbox. Thread-safe; every method raises vmsandbox.errors.
 
     ``channel()`` returns the sandbox's connected guest channel (Unavailable or
@@ -138,9 +136,9 @@ class TaskEngine(KeptInits):
             staged = self._stager.stage(cid, rootfs, binds)
             undo.callback(quietly(self._stager.unstage, cid))
             guest_spec = rewrite_spec(spec, container_id=cid, guest_rootfs=staged.guest_rootfs,
-                                      sources=staged.sources, pod_files=self._pod_files())
+                                      sources=staged.sources, pod_files=self._pod_files(), terminal=io.terminal)
             self._stager.put_file(cid, "config.json", json.dumps(guest_spec).encode())
-            init, keep = self._new_init(cid, io, undo)
+            init, keep = self._new_init(cid, io, undo, console_size(guest_spec["process"]))
             pidfile = f"{staged.guest_dir}/init.pid"
             argv = [CRUN, "create", "--bundle", staged.guest_dir, "--pid-file", pidfile, cid]
             undo.callback(quietly(self._force_delete, cid))
@@ -156,9 +154,10 @@ class TaskEngine(KeptInits):
     def _launch(self, proc: TaskProcess, argv: list[str], pidfile: str, *, created: bool,
                 keep: str | None = None) -> None:
         """Spawn a supervised crun command, wait for its pid, start the waiter."""
+        argv, console = console_argv(argv, self.sandbox_id, proc)  # a terminal: crun's console socket
         gp = self._channel().spawn(argv, stdout=proc.stdio.stdout, stderr=proc.stdio.stderr,
                                    tty=proc.io.terminal, size=proc.size, in_guest_root=True,
-                                   supervise_pidfile=pidfile, keep=keep)
+                                   supervise_pidfile=pidfile, keep=keep, console_socket=console)
         proc.guest = gp
         try:
             pid = self._await_pid(gp, pidfile, argv[1], proc)
@@ -275,15 +274,15 @@ class TaskEngine(KeptInits):
         if not exec_id:
             raise InvalidArgument("exec_id must not be empty", sandbox_id=self.sandbox_id)
         c = self._container(cid)
-        spec = rewrite_process(process)
+        spec = rewrite_process(process, terminal=io.terminal)
         if c.init.status is not Status.RUNNING:
             raise FailedPrecondition(f"container {cid!r} is {c.init.status.name.lower()}, not running",
                                      sandbox_id=self.sandbox_id)
         with self._lock:
             if exec_id in c.execs:
                 raise AlreadyExists(f"exec {exec_id!r} already exists in {cid!r}", sandbox_id=self.sandbox_id)
-            stdio = Stdio(io.stdin, io.stdout, io.stderr, open_timeout=self._fifo_timeout)
-            c.execs[exec_id] = p = TaskProcess(cid, exec_id, io, stdio, spec=spec)
+            stdio = stdio_for(io, self._fifo_timeout)
+            c.execs[exec_id] = p = TaskProcess(cid, exec_id, io, stdio, spec=spec, size=console_size(spec))
         try:
             stdio.open()
         except BaseException:
@@ -407,66 +406,6 @@ class TaskEngine(KeptInits):
         log.info("sandbox %s: container %s deleted (exit %d)", self.sandbox_id, cid, p.exit_status)
         self._publish_delete(c, p)
         return p.exit()
-
-    # ------------------------------------------------------------------ cgroup
-    def stats(self, cid: str) -> CgroupV2Metrics:
-        """The container's guest cgroup figures, read with one guest exec. crun keeps the
-        cgroup until Delete, so a container that exited still answers (CRI's OOM check reads
-        memory_events.oom_kill after an exit 137); should it be gone, the figures read when
-        the exit was seen, else NotFound."""
-        c = self._container(cid)
-        m = self._read_stats(cid) or c.last_stats
-        if m is None:
-            raise NotFound(f"container {cid!r} has no cgroup in the guest", sandbox_id=self.sandbox_id)
-        return m
-
-    def _read_stats(self, cid: str) -> CgroupV2Metrics | None:
-        return parse_stats(self._channel().exec(stats_argv(cid), in_guest_root=True,
-                                                timeout=GUEST_CALL_TIMEOUT).stdout.decode(errors="replace"))
-
-    def update(self, cid: str, resources: dict[str, _Any]) -> None:
-        """Apply runtime-spec LinuxResources to the container's cgroup: ``crun update
-        --resources``, so that limits map onto cgroup v2 files exactly as at create (cpu
-        shares -> cpu.weight, swap -> memory.swap.max, ...). FailedPrecondition once the
-        container stopped or when crun refuses them."""
-        c = self._container(cid)
-        if c.init.status is Status.STOPPED:
-            raise FailedPrecondition(f"container {cid!r} is stopped", sandbox_id=self.sandbox_id)
-        path = self._stager.put_file(cid, "resources.json", json.dumps(guest_resources(resources)).encode())
-        self._guest([CRUN, "update", "--resources", path, cid], "crun update")
-
-    # ------------------------------------------------------------------ events
-    def _exited(self, p: TaskProcess) -> None:
-        """A process stopped: /tasks/oom first when the OOM killer took it (137 and the
-        cgroup's oom_kill count grew), then /tasks/exit (after its /tasks/start)."""
-        key = (p.container_id, p.exec_id)
-        self._ev.await_start(key)
-        with self._lock:
-            c = self._containers.get(p.container_id)
-        try:
-            # No container: a create that failed, nobody was told of it. Closed: the guest lives
-            # on (serve stops) or is gone with its pod; a /tasks/exit would make CRI end it.
-            if c is not None and not self._closed:
-                self._publish_exit(c, p)
-        finally:
-            self._ev.exit_due(key, False)
-
-    def _publish_exit(self, c: Container, p: TaskProcess) -> None:
-        if p.exit_status == 137:
-            try:
-                c.last_stats = self._read_stats(c.id) or c.last_stats
-            except VmSandboxError as e:
-                log.warning("sandbox %s: cannot read %s's memory.events: %s", self.sandbox_id, c.id, e)
-            kills = c.last_stats.memory_events.oom_kill if c.last_stats and c.last_stats.memory_events else 0
-            if kills > c.oom_kills:
-                c.oom_kills = kills
-                log.info("sandbox %s: %s was killed by the OOM killer", self.sandbox_id, self._name(p))
-                self._ev.publish(c.namespace, ev.Topic.OOM, ev.task_oom(c.id))
-        self._ev.publish(c.namespace, ev.Topic.EXIT, ev.task_exit(c.id, p.exec_id, p.exit()))
-
-    def _publish_delete(self, c: Container, p: TaskProcess) -> None:
-        self._ev.await_exit((c.id, p.exec_id))  # its waiter may still be reading memory.events
-        self._ev.publish(c.namespace, ev.Topic.DELETE, ev.task_delete(c.id, p.exec_id, p.exit()))
 
     def shutdown(self) -> None:
         """containerd's Shutdown(id): the socket serves the whole sandbox, so nothing to do."""

@@ -13,7 +13,12 @@ from typing import Protocol
 
 from ..model import Mount
 
-__all__ = ["BundleStager", "StagedBundle"]
+__all__ = ["CRUN", "GUEST_CALL_TIMEOUT", "BundleStager", "StagedBundle"]
+
+CRUN = "crun"
+"""The guest's OCI runtime (images/README.md)."""
+GUEST_CALL_TIMEOUT = 60.0
+"""How long one short guest command (crun start, kill, delete, update, a cgroup read) may take."""
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 
 from ..errors import VmSandboxError
+from ..model import PtySize
 from ..sandbox.ports import GuestChannel, GuestProcess
 from ..sandbox.undo import quietly
 from .keeper import KEEP_NAME, follow, kept_exit
@@ -24,6 +25,7 @@ from .ports import BundleStager
 from .process import LOST_EXIT, Container, IoSpec, Status, TaskProcess
 from .records import TaskRecord, TaskRecords
 from .stdio import Stdio
+from .terminal import stdio_for
 
 __all__ = ["KeptInits"]
 
@@ -49,14 +51,16 @@ class KeptInits:
     def _start_watch(self, proc: TaskProcess) -> None:
         raise NotImplementedError  # the engine's
 
-    def _new_init(self, cid: str, io: IoSpec, undo: ExitStack) -> tuple[TaskProcess, str | None]:
+    def _new_init(self, cid: str, io: IoSpec, undo: ExitStack,
+                  size: PtySize | None = None) -> tuple[TaskProcess, str | None]:
         """A new init with its FIFOs open (undone by ``undo``) and, when it is kept, its output
-        followed and a FIFO holder; the keep prefix's name for vsbx-exec (None: not kept)."""
+        followed and a FIFO holder; the keep prefix's name for vsbx-exec (None: not kept).
+        ``size``: a terminal's first size. A terminal init is never kept (:mod:`.terminal`)."""
         kept = self._records is not None and not io.terminal
-        stdio = Stdio(io.stdin, io.stdout, io.stderr, open_timeout=self._fifo_timeout, holder=cid if kept else "")
+        stdio = stdio_for(io, self._fifo_timeout, holder=cid if kept else "")
         stdio.open()
         undo.callback(quietly(stdio.close))
-        init = TaskProcess(cid, "", io, stdio)
+        init = TaskProcess(cid, "", io, stdio, size=size)
         keep = self._keep_output(init) if kept else None
         if init.output is not None:
             undo.callback(init.output.stop)

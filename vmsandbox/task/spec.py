@@ -63,9 +63,10 @@ def is_bind(m: Mapping[str, _Any]) -> bool:
     return m.get("type") == "bind" or any(o in _BIND for o in m.get("options", ()) or ())
 
 
-def rewrite_process(process: Mapping[str, _Any]) -> dict[str, _Any]:
-    """A runtime-spec Process for the guest: the host's LSM labels go, and the terminal is the
-    guest channel's pty (``terminal`` false: crun would want a console socket)."""
+def rewrite_process(process: Mapping[str, _Any], *, terminal: bool | None = None) -> dict[str, _Any]:
+    """A runtime-spec Process for the guest: the host's LSM labels go; ``terminal`` is kept, or
+    set to the task's (the engine gives crun a console socket for it), and so is
+    ``consoleSize`` (the terminal's first size; ResizePty changes it later)."""
     if not isinstance(process, Mapping):
         raise InvalidArgument("the process spec must be a JSON object")
     out = copy.deepcopy(dict(process))
@@ -79,8 +80,7 @@ def rewrite_process(process: Mapping[str, _Any]) -> dict[str, _Any]:
     if not isinstance(env, list) or not all(isinstance(e, str) for e in env):
         raise InvalidArgument("process.env must be a list of strings")
     out["cwd"] = cwd
-    out["terminal"] = False
-    out.pop("consoleSize", None)
+    out["terminal"] = bool(out.get("terminal", False)) if terminal is None else terminal
     out.pop("apparmorProfile", None)
     out.pop("selinuxLabel", None)
     return out
@@ -100,11 +100,13 @@ def pod_file_mounts(present: Collection[str], mounts: Collection[Mapping[str, _A
 
 
 def rewrite_spec(spec: Mapping[str, _Any], *, container_id: str, guest_rootfs: str,
-                 sources: Mapping[str, str], pod_files: Collection[str] = ()) -> dict[str, _Any]:
+                 sources: Mapping[str, str], pod_files: Collection[str] = (),
+                 terminal: bool | None = None) -> dict[str, _Any]:
     """containerd's spec for ``container_id`` as crun in the guest must see it.
 
     ``guest_rootfs`` is where the staged rootfs appears in the guest; ``sources`` maps host
-    directories (volumes, sandbox files) to their guest paths. Raises InvalidArgument for a
+    directories (volumes, sandbox files) to their guest paths; ``terminal`` (the task's, when
+    given) replaces ``process.terminal``. Raises InvalidArgument for a
     spec that is not an OCI document, a namespace path we cannot honour, or a bind source
     that was not staged. ``pod_files``: which of :data:`POD_FILES` the guest has (see
     :func:`pod_file_mounts`).
@@ -117,7 +119,7 @@ def rewrite_spec(spec: Mapping[str, _Any], *, container_id: str, guest_rootfs: s
     # crun 1.8.1 (Debian 12) refuses containerd 2.x's "1.2.x" ("unknown version specified");
     # it reads the 1.x fields it knows and ignores the rest.
     out["ociVersion"] = GUEST_OCI_VERSION
-    out["process"] = rewrite_process(spec["process"])
+    out["process"] = rewrite_process(spec["process"], terminal=terminal)
     root = dict(out.get("root") or {})
     root["path"] = guest_rootfs
     out["root"] = root

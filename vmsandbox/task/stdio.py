@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 FIFO_OPEN_TIMEOUT = 10.0
 """How long we wait for CRI's reader on a stdout/stderr FIFO."""
 TAIL = 4096
+EOT = b"\x04"
 
 
 def _check_fifo(path: str) -> None:
@@ -104,11 +105,13 @@ class Stdio:
     """The FIFOs of one process. Paths may be "" (no such stream)."""
 
     def __init__(self, stdin: str, stdout: str, stderr: str, *, open_timeout: float = FIFO_OPEN_TIMEOUT,
-                 holder: str = "", holder_pid: int = 0) -> None:
+                 holder: str = "", holder_pid: int = 0, terminal: bool = False) -> None:
         """``holder``: a name to keep the stdout/stderr FIFOs open in a holder process under
-        (:mod:`.holder`; ``holder_pid``: one that runs already, after a restart)."""
+        (:mod:`.holder`; ``holder_pid``: one that runs already, after a restart). ``terminal``:
+        CloseIO types ^D."""
         self.paths = (stdin, stdout, stderr)
         self.holder, self.holder_pid = holder, holder_pid
+        self.terminal = terminal
         self._in: int | None = None
         self._keeper: int | None = None
         self.stdout, self.stderr = _Out(None), _Out(None)
@@ -188,12 +191,16 @@ class Stdio:
             log.debug("stdin pump ended: %s", e)
         if eof:
             try:
+                if self.terminal:
+                    # A terminal has no EOF of its own: as typed, ^D ends a read at a line start.
+                    proc.write_stdin(EOT)
                 proc.close_stdin()
             except Exception as e:  # noqa: BLE001
                 log.debug("stdin close failed: %s", e)
 
     def close_stdin(self) -> None:
-        """CloseIO: what CRI already wrote still reaches the process, then EOF."""
+        """CloseIO: what CRI already wrote still reaches the process, then EOF (for a
+        terminal: ^D, as if typed)."""
         self._stdin_closing.set()
         if self._proc is None:
             return  # not started yet: attach() honours it
