@@ -226,7 +226,10 @@ class Session:
         while what not in self.result.out.get(channel, b""):
             assert time.monotonic() < end, f"no {what!r} on channel {channel} within {timeout}s: {self.result}"
             self.sock.settimeout(max(0.1, end - time.monotonic()))
-            assert self.pump(), f"closed before {what!r} on channel {channel}: {self.result}"
+            try:
+                assert self.pump(), f"closed before {what!r} on channel {channel}: {self.result}"
+            except TimeoutError:
+                raise AssertionError(f"no {what!r} on channel {channel} within {timeout}s: {self.result}") from None
         return self.result
 
     def wait(self, timeout: float = 60) -> Result:
@@ -235,7 +238,11 @@ class Session:
         while True:
             assert time.monotonic() < end, f"stream not closed within {timeout}s: {self.result}"
             self.sock.settimeout(max(0.1, end - time.monotonic()))
-            if not self.pump():
+            try:
+                more = self.pump()
+            except TimeoutError:
+                raise AssertionError(f"stream not closed within {timeout}s: {self.result}") from None
+            if not more:
                 self.sock.close()
                 return self.result
 

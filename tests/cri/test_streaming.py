@@ -8,6 +8,8 @@ a tty + stdin container whose `sh` the attach types into.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 import secrets
 from collections.abc import Iterator
@@ -17,7 +19,9 @@ import pytest
 
 from tests.cri.conftest import Pods
 from tests.cri.harness import BUSYBOX_IMAGE, Containerd
+from tests.cri.test_pod_containers import guest_ps, until
 from tests.cri.remotecommand import STDERR, STDOUT, Session
+from tests.serve import Serve
 from vmsandbox.proto.k8s.runtime.v1 import api_pb2 as cri
 
 pytestmark = pytest.mark.integration
@@ -108,3 +112,64 @@ def test_attach_to_a_tty_container_types_into_its_shell(pod: Pod) -> None:
     with pod.attach(cid) as s:
         s.stdin("echo again-$((2+3))\n")
         s.until(b"again-5", STDOUT)
+
+
+def test_tty_exec_resized_mid_session_and_interrupted_by_ctrl_c(pod: Pod) -> None:
+    with pod.exec(pod.plain, ["sh"], tty=True, stdin=True) as s:
+        s.resize(111, 33)
+        s.stdin("stty size\n")
+        s.until(b"33 111")
+        s.resize(70, 25)  # `kubectl exec -it` sends one at each SIGWINCH of the user's terminal
+        s.stdin("stty size\n")
+        s.until(b"25 70")
+        # The ^C once sleep runs: typed while the shell still edits the line (its terminal
+        # then has no ISIG), it would be a plain byte left in the input queue.
+        s.stdin("echo sleeping-$((0+1)); sleep 300; echo slept-$((2*3))\n")
+        s.until(b"sleeping-1")
+        s.stdin("\x03")  # ^C: the terminal's line discipline makes it SIGINT for the foreground job
+        s.stdin("echo rc=$?\n")
+        s.until(b"rc=130", timeout=30)
+        s.stdin("exit\n")
+        r = s.wait()
+    assert b"slept-6" not in r.stdout and r.exit_code == 0, r
+
+
+def test_exec_exit_by_signal(pod: Pod) -> None:
+    with pod.exec(pod.plain, ["sh", "-c", "kill -9 $$"]) as s:
+        r = s.wait()
+    assert r.exit_code == 137, r.status
+
+
+def test_exec_large_stdout_and_binary_stdin_arrive_whole(pod: Pod) -> None:
+    with pod.exec(pod.plain, ["seq", "1", "60000"]) as s:
+        r = s.wait(timeout=120)
+    assert r.stdout == "".join(f"{i}\n" for i in range(1, 60001)).encode() and r.exit_code == 0, len(r.stdout)
+    data = os.urandom(200_000)
+    with pod.exec(pod.plain, ["sh", "-c", f"head -c {len(data)} | md5sum"], stdin=True) as s:
+        for at in range(0, len(data), 16384):
+            s.stdin(data[at:at + 16384])
+        r = s.wait(timeout=120)
+    assert r.stdout.split()[0].decode() == hashlib.md5(data).hexdigest() and r.exit_code == 0, r
+
+
+def test_a_client_that_goes_away_ends_its_interactive_exec(pod: Pod, serve: Serve) -> None:
+    # `kubectl exec -i` whose user closes the terminal: the stream ends, containerd closes
+    # the exec's stdin (CloseIO), the shell reads EOF and exits. (With a tty containerd does
+    # not: it drops only its own stdout reader (internal/cri/io/exec_io.go, `StdinOnce &&
+    # !Tty`), so an idle shell stays, as under runc.)
+    mark = f"mark-{secrets.token_hex(4)}"
+    with pod.exec(pod.plain, ["sh", "-s", mark], stdin=True) as s:
+        s.stdin("echo ready-$((1+1))\n")
+        s.until(b"ready-2")
+        assert any(mark in line for line in guest_ps(serve, pod.pod))
+    until(f"the exec's shell ({mark}) gone", lambda: not any(mark in line for line in guest_ps(serve, pod.pod)), 60)
+
+
+def test_attach_to_a_container_with_stdin_and_no_tty(pod: Pod) -> None:
+    cid = pod.container("pipe", ["sh", "-c", 'while read l; do echo "got:$l"; echo "err:$l" >&2; done'], stdin=True)
+    url = pod.ctd.runtime().Attach(cri.AttachRequest(container_id=cid, stdin=True, stdout=True, stderr=True),
+                                   timeout=60).url
+    with Session(url, netns=pod.netns) as s:
+        s.stdin("one\n")
+        s.until(b"got:one", STDOUT)
+        s.until(b"err:one", STDERR)
