@@ -173,3 +173,39 @@ def test_attach_to_a_container_with_stdin_and_no_tty(pod: Pod) -> None:
         s.stdin("one\n")
         s.until(b"got:one", STDOUT)
         s.until(b"err:one", STDERR)
+
+
+def test_tty_exec_output_in_bulk_and_a_missing_binary(pod: Pod) -> None:
+    # stdin=True though nothing is typed: with stdin=False containerd's CRI still gets a stdin
+    # reader from the WebSocket server (an IgnoreChannel that reads EOF at once) and, for a
+    # tty, drops its stdout reader at that EOF (internal/cri/io/exec_io.go): the output is
+    # lost in a race, before it reaches us (SPDY clients, which pass no stdin, are not hit).
+    with pod.exec(pod.plain, ["sh", "-c", "tty; seq 1 20000"], tty=True, stdin=True) as s:
+        r = s.wait(timeout=120)
+    lines = r.stdout.decode(errors="replace").split("\r\n")  # the terminal's ONLCR
+    assert re.fullmatch(r"/dev/pts/\d+", lines[0]) and lines[1:-1] == [str(i) for i in range(1, 20001)], lines[:3]
+    assert r.exit_code == 0, r.status
+    with pod.exec(pod.plain, ["vsbxt-no-such-binary"]) as s:
+        r = s.wait()
+    assert r.exit_code == 127, r  # as ExecSync: kubectl says "command terminated with exit code 127"
+
+
+# "Channel closed." when an exec's channel opens while another process's channel ends: the
+# guest-channel flake (seen in tests/integration/test_task_crun.py too), fixed elsewhere.
+@pytest.mark.xfail(reason="guest channel flake: a new SSH channel may come back closed", strict=False)
+def test_two_tty_execs_at_once_each_get_their_own_terminal(pod: Pod) -> None:
+    with pod.exec(pod.plain, ["sh"], tty=True, stdin=True) as a, \
+            pod.exec(pod.plain, ["sh"], tty=True, stdin=True) as b:
+        a.resize(81, 21)
+        b.resize(82, 22)
+        a.stdin("echo a-$((1+1)); stty size; tty\n")
+        b.stdin("echo b-$((2+2)); stty size; tty\n")
+        a.until(b"21 81")
+        b.until(b"22 82")
+        pts = [re.findall(rb"/dev/pts/\d+", s.until(b"/dev/pts/").stdout) for s in (a, b)]
+        a.stdin("exit 1\n")
+        b.stdin("exit 2\n")
+        ra, rb = a.wait(), b.wait()
+    assert b"a-2" in ra.stdout and b"b-4" not in ra.stdout and b"b-4" in rb.stdout and b"a-2" not in rb.stdout
+    assert pts[0] != pts[1], pts
+    assert (ra.exit_code, rb.exit_code) == (1, 2), (ra.status, rb.status)
