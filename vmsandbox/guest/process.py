@@ -175,10 +175,11 @@ class SshProcess:
         m.add_boolean(False)
         m.add_string(name)
         send = getattr(self._t, "_send_user_message")  # what Channel's own requests use
-        # Only while the channel is open, checked under its lock (paramiko sends our CLOSE
-        # under it): once dropbear has both CLOSEs the channel's id is free. A request for a
-        # freed id makes dropbear exit ("Unknown channel"), which wedges the connection, and a
-        # new channel that reused the id would get the KILL.
+        # Only while the channel is open, checked and sent under its lock (paramiko marks a
+        # channel closed under it before it sends our CLOSE, so this request goes first): once
+        # dropbear has both CLOSEs the channel's id is free. A request for a freed id makes
+        # dropbear exit ("Unknown channel"), which wedges the connection, and a new channel
+        # that reused the id would get the KILL.
         with self._chan.lock:
             if self._chan.closed or not self._chan.active:
                 return
