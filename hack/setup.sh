@@ -10,7 +10,7 @@ say() { printf 'setup: %s\n' "$*"; }
 
 PKGS=(qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
       libvirt-dev pkg-config busybox-static dropbear-bin cpio e2fsprogs iproute2 kmod
-      gcc libc6-dev python3 python3-venv python3-dev procps util-linux crun qemu-system-common)
+      gcc libc6-dev make patch bzip2 xz-utils python3 python3-venv python3-dev procps util-linux crun qemu-system-common)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

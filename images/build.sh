@@ -56,16 +56,19 @@ while read -r m; do
   echo "$m" >> "$root/etc/modules"
 done < "$here/modules"
 
-# A host binary and the shared libraries ldd finds for it.
+# A host binary (installed as GUEST_PATH, default the same path) and the shared libraries
+# ldd finds for it.
 with_libs() {
   [ -x "$1" ] || { echo "image: $1 is missing (hack/setup.sh installs it)" >&2; exit 1; }
-  cp "$1" "$root$1"
+  cp "$1" "$root${2:-$1}"
   for lib in $(ldd "$1" | grep -o '/[^ ]*'); do
     mkdir -p "$root$(dirname "$lib")"
     cp -L "$lib" "$root$lib"
   done
 }
-with_libs /usr/sbin/dropbear
+step "building dropbear from Debian's source with images/dropbear/*.patch"
+"$here/dropbear/build.sh" "$work/dropbear"
+with_libs "$work/dropbear" /usr/sbin/dropbear
 with_libs /usr/bin/crun  # the OCI runtime for containers in the guest (Debian's crun)
 
 gcc -static -O2 -o "$root/sbin/vsbx-agent" "$here/agent/agent.c"
@@ -86,7 +89,7 @@ case $arch in
   *) oci_arch=$arch; variant= ;;
 esac
 busybox_version=$(/bin/busybox | awk 'NR == 1 {print $2}')  # awk reads all: head would SIGPIPE busybox (exit 141 under pipefail)
-dropbear_version=$(dropbear -V 2>&1 | awk '{print $2}' | head -n1)
+dropbear_version=$("$work/dropbear" -V 2>&1 | awk '{print $2}' | head -n1)+vsbx
 crun_version=$(crun --version | awk 'NR == 1 {print $3}')
 mkdir -p "$out"
 cp "$work/vmlinuz" "$work/initramfs.img" "$out/"

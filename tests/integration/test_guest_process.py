@@ -148,3 +148,41 @@ def test_supervised_daemon_is_waited_for_and_its_pid_published(channel: GuestCha
     assert p.wait(30) == 6  # type: ignore[attr-defined]
     assert out.data == b"from-daemon\n"
     channel.exec(["rm", "-f", pidfile, pidfile + ".ready"], in_guest_root=True, timeout=10)
+
+
+def test_channels_opened_while_others_end_all_start(channel: GuestChannel) -> None:
+    """Many channels opening while others end (the task engine's spawn + ``.ready`` polling):
+    Debian 12's dropbear closed about one new channel in three before its command started
+    ("Channel closed." / "Unable to open channel"), unless the host opens it again."""
+    stop = time.monotonic() + 15
+    failures: list[str] = []
+    rounds = [0]
+
+    def worker(i: int) -> None:
+        n = 0
+        while time.monotonic() < stop and len(failures) < 5:
+            n += 1
+            pidfile = f"/tmp/{unique(f'chan{i}')}.pid"
+            try:
+                p, _, _ = spawn(channel, ["sh", "-c", 'sleep 0.1; sleep 0.2 & echo $! > "$0"', pidfile],
+                                supervise_pidfile=pidfile)
+                while channel.exec(["cat", pidfile + ".ready"], in_guest_root=True, timeout=10).exit_code != 0:
+                    assert not p.done  # type: ignore[attr-defined]
+                    time.sleep(0.05)
+                if n % 3 == 0:
+                    p.abort()  # type: ignore[attr-defined]
+                else:
+                    assert p.wait(30) == 0  # type: ignore[attr-defined]
+                assert channel.exec(["rm", "-f", pidfile, pidfile + ".ready"], in_guest_root=True,
+                                    timeout=10).exit_code == 0
+                rounds[0] += 1
+            except Exception as e:  # noqa: BLE001 - collected, asserted below
+                failures.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not failures, f"{len(failures)} failures in {rounds[0]} rounds: {failures}"
+    assert rounds[0] >= 10

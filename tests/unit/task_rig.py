@@ -130,6 +130,11 @@ class FakeCrun:
         self.commands.append(argv)
         if argv == ("ls", GUEST_POD_FILES):
             return ExecResult(0, "".join(f + "\n" for f in self.pod_files).encode(), b"")
+        if argv[0] == "sh" and len(argv) == 5 and argv[3].endswith(".ready"):  # the engine's wait for a pid
+            data = self.files.get(argv[3])
+            if data is None:
+                time.sleep(0.01)  # the guest waits a moment for it, then says "not yet"
+            return ExecResult(0, data, b"") if data is not None else ExecResult(3, b"", b"")
         if argv[0] == "cat":
             data = self.files.get(argv[1])
             return ExecResult(0, data, b"") if data is not None else ExecResult(1, b"", b"No such file\n")

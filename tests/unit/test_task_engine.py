@@ -12,8 +12,8 @@ import pytest
 
 from tests.unit.task_rig import CID, Fifo, Rig, fifos, leak_checked
 from vmsandbox import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unimplemented
-from vmsandbox.guest.fake import FakeProcess
-from vmsandbox.model import EPOCH, Mount, PtySize
+from vmsandbox.guest.fake import ExecCall, FakeProcess
+from vmsandbox.model import EPOCH, ExecResult, Mount, PtySize
 from vmsandbox.task.engine import TaskEngine
 from vmsandbox.task.process import Exit, IoSpec, Status
 
@@ -404,3 +404,37 @@ def test_a_terminal_process_gets_a_console_socket_one_stream_and_eot_at_close_io
         x.exit(0)
         assert rig.engine.wait(CID, "t") is not None
         assert to.eof.wait(5) and bytes(to.data) == b"output\r\n"
+
+
+def test_an_exec_that_ends_while_its_pid_is_being_read_still_starts(rig: Rig, tmp_path: Path) -> None:
+    """vsbx-exec published the pid and the quick process (``echo hi``) ended, channel and all,
+    while the engine's read of ``.ready`` was on its way: that read missed the pid, and the
+    next look saw the channel done. It was reported as "crun exec failed (exit 0)"."""
+    rig.crun.on_exec = lambda proc: None
+    handle = rig.guests.handler
+    missed: list[str] = []
+
+    def racing(call: ExecCall) -> ExecResult:
+        ready = next((a for a in call.argv if a.endswith("exec-quick.pid.ready")), None)
+        if ready is None or missed:
+            return handle(call)
+        missed.append(ready)
+        data = rig.crun.files.pop(ready)
+        r = handle(call)  # not there yet
+        rig.crun.files[ready] = data
+        proc = rig.guests.processes[-1]
+        proc.emit(b"hi\n")
+        proc.exit(0)
+        return r
+
+    rig.guests.handler = racing
+    with fifos(tmp_path, "init") as (_, o, e), fifos(tmp_path, "quick") as (_, xo, xe):
+        create(rig, o, e)
+        rig.engine.start(CID)
+        rig.engine.exec(CID, "quick", io=io(xo, xe), process={"args": ["echo", "hi"], "cwd": "/"})
+        xo.collect()
+        xe.collect()
+        assert rig.engine.start(CID, "quick") > 0
+        ex = rig.engine.wait(CID, "quick")
+        assert missed and ex is not None and ex.exit_status == 0
+        assert xo.eof.wait(5) and bytes(xo.data) == b"hi\n"

@@ -175,7 +175,15 @@ class SshProcess:
         m.add_boolean(False)
         m.add_string(name)
         send = getattr(self._t, "_send_user_message")  # what Channel's own requests use
-        try:
-            send(m)
-        except _TRANSIENT:
-            pass  # the connection is gone: the guest ends the whole session anyway
+        # Only while the channel is open, checked and sent under its lock (paramiko marks a
+        # channel closed under it before it sends our CLOSE, so this request goes first): once
+        # dropbear has both CLOSEs the channel's id is free. A request for a freed id makes
+        # dropbear exit ("Unknown channel"), which wedges the connection, and a new channel
+        # that reused the id would get the KILL.
+        with self._chan.lock:
+            if self._chan.closed or not self._chan.active:
+                return
+            try:
+                send(m)
+            except _TRANSIENT:
+                pass  # the connection is gone: the guest ends the whole session anyway
