@@ -17,17 +17,7 @@ fi
 say() { printf 'fetch-containerd: %s\n' "$*" >&2; }
 command -v apt-get >/dev/null || { say "needs apt-get (a Debian or Ubuntu host)"; exit 1; }
 
-# The host's Debian mirror: the first URI of a source that carries the main archive.
-mirror=""
-for f in /etc/apt/sources.list.d/*.sources; do
-  [ -f "$f" ] || continue
-  mirror=$(awk '/^URIs:/ {for (i = 2; i <= NF; i++) if ($i !~ /security/) {print $i; exit}}' "$f")
-  [ -n "$mirror" ] && break
-done
-if [ -z "$mirror" ] && [ -f /etc/apt/sources.list ]; then
-  mirror=$(awk '$1 == "deb" && $0 !~ /security/ {for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\//) {print $i; exit}}' /etc/apt/sources.list)
-fi
-[ -n "$mirror" ] || { say "found no Debian mirror in /etc/apt/sources.list{,.d}"; exit 1; }
+mirror=$(images/debian-mirror.sh) || { say "cannot tell the host's Debian mirror"; exit 1; }
 keyring=/usr/share/keyrings/debian-archive-keyring.gpg
 [ -f "$keyring" ] || { say "missing $keyring (package debian-archive-keyring)"; exit 1; }
 

@@ -12,11 +12,19 @@ trap 'rm -rf "$work"' EXIT
 chmod 755 "$work"  # apt's _apt user writes the download here
 
 version=$(dpkg-query -W -f '${Version}' dropbear-bin 2>/dev/null || echo none)
+# Built once per (Debian version, our patches, this script, arch) and cached: a fresh state
+# dir builds a new image, and compiling dropbear costs about a minute under load.
+cache=${VMSANDBOX_BUILD_CACHE:-/var/cache/vmsandbox}/dropbear
+key=$( { echo "$version $(uname -m)"; cat "$0" "$here"/*.patch; } | sha256sum | cut -c1-16)
+if [ -x "$cache/$key/dropbear" ]; then
+  install -m 755 "$cache/$key/dropbear" "$out"
+  exit 0
+fi
 # A private deb-src list: the host's apt configuration is left as it is.
 mkdir -p "$work/lists/partial"
 cat > "$work/src.sources" <<SRC
 Types: deb-src
-URIs: http://deb.debian.org/debian
+URIs: $("$here/../debian-mirror.sh")
 Suites: $(. /etc/os-release && echo "$VERSION_CODENAME")
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
@@ -43,3 +51,7 @@ cp "$src/debian/localoptions.h" "$src/"
    --disable-utmpx --disable-wtmp --disable-wtmpx --disable-pututline --disable-pututxline >/dev/null &&
  make -s -j"$(nproc)" PROGRAMS=dropbear >/dev/null 2>&1)
 install -m 755 "$src/dropbear" "$out"
+mkdir -p "$cache"
+tmp=$(mktemp -d "$cache/.build-XXXXXX")
+install -m 755 "$src/dropbear" "$tmp/dropbear"
+rm -rf "${cache:?}/$key" && mv "$tmp" "$cache/$key" || rm -rf "$tmp"  # a concurrent build may have won

@@ -191,11 +191,8 @@ def test_tty_exec_output_in_bulk_and_a_missing_binary(pod: Pod) -> None:
     assert r.exit_code == 127, r  # as ExecSync: kubectl says "command terminated with exit code 127"
 
 
-# "Channel closed." when an exec's channel opens while another process's channel ends: the
-# guest's dropbear 2022.83 closes a channel still waiting for its exec request when another
-# channel's child exits (fixed on branch wt-chanflake; with it merged this passed 6 of 6 runs,
-# without it failed 3 of 4). Drop the mark once that fix is in.
-@pytest.mark.xfail(reason="guest channel flake: a new SSH channel may come back closed", strict=False)
+# Two execs starting together failed 3 runs of 4 with "Channel closed." before the guest's
+# dropbear got the fix for closing channels still waiting for their exec (images/dropbear/).
 def test_two_tty_execs_at_once_each_get_their_own_terminal(pod: Pod) -> None:
     with pod.exec(pod.plain, ["sh"], tty=True, stdin=True) as a, \
             pod.exec(pod.plain, ["sh"], tty=True, stdin=True) as b:
