@@ -63,9 +63,11 @@ def config_disk_of(xml: str) -> str:
     raise ValueError("domain XML has no config disk (serial vsbx-config)")
 
 
-def bare_domain_xml(xml: str, *, name: str, console: str, agent_socket: str, config_disk: str) -> str:
+def bare_domain_xml(xml: str, *, name: str, console: str, agent_socket: str, config_disk: str,
+                    share: str = "") -> str:
     """The controller's domain XML as a stand-alone domain: renamed, no uuid, no metadata
-    (so no controller ever adopts it), its own console file, agent socket and config disk."""
+    (so no controller ever adopts it), its own console file, agent socket and config disk,
+    and its own folder for the virtio-fs share (``share``; the template's goes with it)."""
     root = ET.fromstring(xml)
     name_el = root.find("name")
     if name_el is None:
@@ -93,6 +95,10 @@ def bare_domain_xml(xml: str, *, name: str, console: str, agent_socket: str, con
         if serial is not None and serial.text == "vsbx-config" and src is not None:
             src.set("file", config_disk)
             found["disk"] = True
+    for fs in devices.findall("filesystem"):
+        src = fs.find("source")
+        if share and src is not None:
+            src.set("dir", share)
     missing = [k for k, ok in found.items() if not ok]
     if missing:
         raise ValueError(f"domain XML lacks the expected {', '.join(missing)}")
@@ -126,8 +132,10 @@ class BareBaseline:
 
         name = f"{self.prefix}-bare-{tag}"
         console, sock = self.directory / f"{tag}.console.log", self.directory / f"{tag}.sock"
+        share = self.directory / f"{tag}.shared"
+        share.mkdir(mode=0o700, exist_ok=True)
         xml = bare_domain_xml(self.template_xml, name=name, console=str(console),
-                              agent_socket=str(sock), config_disk=str(self.config_disk))
+                              agent_socket=str(sock), config_disk=str(self.config_disk), share=str(share))
         agent = GuestAgent(str(sock), self.client_key, self.host_key, sandbox_id=name)
         self.watcher.watch(name, console)
         self.domains.add(name)
@@ -151,6 +159,7 @@ class BareBaseline:
             self.remove(name)
             for f in (console, sock):
                 f.unlink(missing_ok=True)
+            share.rmdir()
         return Start(id=name, stamps=st, exit_code=r.exit_code, uptime=parse_uptime(r.stdout), dmesg=dmesg,
                      others=others)
 

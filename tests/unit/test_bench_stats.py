@@ -18,7 +18,7 @@ import pytest
 from vsbench import bare, console, guestlog, network, options, phases, report, stats
 
 from vmsandbox.guest.keys import dropbear_private_key, generate_keypair
-from vmsandbox.hypervisor.domain import DiskSpec, DomainSpec, build_domain_xml
+from vmsandbox.hypervisor.domain import DiskSpec, DomainSpec, ShareSpec, build_domain_xml
 
 
 # ---------------------------------------------------------------------- statistics
@@ -173,6 +173,7 @@ def _spec(**kw: object) -> DomainSpec:
         console_log="/var/lib/vmsandbox/sandboxes/s1/console.log", agent_socket="/var/lib/vmsandbox/sock/a.sock",
         disks=(DiskSpec("/var/lib/vmsandbox/sandboxes/s1/config.tar", "vsbx-config", readonly=True),
                DiskSpec("/data/rootfs.img", "vsbx-disk-0")),
+        shares=(ShareSpec("/var/lib/vmsandbox/sandboxes/s1/shared", "vsbx-shared", "/var/lib/vmsandbox/bin/virtiofsd"),),
     )
     base.update(kw)
     return DomainSpec(**base)  # type: ignore[arg-type]
@@ -181,8 +182,10 @@ def _spec(**kw: object) -> DomainSpec:
 def test_bare_domain_xml_is_the_same_domain_under_its_own_name_and_files() -> None:
     xml = build_domain_xml(_spec()).replace("<name>", "<uuid>1b4e28ba-2fa1-11d2-883f-0016d3cca427</uuid><name>", 1)
     out = bare.bare_domain_xml(xml, name="bench-x-bare-0", console="/t/0.log", agent_socket="/t/0.sock",
-                                config_disk="/t/config.tar")
+                                config_disk="/t/config.tar", share="/t/0.shared")
     root = ET.fromstring(out)
+    # The template's share folder goes with the template sandbox: the bare domain has its own.
+    assert [f.find("source").get("dir") for f in root.iter("filesystem")] == ["/t/0.shared"]
     assert root.findtext("name") == "bench-x-bare-0"
     assert root.find("uuid") is None and root.find("metadata") is None and root.find("title") is None
     assert root.find("devices/serial/source").get("path") == "/t/0.log"
