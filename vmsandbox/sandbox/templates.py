@@ -220,7 +220,7 @@ class Templates:
                 self._hv.save(name, str(work / _IMAGE))
             saved = read_save_image(work / _IMAGE)
             manifest = {"format": FORMAT, "key": key, "size": saved.size, "sha256": _sha256(work / _IMAGE),
-                        "image": str(image.directory), "vcpus": size.vcpus, "memory_mib": size.memory_mib,
+                        "image": str(image.directory), "image_digest": _image_digest(image), "vcpus": size.vcpus, "memory_mib": size.memory_mib,
                         "max_memory_mib": size.max_memory_mib, "spare_ports": SPARE_PORTS, **(self._versions or {}),
                         "build_seconds": round(time.monotonic() - t0, 3), "created": time.time()}
             (work / _MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -248,7 +248,7 @@ class Templates:
                 self.discard(path.name, "it has no readable manifest")
                 continue
             stale = m.get("format") != FORMAT or any(m.get(k) != info.get(k) for k in ("libvirt_version", "hypervisor_version"))
-            if image is not None and m.get("image") != str(image.directory):
+            if image is not None and (m.get("image"), m.get("image_digest")) != (str(image.directory), _image_digest(image)):
                 stale = True
             if stale:
                 self.discard(path.name, "it was made for another image or libvirt/QEMU version")
@@ -320,6 +320,11 @@ class _removed:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+def _image_digest(image: GuestImage) -> str:
+    """What the image's manifest says of it (its files' checksums): a rebuilt image differs."""
+    return hashlib.sha256(json.dumps(image.manifest, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _sha256(path: Path) -> str:
