@@ -281,7 +281,9 @@ def restore_xml(saved_xml: str, defined_xml: str) -> str:
     console = source(next((d for d in mine.findall("serial") if d.get("type") == "file"), None), "path")
     for chardev in devices.findall("serial") + devices.findall("console"):
         if chardev.get("type") == "file" and (src := chardev.find("source")) is not None and console:
+            # appended to: the log starts with the template's boot (the restore does not boot)
             src.set("path", console)
+            src.set("append", "on")
     for chan in devices.findall("channel"):
         target = chan.find("target")
         name = target.get("name", "") if target is not None else ""

@@ -54,7 +54,8 @@ SPARE_PORTS = 8
 """Free PCIe root ports in a template: how many disks, NICs and shares a restore can plug in."""
 _IMAGE, _MANIFEST, _HOST_KEY = "memory.save", "manifest.json", "hostkey.pub"
 _SETUP = "/sbin/vsbx-setup"
-_SETTLE = 0.5  # after the build's last session: the agent is back to waiting for a host
+_SETTLE = 3.0  # after the build's last session: the agent waits for a host again, and the guest has
+# reported the pages drop_caches freed (page reporting runs 2 s after a free), which then save as zero pages
 
 
 def wants_template(annotations: Mapping[str, str], config: Config) -> bool:
@@ -262,6 +263,7 @@ class Templates:
         devices = hotplugged(defined)
         if len(devices) > SPARE_PORTS:
             raise ValueError(f"{len(devices)} devices to plug in, the template has {SPARE_PORTS} free ports")
+        _prefill_console(tpl, scratch / "console.log")
         t0 = time.monotonic()
         self._hv.restore(str(tpl.image), xml, str(scratch))
         t1 = time.monotonic()
@@ -320,6 +322,18 @@ class _removed:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+def _prefill_console(tpl: Template, console: Path) -> None:
+    """The sandbox's console log begins with the template's boot, then says it was restored."""
+    try:
+        boot = (tpl.path / "console.log").read_bytes()[-(256 << 10):]
+    except OSError:
+        boot = b""
+    note = f"\r\nvmsandbox: restored from template {tpl.key} (the boot above was the template's)\r\n".encode()
+    fd = os.open(console, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(boot + note)
 
 
 def _image_digest(image: GuestImage) -> str:
