@@ -619,7 +619,8 @@ def test_split_command(words: list[str], split: tuple[list[str], list[str] | Non
     assert split_command(words) == split
 
 
-def test_image_warm_builds_the_template_once_and_says_so(cli: Cli) -> None:
+def test_image_warm_builds_the_template_once_and_says_so(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("vmsandbox.sandbox.templates._SETTLE", 0.0)
     first = cli.json("image", "warm", "--memory-mib", "384")
     assert isinstance(first, dict) and first["built"] is True and first["build_seconds"] >= 0
     assert (Path(first["path"]) / "memory.save").is_file()

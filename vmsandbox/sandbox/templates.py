@@ -53,6 +53,7 @@ FORMAT = 1
 SPARE_PORTS = 8
 """Free PCIe root ports in a template: how many disks, NICs and shares a restore can plug in."""
 _IMAGE, _MANIFEST, _HOST_KEY = "memory.save", "manifest.json", "hostkey.pub"
+_STUB_KERNEL, _STUB_INITRD = "stub-vmlinuz", "stub-initrd"
 _SETUP = "/sbin/vsbx-setup"
 _SETTLE = 3.0  # after the build's last session: the agent waits for a host again, and the guest has
 # reported the pages drop_caches freed (page reporting runs 2 s after a free), which then save as zero pages
@@ -200,6 +201,7 @@ class Templates:
         client, host = generate_keypair(), generate_keypair()
         write_private(work / CLIENT_KEY, client.openssh_private())
         (work / _HOST_KEY).write_text(host.public_line + "\n")
+        _write_stubs(image, work)
         write_private(work / CONFIG_DISK, config_archive(settings=GuestSettings("sandbox"), authorized_key=client.public_line,
                                                           hostkey=dropbear_private_key(host), disks=(), network=None))
         xml = self._spec_xml(image, size, name=name, sid=sid, sdir=work, sock=sock)
@@ -259,7 +261,7 @@ class Templates:
         """Bring the defined (shut off) domain up from ``tpl``, with its own devices, running.
         ValueError when the template does not fit the domain (nothing was started)."""
         defined = self._hv.xml(domain)
-        xml = restore_xml(tpl.saved_xml, defined)
+        xml = restore_xml(tpl.saved_xml, defined, kernel=str(tpl.path / _STUB_KERNEL), initrd=str(tpl.path / _STUB_INITRD))
         devices = hotplugged(defined)
         if len(devices) > SPARE_PORTS:
             raise ValueError(f"{len(devices)} devices to plug in, the template has {SPARE_PORTS} free ports")
@@ -322,6 +324,22 @@ class _removed:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+def _write_stubs(image: GuestImage, folder: Path) -> None:
+    """The boot files a restore names instead of the image's: QEMU loads ``-kernel`` into a
+    private buffer at start (14 MiB per VM) though a restored guest never reads it again. A
+    bzImage's setup sectors (its header, which QEMU parses) and a page are a kernel to QEMU."""
+    with open(image.kernel, "rb") as f:
+        head = f.read(0x210)
+    if head[0x202:0x206] != b"HdrS":
+        raise FailedPrecondition(f"{image.kernel} is not a bzImage")
+    setup = (head[0x1F1] or 4) + 1
+    with open(image.kernel, "rb") as f:
+        stub = f.read(setup * 512) + bytes(4096)
+    for name, data in ((_STUB_KERNEL, stub), (_STUB_INITRD, bytes(512))):
+        (folder / name).write_bytes(data)
+        os.chmod(folder / name, 0o644)
 
 
 def _prefill_console(tpl: Template, console: Path) -> None:
