@@ -182,3 +182,15 @@ def test_warm_template_builds_once(rig: Rig) -> None:
     assert other.key != first.key
     with pytest.raises(InvalidArgument):
         rig.ctl.warm_template(memory_mib=1)
+
+
+def test_only_the_most_recently_used_templates_are_kept(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("vmsandbox.sandbox.templates.KEEP", 2)
+    keys = [rig.ctl.warm_template(memory_mib=m).key for m in (128, 192)]
+    manifests = [rig.config.state_dir / "templates" / k / "manifest.json" for k in keys]
+    os.utime(manifests[0], (1e9, 1e9))
+    os.utime(manifests[1], (1e9 + 10, 1e9 + 10))
+    rig.ctl.warm_template(memory_mib=128)  # used again: now newer than the 192 one
+    assert manifests[0].stat().st_mtime > 1e9 + 10
+    third = rig.ctl.warm_template(memory_mib=320).key
+    assert sorted(p.name for p in templates(rig)) == sorted([keys[0], third])

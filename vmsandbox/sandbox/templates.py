@@ -51,6 +51,8 @@ ANNOTATION_START = "vmsandbox.io/start"
 TEMPLATE_DOMAIN_PREFIX = "vsbxtpl-"
 FORMAT = 1
 SPARE_PORTS = 8
+KEEP = 8
+"""Templates kept (the most recently used): older shapes and settings are removed."""
 """Free PCIe root ports in a template: how many disks, NICs and shares a restore can plug in."""
 _IMAGE, _MANIFEST, _HOST_KEY = "memory.save", "manifest.json", "hostkey.pub"
 _STUB_KERNEL, _STUB_INITRD = "stub-vmlinuz", "stub-initrd"
@@ -171,6 +173,7 @@ class Templates:
                     raise ValueError("its checksum does not match")
                 self._checked[key] = stamp
             saved = read_save_image(path / _IMAGE)
+            os.utime(path / _MANIFEST)  # last used: what clean() keeps
             tpl = Template(key, path, saved.xml, (path / CLIENT_KEY).read_bytes(), (path / _HOST_KEY).read_text().strip())
         except FileNotFoundError:
             if path.exists():
@@ -233,6 +236,7 @@ class Templates:
             shutil.rmtree(work, ignore_errors=True)
             raise
         self._progress(f"template {key}: ready ({saved.size >> 20} MiB) after {time.monotonic() - t0:.1f}s")
+        self.clean(image)
         log.info("template %s: built in %.1fs (%d MiB)", key, time.monotonic() - t0, saved.size >> 20)
 
     def clean(self, image: GuestImage | None = None) -> None:
@@ -255,6 +259,10 @@ class Templates:
                 stale = True
             if stale:
                 self.discard(path.name, "it was made for another image or libvirt/QEMU version")
+        kept = sorted((p for p in self.root.iterdir() if not p.name.startswith(".")),
+                      key=lambda p: (p / _MANIFEST).stat().st_mtime if (p / _MANIFEST).exists() else 0.0, reverse=True)
+        for path in kept[KEEP:]:
+            self.discard(path.name, f"only the {KEEP} most recently used templates are kept")
 
     # ------------------------------------------------------------------ restore
     def restore(self, tpl: Template, domain: str, scratch: Path) -> None:
