@@ -63,7 +63,7 @@ def plots(res: Mapping[str, Any], out: Path) -> list[str]:
             ax.plot([j] * len(d), d, "o", color="tab:blue", alpha=0.5, markersize=4)
         r = sp.get("template_over_cold_p50")
         ax.set_ylabel("s, create -> first exec answered (serial)")
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(0, 1.1 * max((max(d) for d in data if d), default=1.0))
         if r is not None:
             ax.set_title(f"template / cold p50 = {r:.2f}x", fontsize=9)
         save(fig, "start-paths")
@@ -97,7 +97,7 @@ def plots(res: Mapping[str, Any], out: Path) -> list[str]:
             elevels = (eff.get(kind) or {}).get("levels") or {}
             pts = sorted((int(n), e["target_s"]) for n, e in elevels.items() if e.get("target_s") is not None)
             if pts:
-                ax.plot([a for a, _b in pts], [b for _a, b in pts], ":", label=f"{kind}: target (1.3 x ideal)")
+                ax.plot([a for a, _b in pts], [b for _a, b in pts], "x:", label=f"{kind}: target (1.3 x ideal)")
         ax.set_xlabel("sandboxes started at once")
         ax.set_ylabel("seconds until all answered")
         ax2 = ax.twinx()
@@ -108,7 +108,7 @@ def plots(res: Mapping[str, Any], out: Path) -> list[str]:
         ax.set_xticks(ns)
         ax.set_ylim(bottom=0)
         ax2.set_ylim(bottom=0)
-        fig.legend(fontsize=8, loc="lower right")
+        fig.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.1, 0.9))
         save(fig, "parallel")
     ops = res.get("operations") or {}
     if ops:
