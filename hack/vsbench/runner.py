@@ -106,7 +106,7 @@ class Bench:
         # config disk the bare baseline reuses. Its verbose status carries the domain XML.
         tid = f"{self.prefix}-tmpl"
         self.sids.add(tid)
-        ctl.create(Sandbox(id=tid))
+        ctl.create(Sandbox(id=tid), annotations={ANNOTATION_START: COLD})  # bare boots it cold
         self.events.take(tid)
         info = ctl.status(tid, verbose=True).info
         if "domain_xml" not in info:
