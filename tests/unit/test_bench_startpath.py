@@ -150,3 +150,86 @@ def test_report_renders_start_paths_memory_by_start_and_efficiency() -> None:
     assert "100.0" in text and "102.0" in text  # QEMU PSS, QEMU + virtiofsd in MiB
     assert "WARNING: template 5 running (took: 1 cold, 4 template)" in text
     assert "template N=5" in text and "0.67" in text and " no" in text  # ideal 2.0 s of 3.0 s: not met
+
+
+class _Info:
+    key, path, built, build_seconds = "k1", Path("/nonexistent/template"), True, 4.5
+
+
+class _Ctl:
+    def warm_template(self, vcpus: int | None = None, memory_mib: int | None = None,
+                      progress: object = None) -> _Info:
+        return _Info()
+
+
+class _Bench:
+    """What the start-path sections use of runner.Bench; templates fall back to cold once."""
+
+    def __init__(self, *argv: str) -> None:
+        self.opts = options.parse_args(["--quick", "--warmup", "1", "--start-samples", "2", "--idle", "0",
+                                        "--memory-levels", "1,3", *argv])
+        self.prefix, self.controller, self.results = "bench-x", _Ctl(), {}
+        self.calls: list[tuple[str, str | None]] = []
+        self.running: set[str] = set()
+        self.fell_back = False
+
+    def ours(self, sid: str, *, dmesg: bool, start: str | None = "cold") -> phases.Start:
+        self.calls.append((sid, start))
+        self.running.add(sid)
+        path = start
+        if start == "template" and not self.fell_back and sid.endswith("s1"):
+            self.fell_back, path = True, "cold"
+        return _start(sid, 1.0 if path == "template" else 6.0, start, path, 1.0 if path == "template" else 6.0,
+                      restored=path == "template")
+
+    def remove(self, sid: str, clean: bool = False) -> tuple[float, float]:
+        self.running.discard(sid)
+        return 0.0, 0.0
+
+    def remove_many(self, sids: list[str]) -> None:
+        for s in sids:
+            self.remove(s)
+
+    def start_batch(self, sids: list[str], start: str | None) -> tuple[float, list[phases.Start]]:
+        return 2.0, [self.ours(s, dmesg=False, start=start) for s in sids]
+
+    def memory(self, sids: list[str]) -> dict[str, object]:
+        return {"running": len(sids), "ids": sorted(sids)}
+
+    def parallel_row(self, sids: list[str], start: str | None) -> dict[str, object]:
+        wall, starts = self.start_batch(sids, start)
+        return {"n": len(sids), "start": start, "all_ready_s": wall, "start_paths": startpath.path_counts(starts)}
+
+
+def test_start_path_sections_alternate_check_the_path_and_clean_up() -> None:
+    b = _Bench()
+    sp = startpath.StartPaths(b)  # type: ignore[arg-type]
+    assert sp.kinds == ("cold", "template")
+    sp.run_serial()
+    sp.run_memory()
+    sp.run_parallel([2])
+    assert not b.running  # every sandbox removed
+    serial = [c for c in b.calls if "-cs" in c[0] or "-ts" in c[0] or "-cw" in c[0] or "-tw" in c[0]]
+    assert serial == [("bench-x-tw1", "template"), ("bench-x-cw1", "cold"), ("bench-x-cs0", "cold"),
+                      ("bench-x-ts0", "template"), ("bench-x-ts1", "template"), ("bench-x-cs1", "cold")]
+    res = b.results["start_paths"]
+    assert res["template_build"]["built"] is True and res["template_build"]["build_s"] == 4.5
+    assert res["template"]["n"] == 2 and res["template"]["n_counted"] == 1  # ts1 fell back to cold
+    assert res["template_over_cold_p50"] == pytest.approx(1.0 / 6.0)
+    mem = b.results["memory_by_start"]
+    assert mem["cold"]["n1"]["running"] == 1
+    assert mem["cold"]["n3"]["ids"] == ["bench-x-mc0", "bench-x-mc1", "bench-x-mc2"]
+    assert mem["template"]["n3"]["start_paths"] == {"template": 2}  # the 2 started for that level
+    assert b.results["parallel_template"][0]["n"] == 2
+    eff = startpath.parallel_efficiency(b.results, 2)
+    assert eff["template"]["cpu_s_one_boot"] == pytest.approx(1.0) and eff["template"]["levels"]["2"]["ideal_s"] == 1.0
+
+
+def test_without_templates_only_the_cold_path_is_measured() -> None:
+    b = _Bench("--no-templates")
+    sp = startpath.StartPaths(b)  # type: ignore[arg-type]
+    sp.run_serial()
+    sp.run_parallel([2])
+    assert sp.kinds == ("cold",) and b.results["start_paths"]["template_skipped"] == "--no-templates"
+    assert "template" not in b.results["start_paths"] and b.results["parallel_template"] == []
+    assert {start for _sid, start in b.calls} == {"cold"}
