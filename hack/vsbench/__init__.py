@@ -39,9 +39,10 @@ How the numbers are taken (host ``time.monotonic()`` throughout):
   (utime + stime of ``/proc/<pid>/stat``, all threads) and the path the start really took
   (status verbose ``start``); a sample whose path is not the one asked is kept apart
   (``other_path_samples``) and counted, never mixed into that path's figures.
-* Start paths (:mod:`.startpath`, JSON ``start_paths``): the template of the default shape is
-  built (``warm_template``; ``template_build``: its key, path, whether it was built now,
-  the controller's ``build_s``, the call's ``call_s``, ``size_mib`` on disk), then
+* Start paths (:mod:`.startpath`, JSON ``start_paths``): before the first template start,
+  the template of the default shape is built (``warm_template``; JSON ``template``: its key,
+  path, whether it was built now, the controller's ``build_s``, the call's ``call_s``,
+  ``size_mib`` on disk; or ``skipped`` and why), then
   ``--start-samples`` serial starts of each path, cold and template alternated (which goes
   first swaps each round) after ``--warmup`` of each: create -> first exec answered
   (``first_exec_ms``), the phases (a template start ends "domain start" at RESTORED and has

@@ -102,7 +102,7 @@ def report(res: Mapping[str, Any]) -> str:
     sp = res.get("start_paths")
     if sp:
         out.append("")
-        out.extend(start_path_lines(sp))
+        out.extend(start_path_lines(sp, res.get("template")))
     mbs = res.get("memory_by_start")
     if mbs:
         out.append("")
@@ -176,7 +176,7 @@ def _paths_note(counts: Mapping[str, int] | None, asked: str) -> str:
     return "" if not other else " (took: " + ", ".join(f"{v} {k}" for k, v in sorted((counts or {}).items())) + ")"
 
 
-def start_path_lines(sp: Mapping[str, Any]) -> list[str]:
+def start_path_lines(sp: Mapping[str, Any], template: Mapping[str, Any] | None = None) -> list[str]:
     """Cold boot against start from a template: create -> first exec, the ratio, the build."""
     out = [f"Start path: cold boot vs from a template, serial, N={sp.get('n')} each (+{sp.get('warmup')} warm-up),"
            " alternated, create -> first exec answered"]
@@ -194,14 +194,14 @@ def start_path_lines(sp: Mapping[str, Any]) -> list[str]:
     r = sp.get("template_over_cold_p50")
     if r is not None:
         out.append(f"  template / cold, p50: {r:.2f}x")
-    b = sp.get("template_build")
-    if b:
+    b = template or {}
+    if b.get("key"):
         size = b.get("size_mib")
         out.append(f"  template {'built' if b.get('built') else 'found (built before; its build time is the old one)'}"
                    f": {b.get('build_s', 0):.1f}s by the controller, {b.get('call_s', 0):.1f}s for the call"
                    + ("" if size is None else f", {size:.0f} MiB on disk") + f" ({b.get('key')})")
-    if sp.get("template_skipped"):
-        out.append(f"  template path not measured: {sp['template_skipped']}")
+    if b.get("skipped"):
+        out.append(f"  template path not measured: {b['skipped']}")
     return out
 
 

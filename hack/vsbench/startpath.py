@@ -135,6 +135,13 @@ class StartPaths:
             self.skipped = ""
             self.kinds = KINDS
 
+    def ensure_template(self) -> None:
+        """Before the first template start: build (or find) the template of the default
+        shape, timed, into ``results["template"]`` (or why there is none)."""
+        res = self.bench.results
+        if "template" not in res:
+            res["template"] = {"skipped": self.skipped} if self.skipped else self.build()
+
     def build(self) -> dict[str, Any]:
         """Build (or find) the template of the default shape; how long it took."""
         say("template: building (or finding) the template of the default shape")
@@ -152,10 +159,7 @@ class StartPaths:
         b, n, warm = self.bench, self.bench.opts.start_samples, self.bench.opts.warmup
         out: dict[str, Any] = {"n": n, "warmup": warm, "kinds": list(self.kinds)}
         b.results["start_paths"] = out
-        if self.skipped:
-            out["template_skipped"] = self.skipped
-        else:
-            out["template_build"] = self.build()
+        self.ensure_template()
         starts: dict[str, list[Start]] = {k: [] for k in self.kinds}
         for i in range(-warm, n):
             tag = f"w{-i}" if i < 0 else f"s{i}"
@@ -177,6 +181,7 @@ class StartPaths:
         b, idle, levels = self.bench, self.bench.opts.idle, self.bench.opts.memory_levels
         out: dict[str, Any] = {"idle_s": idle, "levels": levels}
         b.results["memory_by_start"] = out
+        self.ensure_template()
         for kind in self.kinds:
             sids: list[str] = []
             per: dict[str, Any] = {}
@@ -203,6 +208,7 @@ class StartPaths:
         b.results["parallel_template"] = rows
         if TEMPLATE not in self.kinds:
             return
+        self.ensure_template()
         for n in levels:
             say(f"parallel from the template: {n} at once")
             sids = [f"{b.prefix}-pt{n}-{j}" for j in range(n)]

@@ -133,9 +133,8 @@ def test_report_renders_start_paths_memory_by_start_and_efficiency() -> None:
                                  "start_paths": {"cold": 5}},
                         "template": {"n": 5, "n_counted": 4, "first_exec_ms": s([900.0]), "qemu_cpu_s": s([0.8]),
                                      "start_paths": {"template": 4, "cold": 1}},
-                        "template_over_cold_p50": 0.15,
-                        "template_build": {"key": "k1", "built": True, "build_s": 12.5, "call_s": 12.6,
-                                           "size_mib": 80.0}},
+                        "template_over_cold_p50": 0.15},
+        "template": {"key": "k1", "built": True, "build_s": 12.5, "call_s": 12.6, "size_mib": 80.0},
         "memory_by_start": {"idle_s": 20, "levels": [1, 5], "cold": {"n1": mem, "n5": mem},
                             "template": {"n1": mem, "n5": {**mem, "start_paths": {"cold": 1, "template": 4}}}},
         "parallel_template": [{"n": 5, "start": "template", "all_ready_s": 3.0, "sandboxes_per_s": 1.67,
@@ -213,7 +212,7 @@ def test_start_path_sections_alternate_check_the_path_and_clean_up() -> None:
     assert serial == [("bench-x-tw1", "template"), ("bench-x-cw1", "cold"), ("bench-x-cs0", "cold"),
                       ("bench-x-ts0", "template"), ("bench-x-ts1", "template"), ("bench-x-cs1", "cold")]
     res = b.results["start_paths"]
-    assert res["template_build"]["built"] is True and res["template_build"]["build_s"] == 4.5
+    assert b.results["template"]["built"] is True and b.results["template"]["build_s"] == 4.5
     assert res["template"]["n"] == 2 and res["template"]["n_counted"] == 1  # ts1 fell back to cold
     assert res["template_over_cold_p50"] == pytest.approx(1.0 / 6.0)
     mem = b.results["memory_by_start"]
@@ -230,6 +229,13 @@ def test_without_templates_only_the_cold_path_is_measured() -> None:
     sp = startpath.StartPaths(b)  # type: ignore[arg-type]
     sp.run_serial()
     sp.run_parallel([2])
-    assert sp.kinds == ("cold",) and b.results["start_paths"]["template_skipped"] == "--no-templates"
+    assert sp.kinds == ("cold",) and b.results["template"] == {"skipped": "--no-templates"}
     assert "template" not in b.results["start_paths"] and b.results["parallel_template"] == []
     assert {start for _sid, start in b.calls} == {"cold"}
+
+
+def test_the_template_is_built_and_timed_before_the_first_template_start_of_any_section() -> None:
+    b = _Bench()
+    startpath.StartPaths(b).run_parallel([2])  # type: ignore[arg-type]
+    assert b.results["template"]["call_s"] >= 0 and b.results["template"]["key"] == "k1"
+    assert b.results["parallel_template"][0]["start_paths"] == {"template": 2}
