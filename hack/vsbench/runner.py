@@ -184,7 +184,7 @@ class Bench:
             found = self.watcher.unwatch(sid)
             events = self.events.take(sid)
         cpu = process_cpu_seconds(ctl.status(sid).pid)
-        path = ctl.status(sid, verbose=True).info.get("start")
+        path = ctl.status(sid, verbose=True).info.get("start") or None  # "": a controller that does not say
         stamps: dict[str, float | None] = {**stamps_from_events(events), **found, **mine}
         log_lines = parse_dmesg(ctl.exec(sid, ["dmesg"], timeout=30).stdout) if dmesg else []
         s = Start(id=sid, stamps=stamps, exit_code=r.exit_code, uptime=parse_uptime(r.stdout),
