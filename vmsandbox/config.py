@@ -98,6 +98,9 @@ class Config:
     # TCG's translation cache (MiB; 0: QEMU's default of 1 GiB). 32 measured no slower to boot
     # than the default and 23 MiB less resident when idle; 8 booted about twice as slow.
     tcg_tb_cache_mib: int = 32
+    # Start a sandbox's VM by restoring a saved, booted template of its image and shape
+    # (built on first use) instead of booting it; False: always boot (see sandbox/templates.py).
+    templates: bool = True
     virtiofsd: str = "/usr/lib/qemu/virtiofsd"  # QEMU 7.2's C virtiofsd (Debian 12: qemu-system-common)
     kernel_cmdline: str = (
         "console=ttyS0 panic=-1 quiet loglevel=3 i8042.noaux i8042.nokbd i8042.nopnp i8042.dumbkbd "
@@ -143,6 +146,10 @@ class Config:
             env["images_dir"] = Path(v)
         if v := os.environ.get("VMSANDBOX_RUN_DIR"):
             env["run_dir"] = Path(v)
+        if v := os.environ.get("VMSANDBOX_TEMPLATES"):
+            if v.lower() not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+                raise InvalidArgument(f"VMSANDBOX_TEMPLATES must be 0 or 1, not {v!r}")
+            env["templates"] = v.lower() in ("1", "true", "yes", "on")
         if (v := os.environ.get("VMSANDBOX_CONTAINERD_ADDRESS")) is not None:
             env["containerd_address"] = v
         env.update({k: v for k, v in overrides.items() if v is not None})

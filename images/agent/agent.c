@@ -17,9 +17,16 @@
  *     then pump it to and from our own stdio), chroots into /rootfs when it is mounted and
  *     execs argv directly, never through a shell. Exit code: the child's (or the supervised
  *     daemon's), or 128+signal.
+ *
+ * vsbx-agent reseed CLOCK_NS   (vsbx-setup, after a restore from a template): sets the clock
+ *     to the host's CLOCK_NS (ns since the epoch), credits the 64 bytes of host entropy on
+ *     stdin to the kernel's pool and forces a CRNG reseed, so no two guests restored from
+ *     one template continue the same random stream. Reads exactly 64 bytes: the rest of
+ *     stdin is for the next reader.
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <linux/random.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -203,7 +210,40 @@ static void session(int port, char **server) {
      * "SSH-" line is found by the next await_client(). */
 }
 
+static int reseed_main(const char *clock_ns) {
+    struct {
+        int entropy_count;
+        int buf_size;
+        unsigned int buf[16];
+    } pool = {512, 64, {0}};
+    size_t got = 0;
+    while (got < sizeof pool.buf) {
+        ssize_t n = read(0, (char *)pool.buf + got, sizeof pool.buf - got);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) {
+            fprintf(stderr, "vsbx-agent reseed: short entropy on stdin\n");
+            return 1;
+        }
+        got += (size_t)n;
+    }
+    char *end;
+    long long ns = strtoll(clock_ns, &end, 10);
+    struct timespec ts = {(time_t)(ns / 1000000000LL), (long)(ns % 1000000000LL)};
+    if (*end || ns <= 0 || clock_settime(CLOCK_REALTIME, &ts) != 0) {
+        perror("vsbx-agent reseed: clock_settime");
+        return 1;
+    }
+    int fd = open("/dev/urandom", O_RDWR | O_CLOEXEC);
+    if (fd < 0 || ioctl(fd, RNDADDENTROPY, &pool) != 0 || ioctl(fd, RNDRESEEDCRNG) != 0) {
+        perror("vsbx-agent reseed: RNDADDENTROPY/RNDRESEEDCRNG");
+        return 1;
+    }
+    close(fd);
+    return 0;
+}
+
 static int agent_main(int argc, char **argv) {
+    if (argc == 3 && strcmp(argv[1], "reseed") == 0) return reseed_main(argv[2]);
     if (argc < 3) {
         fprintf(stderr, "usage: vsbx-agent PORT HOSTKEY [SERVER ARGV...]\n");
         return 2;

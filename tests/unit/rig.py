@@ -64,7 +64,10 @@ class FakeImages:
 class Rig:
     def __init__(self, tmp_path: Path, **config: object) -> None:
         self.root = tmp_path
-        settings: dict[str, object] = {"state_dir": tmp_path / "state", "stop_timeout": 2.0, "boot_timeout": 2.0}
+        # Cold boots unless a test asks for templates (test_templates.py): the lifecycle tests
+        # script the boot path's failpoints.
+        settings: dict[str, object] = {"state_dir": tmp_path / "state", "stop_timeout": 2.0, "boot_timeout": 2.0,
+                                       "templates": False}
         settings.update(config)
         self.config = Config(**settings)  # type: ignore[arg-type]
         self.hv = FakeHypervisor()

@@ -58,6 +58,7 @@ def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureF
     for var in ("VMSANDBOX_URI", "VMSANDBOX_STATE_DIR", "VMSANDBOX_VIRT_TYPE", "VMSANDBOX_IMAGES_DIR",
                 "VMSANDBOX_PROGRESS"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("VMSANDBOX_TEMPLATES", "0")  # as the Rig: the fake guest scripts cold boots
     levels = {n: logging.getLogger(n).level for n in ("vmsandbox.config", "paramiko")}
     # main() calls logging.basicConfig: with a handler on the root logger that is a no-op, so
     # log records never mix into the stderr a test compares (with or without pytest's logging).

@@ -137,11 +137,17 @@ class GuestAgent:
     def __init__(self, socket_path: str, client_key_pem: bytes, host_key_line: str, *, sandbox_id: str) -> None:
         self.socket_path = socket_path
         self.sandbox_id = sandbox_id
-        self._key = paramiko.Ed25519Key.from_private_key(io.StringIO(client_key_pem.decode()))
-        kind, b64 = host_key_line.split()[:2]
-        self._host_key = paramiko.Ed25519Key(data=base64.b64decode(b64))
         self._lock = threading.Lock()
         self._transport: paramiko.Transport | None = None
+        self.rekey(client_key_pem, host_key_line)
+
+    def rekey(self, client_key_pem: bytes, host_key_line: str) -> None:
+        """Authenticate later connections with these keys; the live transport stays."""
+        key = paramiko.Ed25519Key.from_private_key(io.StringIO(client_key_pem.decode()))
+        kind, b64 = host_key_line.split()[:2]
+        host_key = paramiko.Ed25519Key(data=base64.b64decode(b64))
+        with self._lock:
+            self._key, self._host_key = key, host_key
 
     # ------------------------------------------------------------------ connect
     def _connect_once(self, timeout: float, banner_timeout: float) -> paramiko.Transport:

@@ -175,6 +175,7 @@ class FakeChannel:
         self._host_key = host_key_line
         self._connected = False
         self.stale = False
+        self.rekeyed = False
         self._lock = threading.Lock()
 
     @property
@@ -250,6 +251,10 @@ class FakeChannel:
         self._g.processes.append(proc)
         self._g.on_spawn(proc)
         return proc
+
+    def rekey(self, client_key_pem: bytes, host_key_line: str) -> None:
+        self._host_key = host_key_line
+        self.rekeyed = True
 
     def close(self) -> None:
         self._connected = False

@@ -9,10 +9,12 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
-__all__ = ["DiskSpec", "NicSpec", "ShareSpec", "DomainSpec", "build_domain_xml", "hotplug_mib", "MemoryChange", "plan_memory_change", "parse_metadata", "METADATA_NS"]
+__all__ = ["DiskSpec", "NicSpec", "ShareSpec", "DomainSpec", "build_domain_xml", "device_xml", "disk_target", "restore_xml", "CONFIG_SERIAL", "hotplugged", "hotplug_mib", "MemoryChange", "plan_memory_change", "parse_metadata", "METADATA_NS"]
 
 METADATA_NS = "https://vmsandbox.io/xmlns/sandbox/1"
 METADATA_PREFIX = "vmsandbox"
+CONFIG_SERIAL = "vsbx-config"
+ET.register_namespace(METADATA_PREFIX, METADATA_NS)
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,8 @@ class DomainSpec:
     tb_cache_mib: int = 0  # TCG only: the translation cache's size (0: QEMU's 1 GiB default)
     partition: str = ""  # libvirt resource partition (the pod's systemd slice), "" for libvirt's default
     hotplug_block_mib: int = 2  # virtio-mem granule (x86's pageblock: Linux >= 5.17 plugs at this size)
+    shared_memory: bool = False  # memfd RAM even without a share (a template: one is plugged in later)
+    spare_ports: int = 0  # empty PCIe root ports for devices plugged in while it runs
     extra_metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -87,19 +91,14 @@ def build_domain_xml(spec: DomainSpec) -> str:
     dom = ET.Element("domain", {"type": spec.virt_type})
     _sub(dom, "name", spec.name)
     _sub(dom, "title", f"vmsandbox sandbox {spec.sandbox_id}")
-    meta = _sub(dom, "metadata")
-    ours = _sub(meta, f"{{{METADATA_NS}}}sandbox")
-    _sub(ours, f"{{{METADATA_NS}}}id", spec.sandbox_id)
-    _sub(ours, f"{{{METADATA_NS}}}state-dir", spec.state_dir)
-    for k, v in sorted(spec.extra_metadata.items()):
-        _sub(ours, f"{{{METADATA_NS}}}{k}", v)
+    _metadata(_sub(dom, "metadata"), spec)
     hotplug = hotplug_mib(spec)
     if hotplug:
         # Memory hot-plug wants a maximum and a NUMA node for the device to feed.
         _sub(dom, "maxMemory", str(spec.memory_mib + hotplug), unit="MiB", slots="1")
     _sub(dom, "memory", str(spec.memory_mib + hotplug), unit="MiB")
     _sub(dom, "currentMemory", str(spec.memory_mib), unit="MiB")
-    if spec.shares:
+    if spec.shares or spec.shared_memory:
         # vhost-user (virtiofsd) maps guest RAM: it must be shared memory, virtio-mem's too.
         backing = _sub(dom, "memoryBacking")
         _sub(backing, "source", type="memfd")
@@ -131,25 +130,11 @@ def build_domain_xml(spec: DomainSpec) -> str:
     _sub(dom, "on_crash", "destroy")
     devices = _sub(dom, "devices")
     for i, disk in enumerate(spec.disks):
-        d = _sub(devices, "disk", type="block" if disk.block else "file", device="disk")
-        _sub(d, "driver", name="qemu", type=disk.format, cache="none" if disk.block else "writeback")
-        _sub(d, "source", **({"dev": disk.source} if disk.block else {"file": disk.source}))
-        _sub(d, "target", dev=_disk_name(i), bus="virtio")
-        _sub(d, "serial", disk.serial)
-        if disk.readonly:
-            _sub(d, "readonly")
+        devices.append(_disk(disk, i))
     for nic in spec.nics:
-        n = _sub(devices, "interface", type="ethernet")
-        _sub(n, "mac", address=nic.mac)
-        _sub(n, "target", dev=nic.tap, managed="no")
-        _sub(n, "model", type="virtio")
-        _sub(n, "mtu", size=str(nic.mtu))
+        devices.append(_nic(nic))
     for share in spec.shares:
-        fs = _sub(devices, "filesystem", type="mount", accessmode="passthrough")
-        _sub(fs, "driver", type="virtiofs")
-        _sub(fs, "binary", path=share.virtiofsd)
-        _sub(fs, "source", dir=share.source)
-        _sub(fs, "target", dir=share.tag)
+        devices.append(_share(share))
     # libvirt gives a file chardev to virtlogd (qemu.conf stdio_handler="logd", the default),
     # which rotates it at max_size (2 MiB, 3 backups): a chatty guest cannot fill the disk.
     serial = _sub(devices, "serial", type="file")
@@ -159,6 +144,10 @@ def build_domain_xml(spec: DomainSpec) -> str:
     _sub(chan, "source", mode="bind", path=spec.agent_socket)
     _sub(chan, "target", type="virtio", name=spec.agent_channel)
     _sub(devices, "controller", type="usb", model="none")
+    for i in range(spec.spare_ports):
+        # libvirt refuses a root port without an index ("index='0' must be pcie-root"); these
+        # sit above the ones it adds for the devices above.
+        _sub(devices, "controller", type="pci", model="pcie-root-port", index=str(SPARE_PORT_INDEX + i))
     video = _sub(devices, "video")
     _sub(video, "model", type="none")
     if hotplug:
@@ -175,9 +164,136 @@ def build_domain_xml(spec: DomainSpec) -> str:
     if spec.rng:
         rng = _sub(devices, "rng", model="virtio")
         _sub(rng, "backend", "/dev/urandom", model="random")
-    ET.register_namespace(METADATA_PREFIX, METADATA_NS)
     ET.indent(dom)
     return ET.tostring(dom, encoding="unicode") + "\n"
+
+
+SPARE_PORT_INDEX = 8
+
+
+def _disk(disk: DiskSpec, index: int) -> ET.Element:
+    d = ET.Element("disk", type="block" if disk.block else "file", device="disk")
+    _sub(d, "driver", name="qemu", type=disk.format, cache="none" if disk.block else "writeback")
+    _sub(d, "source", **({"dev": disk.source} if disk.block else {"file": disk.source}))
+    _sub(d, "target", dev=disk_target(index), bus="virtio")
+    _sub(d, "serial", disk.serial)
+    if disk.readonly:
+        _sub(d, "readonly")
+    return d
+
+
+def _nic(nic: NicSpec) -> ET.Element:
+    n = ET.Element("interface", type="ethernet")
+    _sub(n, "mac", address=nic.mac)
+    _sub(n, "target", dev=nic.tap, managed="no")
+    _sub(n, "model", type="virtio")
+    _sub(n, "mtu", size=str(nic.mtu))
+    return n
+
+
+def _share(share: ShareSpec) -> ET.Element:
+    fs = ET.Element("filesystem", type="mount", accessmode="passthrough")
+    _sub(fs, "driver", type="virtiofs")
+    _sub(fs, "binary", path=share.virtiofsd)
+    _sub(fs, "source", dir=share.source)
+    _sub(fs, "target", dir=share.tag)
+    return fs
+
+
+def device_xml(device: DiskSpec | NicSpec | ShareSpec, index: int = 0) -> str:
+    """One device's XML, as in :func:`build_domain_xml` (``index``: a disk's position, which
+    names its target), for plugging it into a running domain."""
+    if isinstance(device, DiskSpec):
+        el = _disk(device, index)
+    elif isinstance(device, NicSpec):
+        el = _nic(device)
+    else:
+        el = _share(device)
+    return ET.tostring(el, encoding="unicode")
+
+
+def _metadata(parent: ET.Element, spec: DomainSpec) -> None:
+    ours = _sub(parent, f"{{{METADATA_NS}}}sandbox")
+    _sub(ours, f"{{{METADATA_NS}}}id", spec.sandbox_id)
+    _sub(ours, f"{{{METADATA_NS}}}state-dir", spec.state_dir)
+    for k, v in sorted(spec.extra_metadata.items()):
+        _sub(ours, f"{{{METADATA_NS}}}{k}", v)
+
+
+def _serial(disk: ET.Element) -> str:
+    return (disk.findtext("serial") or "").strip()
+
+
+def hotplugged(defined_xml: str) -> list[str]:
+    """The devices of a sandbox's domain that a template does not have, as XML to plug into
+    the restored VM: disks past the config disk, NICs, shares. Their PCI addresses (libvirt
+    placed them for a cold boot) are dropped: the restored VM has its own free ports."""
+    devices = ET.fromstring(defined_xml).find("devices")
+    out: list[str] = []
+    if devices is None:
+        return out
+    picked = [d for d in devices.findall("disk") if _serial(d) != CONFIG_SERIAL]
+    picked += devices.findall("interface") + devices.findall("filesystem")
+    for dev in picked:
+        for child in list(dev):
+            if child.tag in ("address", "alias"):
+                dev.remove(child)
+        out.append(ET.tostring(dev, encoding="unicode"))
+    return out
+
+
+_MUST_MATCH = ("vcpu", "memory", "currentMemory", "maxMemory", "os/type", "os/loader", "os/kernel", "os/initrd",
+               "os/cmdline", "features/tcg/tb-cache", "cpu/numa/cell", "devices/memory/target/size")
+
+
+def _signature(root: ET.Element, path: str) -> tuple[str, tuple[tuple[str, str], ...]] | None:
+    el = root.find(path)
+    if el is None:
+        return None
+    return (el.text or "").strip(), tuple(sorted(el.attrib.items()))
+
+
+def restore_xml(saved_xml: str, defined_xml: str) -> str:
+    """A template's saved live XML made into the sandbox domain ``defined_xml``: that one's
+    name, UUID, title, metadata, resource partition, console log, agent socket and config
+    disk. Nothing the guest sees changes: the machine, memory, CPUs and devices stay the
+    template's, which is what lets QEMU load the template's state (:func:`hotplugged`
+    lists the rest). ValueError when the two differ in what a restore must keep (the shape,
+    the kernel, its command line): that template does not fit this sandbox."""
+    saved, defined = ET.fromstring(saved_xml), ET.fromstring(defined_xml)
+    for path in _MUST_MATCH:
+        if _signature(saved, path) != _signature(defined, path):
+            raise ValueError(f"the template's {path} differs from the sandbox's")
+    for tag in ("name", "uuid", "title", "metadata", "resource"):
+        old, new = saved.find(tag), defined.find(tag)
+        if old is not None:
+            saved.remove(old)
+        if new is not None:
+            saved.insert(list(defined).index(new), new)
+    devices, mine = saved.find("devices"), defined.find("devices")
+    if devices is None or mine is None:
+        raise ValueError("a domain without devices")
+
+    def source(dev: ET.Element | None, attr: str) -> str | None:
+        src = dev.find("source") if dev is not None else None
+        return src.get(attr) if src is not None else None
+
+    console = source(next((d for d in mine.findall("serial") if d.get("type") == "file"), None), "path")
+    for chardev in devices.findall("serial") + devices.findall("console"):
+        if chardev.get("type") == "file" and (src := chardev.find("source")) is not None and console:
+            src.set("path", console)
+    for chan in devices.findall("channel"):
+        target = chan.find("target")
+        name = target.get("name", "") if target is not None else ""
+        sock = source(next((d for d in mine.findall("channel") if d.find(f"target[@name='{name}']") is not None), None),
+                      "path") if name else None
+        if sock and (src := chan.find("source")) is not None:
+            src.set("path", sock)
+    config = source(next((d for d in mine.findall("disk") if _serial(d) == CONFIG_SERIAL), None), "file")
+    for disk in devices.findall("disk"):
+        if _serial(disk) == CONFIG_SERIAL and config and (src := disk.find("source")) is not None:
+            src.set("file", config)
+    return ET.tostring(saved, encoding="unicode") + "\n"
 
 
 def hotplug_mib(spec: DomainSpec) -> int:
@@ -238,7 +354,8 @@ def _kib(el: ET.Element | None, attr: str | None = None) -> int:
     return int(int((value or "0").strip()) * _UNIT_KIB[(el.get("unit") or "KiB").lower()])
 
 
-def _disk_name(index: int) -> str:
+def disk_target(index: int) -> str:
+    """The guest-side target name libvirt gets for the ``index``-th disk (vda, vdb, ...)."""
     letters = ""
     n = index
     while True:

@@ -15,12 +15,14 @@ import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any as _Any
 
 from .._failpoints import Failpoints
 from ..errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from ..sandbox.ports import DomainInfo, DomainState, StopReason
 from .domain import parse_metadata, plan_memory_change
+from .savefile import SaveImage, read_save_image, save_header
 
 __all__ = ["FakeHypervisor", "FakeConnection", "FakeDomain"]
 
@@ -35,6 +37,10 @@ class FakeDomain:
     memory_mib: int = 0
     starts: int = 0
     metadata: dict[str, str] = field(default_factory=dict)
+    transient: bool = False  # gone once it stops (create_transient)
+    live_xml: str = ""  # while it runs from a restore: the XML it was restored as
+    attached: list[str] = field(default_factory=list)  # devices plugged in while it runs
+    restores: int = 0
 
     @property
     def agent_socket(self) -> str:
@@ -109,6 +115,9 @@ class FakeHypervisor:
 
     def _stopped(self, d: FakeDomain, reason: StopReason) -> None:
         d.state, d.stop_reason, d.pid = DomainState.SHUTOFF, reason, 0
+        d.live_xml, d.attached = "", []
+        if d.transient:
+            self.domains.pop(d.name, None)
         if self.events == "never":
             return
         if self.events == "manual":
@@ -176,7 +185,64 @@ class FakeHypervisor:
 
     def xml(self, name: str) -> str:
         self._enter("xml")
-        return self._get(name).xml
+        d = self._get(name)
+        return d.live_xml or d.xml
+
+    def host_info(self) -> dict[str, str]:
+        self._enter("host_info")
+        return {"libvirt_version": "9.0.0", "hypervisor_version": "7.2.0", "hypervisor": "QEMU"}
+
+    def create_transient(self, xml: str) -> None:
+        self._enter("create_transient")
+        self.define(xml)
+        name = ET.fromstring(xml).findtext("name") or ""
+        self.domains[name].transient = True
+        self.start(name)
+
+    def save(self, name: str, path: str) -> None:
+        """Writes a real save-image header (the domain's XML) before a fake stream."""
+        self._enter("save")
+        with self._lock:
+            d = self._get(name)
+            if d.state is DomainState.SHUTOFF:
+                raise FailedPrecondition(f"domain {name} is not running")
+            image = SaveImage(Path(path), d.live_xml or d.xml, b"<cookie/>", True, 0, 0)
+            Path(path).write_bytes(save_header(image, image.xml) + b"QEVM fake stream")
+            self._stopped(d, StopReason.UNKNOWN)
+
+    def restore(self, image: str, xml: str, scratch_dir: str) -> None:
+        self._enter("restore")
+        read_save_image(Path(image))  # ValueError for what libvirt could not read
+        name = ET.fromstring(xml).findtext("name") or ""
+        with self._lock:
+            d = self.domains.get(name)
+            if d is not None and d.state is not DomainState.SHUTOFF:
+                raise FailedPrecondition(f"domain {name} is already active")
+            if d is None:
+                d = self.domains[name] = FakeDomain(name, xml, metadata=parse_metadata(xml), transient=True)
+            self._next_pid += 1
+            d.state, d.pid, d.live_xml, d.restores = DomainState.PAUSED, self._next_pid, xml, d.restores + 1
+            d.memory_mib = _mib(ET.fromstring(xml).find("currentMemory"))
+
+    def resume(self, name: str) -> None:
+        self._enter("resume")
+        with self._lock:
+            d = self._get(name)
+            if d.state is not DomainState.PAUSED:
+                raise FailedPrecondition(f"domain {name} is not paused")
+            d.state = DomainState.RUNNING
+
+    def attach(self, name: str, device_xml: str) -> None:
+        self._enter("attach")
+        with self._lock:
+            d = self._get(name)
+            if d.state is DomainState.SHUTOFF:
+                raise FailedPrecondition(f"domain {name} is not running")
+            d.attached.append(device_xml)
+
+    def trim_memory(self, name: str) -> int:
+        self._enter("trim_memory")
+        return 0
 
     def pid(self, name: str) -> int:
         self._enter("pid")
@@ -295,6 +361,27 @@ class FakeConnection:
 
     def host_memory_mib(self) -> int:
         return self._open().host_memory_mib()
+
+    def host_info(self) -> dict[str, str]:
+        return self._open().host_info()
+
+    def create_transient(self, xml: str) -> None:
+        self._open().create_transient(xml)
+
+    def save(self, name: str, path: str) -> None:
+        self._open().save(name, path)
+
+    def restore(self, image: str, xml: str, scratch_dir: str) -> None:
+        self._open().restore(image, xml, scratch_dir)
+
+    def resume(self, name: str) -> None:
+        self._open().resume(name)
+
+    def attach(self, name: str, device_xml: str) -> None:
+        self._open().attach(name, device_xml)
+
+    def trim_memory(self, name: str) -> int:
+        return self._open().trim_memory(name)
 
     def close(self) -> None:
         self.closed = True

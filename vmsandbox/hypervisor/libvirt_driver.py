@@ -9,9 +9,12 @@ controller reconcile what happened while it was gone.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any as _Any
 
 import libvirt
@@ -20,7 +23,9 @@ from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_expo
 from ..errors import AlreadyExists, FailedPrecondition, Internal, NotFound, Unavailable, VmSandboxError
 from ..sandbox.ports import DomainInfo, DomainState, StopReason
 from .domain import METADATA_NS, parse_metadata, plan_memory_change
+from .memtrim import punch_zero_pages
 from .pidfile import process_cpu_ns, qemu_pid
+from .savefile import read_save_image, save_header
 
 __all__ = ["LibvirtHypervisor", "DomainState", "StopReason", "DomainInfo"]
 
@@ -257,6 +262,66 @@ class LibvirtHypervisor:
                     raise
                 raise FailedPrecondition(f"the VM of domain {name} did not start: {e.get_error_message()}") from e
 
+    def create_transient(self, xml: str) -> None:
+        """Boot a domain that is gone once it stops (a template being made)."""
+        with self._call("starting a transient domain") as conn:
+            try:
+                conn.createXML(xml, 0)
+            except libvirt.libvirtError as e:
+                if not start_refused(e):
+                    raise
+                raise FailedPrecondition(f"the VM did not start: {e.get_error_message()}") from e
+
+    def save(self, name: str, path: str) -> None:
+        """Save the running domain's memory and device state to ``path``; it is off afterwards."""
+        with self._call(f"saving domain {name}") as conn:
+            conn.lookupByName(name).save(path)
+
+    def restore(self, image: str, xml: str, scratch_dir: str) -> None:
+        """Start a domain from the save image ``image`` as the domain ``xml`` (another name
+        and UUID may be given: the header is rewritten on the way, the image is only read),
+        left paused. The rewritten image streams through a FIFO in ``scratch_dir``, so no
+        copy is written. ValueError when ``image`` is not a usable save image."""
+        saved = read_save_image(Path(image))
+        head = save_header(saved, xml)
+        fifo = os.path.join(tempfile.mkdtemp(prefix=".restore-", dir=scratch_dir), "image")
+        os.mkfifo(fifo, 0o600)
+        feeder = _Feeder(fifo, head, image, saved.stream_offset)
+        try:
+            with self._call("restoring a domain from a template") as conn:
+                feeder.start()
+                try:
+                    conn.restoreFlags(fifo, None, libvirt.VIR_DOMAIN_SAVE_PAUSED)
+                except libvirt.libvirtError as e:
+                    if not start_refused(e):
+                        raise
+                    raise FailedPrecondition(f"the VM did not restore: {e.get_error_message()}") from e
+        finally:
+            feeder.finish()
+            os.unlink(fifo)
+            os.rmdir(os.path.dirname(fifo))
+
+    def resume(self, name: str) -> None:
+        with self._call(f"resuming domain {name}") as conn:
+            conn.lookupByName(name).resume()
+
+    def attach(self, name: str, device_xml: str) -> None:
+        """Plug a device into the running domain (not into its persistent definition)."""
+        with self._call(f"attaching a device to domain {name}") as conn:
+            conn.lookupByName(name).attachDeviceFlags(device_xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+    def trim_memory(self, name: str) -> int:
+        """Punch the all-zero pages out of a *paused* domain's RAM (see :mod:`.memtrim`); the
+        bytes freed, 0 when its QEMU is not local or cannot be reached."""
+        pid = qemu_pid(self.uri, name)
+        if not pid:
+            return 0
+        try:
+            return punch_zero_pages(pid)
+        except OSError as e:
+            log.warning("domain %s: giving its zero pages back failed: %s", name, e)
+            return 0
+
     def destroy(self, name: str) -> None:
         """Force the domain off; succeeds when it is missing or already off."""
         with self._call(f"destroying domain {name}") as conn:
@@ -371,6 +436,40 @@ class LibvirtHypervisor:
     def set_vcpus(self, name: str, count: int) -> None:
         with self._call(f"setting vCPUs of domain {name}") as conn:
             conn.lookupByName(name).setVcpusFlags(count, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+
+class _Feeder(threading.Thread):
+    """Writes a save image's new header, then its stream, into the FIFO libvirt reads."""
+
+    def __init__(self, fifo: str, head: bytes, image: str, offset: int) -> None:
+        super().__init__(name="vsbx-restore-feed", daemon=True)
+        self.fifo, self.head, self.image, self.offset = fifo, head, image, offset
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with open(self.fifo, "wb", buffering=0) as out, open(self.image, "rb", buffering=0) as src:
+                out.write(self.head)
+                at = self.offset
+                while n := os.splice(src.fileno(), out.fileno(), 1 << 20, offset_src=at):
+                    at += n
+        except BrokenPipeError:
+            pass  # libvirt stopped reading: its own error says why
+        except BaseException as e:  # noqa: BLE001 - reported by finish()
+            self.error = e
+
+    def finish(self) -> None:
+        """Unblock and join the writer (opening the FIFO's read end ends a writer still
+        waiting for a reader)."""
+        if self.is_alive():
+            try:
+                fd = os.open(self.fifo, os.O_RDONLY | os.O_NONBLOCK)
+                os.close(fd)
+            except OSError:
+                pass
+            self.join(10.0)
+        if self.error is not None:
+            log.warning("feeding the save image to libvirt failed: %s", self.error)
 
 
 def _alive(conn: _Any) -> bool:

@@ -41,6 +41,13 @@ class Agents:
                 e.agent = self._factory(e.record.agent_socket, key, e.record.host_key, e.record.id)
             return e.agent
 
+    def adopt(self, e: Entry, agent: GuestChannel) -> None:
+        """Make ``agent`` (connected by someone else) the entry's channel."""
+        with e.agent_lock:
+            old, e.agent = e.agent, agent
+        if old is not None and old is not agent:
+            old.close()
+
     def drop(self, e: Entry) -> None:
         if e.agent is not None:
             e.agent.close()

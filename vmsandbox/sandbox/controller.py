@@ -48,6 +48,7 @@ from . import mounts as mountplan
 from .cgroups import cgroup_relpath, libvirt_partition, place_process
 from .guestconfig import guest_settings, write_guest_files
 from .agents import CONNECT_TIMEOUT, Agents
+from .bringup import COLD, TEMPLATE, BringUp
 from .events import Emitter, EventSink, Step
 from .exits import DOMAIN_PREFIX, EXIT_CLEAN, EXIT_FAILED, EXIT_KILLED, Exits
 from .netsteps import NetSteps
@@ -56,10 +57,11 @@ from .registry import Entry, Registry
 from .share import Shares
 from .status import StatusView, instance_of
 from .spec import check_fits_host, domain_spec, size_sandbox
+from .templates import TemplateInfo, Templates, wants_template
 from .statedir import LOCK_FILE, StateDir, agent_socket_path, state_dir_owner
 from .store import SandboxRecord, Store
 from .undo import quietly
-from .validate import check_sandbox_id
+from .validate import ANNOTATION_MEMORY_MIB, ANNOTATION_VCPUS, check_sandbox_id
 
 __all__ = ["SandboxController", "DOMAIN_PREFIX", "EXIT_CLEAN", "EXIT_KILLED", "EXIT_FAILED", "LOCK_FILE",
            "state_dir_owner"]
@@ -113,6 +115,8 @@ class SandboxController:
             raise
         self._exits.bind(self._hv)
         self._agents = Agents(guest, self._store, self._hv)
+        self._templates = Templates(config, virt_type, self._hv, guest, progress)
+        self._bringup = BringUp(config, self._hv, self._templates, self._agents, self._store)
         self._view = StatusView(self._registry, self._exits, self._hv, network, virt_type)
         self._recovery = Recovery(config, self._registry, self._exits, self._hv, owner=self.owner,
                                   netsteps=self._netsteps, shares=self._shares)
@@ -145,7 +149,16 @@ class SandboxController:
         with self._image_lock:
             if self._image is None:
                 self._image = self._images.ensure(self._progress)
+                if self.owner:
+                    self._templates.clean(self._image)  # those of other images can never be used
             return self._image
+
+    def warm_template(self, *, vcpus: int | None = None, memory_mib: int | None = None,
+                      progress: Callable[[str], None] | None = None) -> TemplateInfo:
+        """The template for sandboxes of this shape (default size unless given), built now if
+        missing (``progress`` hears of it). InvalidArgument for a bad size; a failed build raises."""
+        asked = {k: str(v) for k, v in ((ANNOTATION_VCPUS, vcpus), (ANNOTATION_MEMORY_MIB, memory_mib)) if v is not None}
+        return self._templates.warm(self.image(), size_sandbox(asked, None, self.config), progress)
 
     # ------------------------------------------------------------------ create
     def create(
@@ -171,6 +184,7 @@ class SandboxController:
         # CRI passes pod annotations inside the PodSandboxConfig; explicit ones win.
         annotations = {**(pod.annotations if pod is not None else {}), **dict(annotations or {})}
         size = size_sandbox(annotations, pod, self.config)
+        wants_template(annotations, self.config)  # validates vmsandbox.io/start
         check_fits_host(size, self._hv.host_memory_mib())
         settings = guest_settings(sandbox, annotations, pod)
         if pod is not None and pod.cgroup_parent:
@@ -260,24 +274,25 @@ class SandboxController:
                 return instance_of(rec)
             if rec.phase is Phase.STOPPED:
                 raise FailedPrecondition("sandbox is stopped; a stopped sandbox cannot be restarted", sandbox_id=sandbox_id)
-            deadline = time.monotonic() + self.config.boot_timeout
             self._emit(sandbox_id, Step.STARTING)
             try:
                 self._shares.mount(sandbox_id)  # before the boot: virtiofsd takes its mount then
                 info = self._hv.info(rec.domain)
                 if info is None:
                     raise NotFound(f"domain {rec.domain} of sandbox {sandbox_id} is gone", sandbox_id=sandbox_id)
+                tpl = None  # booted, or the template it was restored from
                 if info.state is not DomainState.RUNNING:
                     with suppress(FileNotFoundError):
                         os.unlink(rec.agent_socket)
-                    self._hv.start(rec.domain)
+                    tpl = self._bringup.power_on(e, self.image())
+                deadline = time.monotonic() + self.config.boot_timeout
                 started = utcnow()
-                self._emit(sandbox_id, Step.BOOTED)
+                self._emit(sandbox_id, Step.BOOTED, TEMPLATE if tpl is not None else COLD)
                 plan = rec.network
                 if plan is not None:
                     self._net.attach(plan, list(rec.taps))
                     self._emit(sandbox_id, Step.WIRED)
-                agent = self._agents.connect(e, deadline, booting=True)
+                agent = self._bringup.first_contact(e, tpl, deadline)
                 self._emit(sandbox_id, Step.AGENT_READY)
                 if rec.rootfs:
                     self._agents.check_mounts(agent, rec)
@@ -285,7 +300,8 @@ class SandboxController:
                 if rec.pod is not None and rec.pod.cgroup_parent and pid and not libvirt_partition(rec.pod.cgroup_parent):
                     place_process(pid, rec.pod.cgroup_parent)  # libvirt cannot (see libvirt_partition)
                 with e.state_lock:
-                    rec = self._registry.save(e, phase=Phase.RUNNING, started_at=started, pid=pid)
+                    rec = self._registry.save(e, phase=Phase.RUNNING, started_at=started, pid=pid,
+                                              start_path=TEMPLATE if tpl is not None else COLD)
             except BaseException as err:
                 # containerd drops a sandbox whose Start failed and never calls Shutdown (the
                 # kubelet retries with a new id): remove everything now, keep the first error.

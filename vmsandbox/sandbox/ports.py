@@ -91,6 +91,28 @@ class Hypervisor(Protocol):
     def host_memory_mib(self) -> int:
         """The host's physical memory (what one guest can ever get)."""
 
+    def host_info(self) -> dict[str, str]:
+        """``libvirt_version``, ``hypervisor_version`` and ``hypervisor`` (what a saved
+        template depends on)."""
+
+    def create_transient(self, xml: str) -> None:
+        """Boot a domain that is gone once it stops (a template being made)."""
+
+    def save(self, name: str, path: str) -> None:
+        """Save the running domain's memory and device state to ``path``; it is off after."""
+
+    def restore(self, image: str, xml: str, scratch_dir: str) -> None:
+        """Start the domain ``xml`` (its name and UUID may differ from the saved one's) from
+        the save image ``image``, paused. ValueError when ``image`` is not a save image."""
+
+    def resume(self, name: str) -> None: ...
+
+    def attach(self, name: str, device_xml: str) -> None:
+        """Plug a device into the running domain (its persistent definition is unchanged)."""
+
+    def trim_memory(self, name: str) -> int:
+        """Give back the all-zero pages of a paused domain's RAM; the bytes freed."""
+
     def close(self) -> None: ...
 
 
@@ -202,6 +224,10 @@ class GuestChannel(Protocol):
         --console-socket``) sends the terminal's pty master; the process's terminal is then
         pumped to and from this channel (token ``y``).
         Unavailable when there is no live connection; InvalidArgument for a bad request."""
+
+    def rekey(self, client_key_pem: bytes, host_key_line: str) -> None:
+        """Authenticate later connections with these keys (the live one stays): a guest
+        restored from a template was reached with the template's keys and now has its own."""
 
     def close(self) -> None: ...
 

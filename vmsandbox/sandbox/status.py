@@ -77,6 +77,7 @@ class StatusView:
             "labels": json.dumps(rec.sandbox.labels, sort_keys=True),
             "annotations": json.dumps(rec.annotations, sort_keys=True),
             "extensions": ",".join(sorted(rec.sandbox.extensions)),
+            "start": rec.start_path,
         }
         if rec.exit_status is not None:
             out["exit_status"] = str(rec.exit_status)

@@ -59,6 +59,7 @@ class SandboxRecord:
     max_memory_mib: int = 0  # what memory may grow to while it runs (the domain's <memory>)
     pod: PodConfig | None = None  # ``options`` decoded at create (the raw Any stays for containerd)
     platform: Platform | None = None  # the guest image's, at create (None: a record from before)
+    start_path: str = ""  # how its VM came up: "cold" (a boot) or "template" (a restore); "" before
 
     def evolve(self, **changes: _Any) -> SandboxRecord:
         return replace(self, **changes)
@@ -138,6 +139,7 @@ def record_to_json(r: SandboxRecord) -> dict[str, _Any]:
         "pid": r.pid,
         "taps": list(r.taps),
         "network": r.network.to_json() if r.network is not None else None,
+        "start_path": r.start_path,
         "max_memory_mib": r.max_memory_mib,
         "pod": r.pod.to_json() if r.pod is not None else None,
         "platform": asdict(r.platform) if r.platform is not None else None,
@@ -177,6 +179,7 @@ def record_from_json(d: dict[str, _Any]) -> SandboxRecord:
         max_memory_mib=int(d["max_memory_mib"]) if "max_memory_mib" in d else 2 * int(d["memory_mib"]),
         pod=pod,
         platform=_platform_from(d.get("platform")),
+        start_path=str(d.get("start_path", "")),
     )
 
 
