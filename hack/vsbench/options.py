@@ -132,7 +132,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
                     help="sandboxes started at once from the template (default: the --parallel levels >= 2; "
                          "none skips)")
     ap.add_argument("--no-templates", action="store_true",
-                    help="measure the cold path only (no template built or started)")
+                    help="measure the cold path only: no template built or started, the controller's "
+                         "Config has templates=False")
     ap.add_argument("--out", type=Path, help="JSON file (default bench-results/bench-<UTC time>.json); PNGs go beside it")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--state-dir", help="controller state dir that no other controller uses "

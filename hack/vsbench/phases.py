@@ -18,14 +18,14 @@ from vmsandbox.sandbox.events import LifecycleEvent, Step
 
 from .guestlog import guest_timeline
 
-__all__ = ["PHASES", "EVENT_STAMPS", "STAMP_ALTERNATIVES", "EventLog", "Start", "stamps_from_events",
+__all__ = ["PHASES", "EVENT_STAMPS", "EventLog", "Start", "stamps_from_events",
            "phase_durations", "relative_ms"]
 
 # Phases of one start, in order: (key, label, stamp at its end). Each starts where the one
 # before ended; "define" starts at "t0", when the bench called create(). Their sum is the total.
 PHASES = (
     ("define", "define (create() until CREATED)", "created"),
-    ("domain_start", "domain start (until BOOTED: libvirt create returned; RESTORED from a template)", "booted"),
+    ("domain_start", "domain start (until BOOTED: libvirt's create or restore returned)", "booted"),
     ("kernel_to_init", "kernel to init (console line)", "init_line"),
     ("init_script", "init script (to 'agent ready' line)", "agent_line"),
     ("agent_ready", "agent ready (SSH handshake, AGENT_READY)", "agent_ready"),
@@ -45,14 +45,9 @@ EVENT_STAMPS: dict[Step, str] = {
     Step.RUNNING: "running",
     Step.START_FAILED: "start_failed",
 }
-# A start from a template reports RESTORED (the saved guest runs again) where a cold boot
-# reports BOOTED; its console shows no boot lines, so its kernel and init phases stay None.
-_RESTORED = Step.__members__.get("RESTORED")
-if _RESTORED is not None:
-    EVENT_STAMPS[_RESTORED] = "restored"
-
-# A phase ending at a stamp that is missing ends at the first of its alternatives present.
-STAMP_ALTERNATIVES: dict[str, tuple[str, ...]] = {"booted": ("restored",)}
+# A start from a template reports BOOTED (detail "template") when libvirt's restore returned;
+# its console shows no boot lines, so its kernel and init phases stay None and "agent ready"
+# runs from BOOTED.
 
 
 class EventLog:
@@ -95,8 +90,6 @@ def phase_durations(stamps: Mapping[str, float | None]) -> dict[str, float | Non
     prev = stamps.get("t0")
     for key, _label, end in PHASES:
         t = stamps.get(end)
-        for alt in STAMP_ALTERNATIVES.get(end, ()):
-            t = stamps.get(alt) if t is None else t
         if t is None or prev is None:
             out[key] = None
         else:

@@ -92,7 +92,7 @@ class Bench:
             self.state_dir = Path(tempfile.mkdtemp(prefix=self.prefix + "-"))
         self._provision_image(self.state_dir)
         cfg = Config.from_env(uri=self.opts.uri, state_dir=self.state_dir, virt_type=VirtType(self.opts.virt_type),
-                              boot_timeout=self.opts.boot_timeout)
+                              boot_timeout=self.opts.boot_timeout, templates=False if self.opts.no_templates else None)
         self.conn = libvirt.open(cfg.uri)
         self.ctl = ctl = LibvirtController(config=cfg, events=self.events)
         virt = "kvm" if ctl.virt_type is VirtType.KVM else "tcg"

@@ -7,9 +7,11 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any
+
+from vmsandbox.sandbox.templates import ANNOTATION_START
 
 from .host import say
 from .phases import PHASES, Start
@@ -22,17 +24,9 @@ __all__ = ["StartPaths", "ANNOTATION_START", "COLD", "TEMPLATE", "KINDS", "TARGE
            "order_of", "path_summary", "cpu_s_of", "efficiency", "parallel_efficiency", "allocated_mib"]
 
 log = logging.getLogger("bench")
-ANNOTATION_START = "vmsandbox.io/start"  #: per sandbox: "cold" or "template" (else Config's templates switch)
-COLD, TEMPLATE = "cold", "template"
+COLD, TEMPLATE = "cold", "template"  #: the values of ANNOTATION_START and of status verbose "start"
 KINDS = (COLD, TEMPLATE)
 TARGET_FACTOR = 1.3  #: issue 12: all ready for N at once <= 1.3 x N x (CPU s of one boot) / host cores
-
-
-class _Templates(Protocol):
-    """The controller's template API (``LibvirtController.warm_template``)."""
-
-    def warm_template(self, vcpus: int | None = None, memory_mib: int | None = None,
-                      progress: Callable[[str], None] | None = None) -> Any: ...
 
 
 def order_of(i: int, kinds: Sequence[str]) -> tuple[str, ...]:
@@ -129,8 +123,8 @@ class StartPaths:
         ctl = bench.controller
         if bench.opts.no_templates:
             self.skipped = "--no-templates"
-        elif not hasattr(ctl, "warm_template"):
-            self.skipped = "this vmsandbox has no templates (no LibvirtController.warm_template)"
+        elif not ctl.config.templates:
+            self.skipped = "the controller's Config has templates=False ($VMSANDBOX_TEMPLATES)"
         else:
             self.skipped = ""
             self.kinds = KINDS
@@ -146,8 +140,7 @@ class StartPaths:
         """Build (or find) the template of the default shape; how long it took."""
         say("template: building (or finding) the template of the default shape")
         t = time.monotonic()
-        ctl = cast(_Templates, self.bench.controller)
-        info = ctl.warm_template(progress=lambda line: log.info("template: %s", line))
+        info = self.bench.controller.warm_template(progress=lambda line: log.info("template: %s", line))
         call_s = time.monotonic() - t
         out = {"key": info.key, "path": str(info.path), "built": info.built, "build_s": info.build_seconds,
                "call_s": call_s, "size_mib": allocated_mib(Path(info.path))}
