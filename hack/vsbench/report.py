@@ -191,6 +191,11 @@ def start_path_lines(sp: Mapping[str, Any], template: Mapping[str, Any] | None =
                      f"{k.get('n_counted')}/{k.get('n')}"])
     if rows:
         out.append(render_table(["path", "p50 ms", "p90", "max", "QEMU CPU s p50", "counted"], rows))
+    for kind in ("cold", "template"):
+        ph = (sp.get(kind) or {}).get("phases") or {}
+        known = [(label.split(" (")[0], p(ph.get(key), "p50")) for key, label, _e in PHASES]
+        if any(v is not None for _n, v in known):
+            out.append(f"  {kind}, p50 ms: " + " / ".join(f"{n} {fmt_ms(v)}" for n, v in known if v is not None))
     r = sp.get("template_over_cold_p50")
     if r is not None:
         out.append(f"  template / cold, p50: {r:.2f}x")
