@@ -1,5 +1,5 @@
-"""vsbench (run as ``hack/bench``): how fast a sandbox is ready, how many fit on a host, what
-the controller costs, and how fast its network is.
+"""vsbench (run as ``hack/bench``): how fast a sandbox is ready (cold or from a template), how
+many fit on a host, what the controller costs, and how fast its network is.
 
 Run as root from anywhere: ``hack/bench [--quick] [--out FILE] [--parallel 1,5,10] [--no-network]
 [--start-samples N] [--idle S] [--no-templates]``
