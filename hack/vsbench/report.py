@@ -320,7 +320,11 @@ def noise_line(res: Mapping[str, Any]) -> str | None:
     ser = res.get("serial") or {}
     counts = [s.get("other_domains_running", 0) for kind in ("controller", "bare")
               for s in (ser.get(kind) or {}).get("samples", [])]
-    counts += [r.get("other_domains_running", 0) for r in res.get("parallel") or []]
+    sp = res.get("start_paths") or {}
+    counts += [s.get("other_domains_running", 0) for kind in ("cold", "template")
+               for key in ("samples", "other_path_samples") for s in (sp.get(kind) or {}).get(key, [])]
+    counts += [r.get("other_domains_running", 0) for r in [*(res.get("parallel") or []),
+                                                            *(res.get("parallel_template") or [])]]
     busy = [c for c in counts if c]
     if not busy:
         return None

@@ -242,3 +242,12 @@ def test_the_template_is_built_and_timed_before_the_first_template_start_of_any_
     startpath.StartPaths(b).run_parallel([2])  # type: ignore[arg-type]
     assert b.results["template"]["call_s"] >= 0 and b.results["template"]["key"] == "k1"
     assert b.results["parallel_template"][0]["start_paths"] == {"template": 2}
+
+
+def test_noise_counts_the_start_path_samples_and_template_levels() -> None:
+    res = {"start_paths": {"cold": {"samples": [{"other_domains_running": 0}]},
+                           "template": {"samples": [{"other_domains_running": 3}],
+                                        "other_path_samples": [{"other_domains_running": 1}]}},
+           "parallel_template": [{"other_domains_running": 0}]}
+    line = report.noise_line(res)
+    assert line is not None and "during 2 of 4 measured starts (up to 3 at once)" in line
