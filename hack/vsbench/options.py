@@ -102,7 +102,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
                     f"This run measures the vmsandbox in {_measured_code()}"),
     )
     ap.add_argument("--quick", action="store_true",
-                    help=f"few samples, for a 2-core TCG host in < 5 min ({QUICK})")
+                    help=f"few samples, for a 2-core TCG host in about 8 min ({QUICK})")
     ap.add_argument("--serial", type=int, help=f"serial samples (quick {QUICK['serial']}, full {FULL['serial']})")
     ap.add_argument("--warmup", type=int, help="discarded serial starts first (quick 1, full 2)")
     ap.add_argument("--parallel", type=parse_parallel,
