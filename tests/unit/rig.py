@@ -48,8 +48,11 @@ class FakeImages:
     def __init__(self, root: Path) -> None:
         self.dir = root / "image"
         self.dir.mkdir(parents=True, exist_ok=True)
-        for f in ("vmlinuz", "initramfs.img"):
-            (self.dir / f).write_bytes(b"fake")
+        (self.dir / "initramfs.img").write_bytes(b"fake")
+        # a bzImage as far as its header goes: 2 setup sectors, "HdrS"
+        kernel = bytearray(8192)
+        kernel[0x1F1], kernel[0x202:0x206] = 2, b"HdrS"
+        (self.dir / "vmlinuz").write_bytes(bytes(kernel))
         self.manifest = {"kernel_version": "6.1.0-fake", "architecture": "amd64", "os": "linux"}
         (self.dir / "manifest.json").write_text(json.dumps(self.manifest))
         self.builds = 0

@@ -617,3 +617,13 @@ def test_split_command(words: list[str], split: tuple[list[str], list[str] | Non
     from vmsandbox.cli.parser import split_command
 
     assert split_command(words) == split
+
+
+def test_image_warm_builds_the_template_once_and_says_so(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("vmsandbox.sandbox.templates._SETTLE", 0.0)
+    first = cli.json("image", "warm", "--memory-mib", "384")
+    assert isinstance(first, dict) and first["built"] is True and first["build_seconds"] >= 0
+    assert (Path(first["path"]) / "memory.save").is_file()
+    code, out, _ = cli("image", "warm", "--memory-mib", "384")
+    assert code == 0 and out == f"template {first['key']}: ready ({first['path']})\n"
+    assert cli("image", "warm", "--memory-mib", "1")[0] != 0  # InvalidArgument: too small

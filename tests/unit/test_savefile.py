@@ -80,6 +80,7 @@ def test_restore_xml_takes_the_sandboxes_identity_and_keeps_the_templates_machin
     assert "<name>vmsandbox-a</name>" in out and "<uuid>1111-2222</uuid>" in out and "vsbxtpl" not in out
     assert "/s/a/console.log" in out and "/sock/a.sock" in out and "/s/a/config.tar" in out
     assert "/t/" not in out and "/sock/t.sock" not in out
+    assert out.count('append="on"') == 1  # the console log keeps the template's boot lines
     assert "<partition>/pod.slice</partition>" in out and ">a</vmsandbox:id>" in out
     assert "root.img" not in out and "<interface" not in out and "<filesystem" not in out  # plugged in later
     assert out.count("pcie-root-port") == 8 and "memfd" in out

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -19,6 +20,11 @@ from vmsandbox.sandbox.controller import DOMAIN_PREFIX
 from vmsandbox.sandbox.templates import TEMPLATE_DOMAIN_PREFIX
 
 from .rig import Rig
+
+
+@pytest.fixture(autouse=True)
+def no_settling(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("vmsandbox.sandbox.templates._SETTLE", 0.0)  # a fake guest reports no pages
 
 
 @pytest.fixture
@@ -48,7 +54,11 @@ def test_a_start_restores_the_template_it_built_and_hands_the_guest_its_identity
     d = rig.hv.domains[DOMAIN_PREFIX + "a"]
     assert d.restores == 1 and d.starts == 0
     assert any("<filesystem" in x for x in d.attached)  # the share is plugged in after the restore
-    assert "<name>vmsandbox-a</name>" in d.live_xml or "vmsandbox-a" in d.live_xml
+    assert "<name>vmsandbox-a</name>" in d.live_xml
+    # QEMU loads stand-ins for the boot files the restored guest never reads again
+    (tpl,) = templates(rig)
+    assert f"<kernel>{tpl / 'stub-vmlinuz'}</kernel>" in d.live_xml and "stub-initrd" in d.live_xml
+    assert (tpl / "stub-vmlinuz").read_bytes()[0x202:0x206] == b"HdrS"
     (call,) = setup_calls(rig)
     assert call.in_guest_root and call.stdin is not None
     seed, config = call.stdin[:64], call.stdin[64:]
@@ -106,8 +116,8 @@ def test_a_new_image_makes_a_new_template_and_the_stale_one_goes(rig: Rig) -> No
     start(rig, "a")
     (old,) = templates(rig)
     rig.images.manifest["initramfs.img"] = "another"  # a changed image: another key
+    shutil.copytree(rig.images.dir, rig.images.dir.parent / "img2")
     rig.images.dir = rig.images.dir.parent / "img2"
-    rig.images.dir.mkdir()
     (rig.images.dir / "manifest.json").write_text(json.dumps(rig.images.manifest))
     rig.ctl.shutdown("a")
     rig.restart()

@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = img.add_parser("build", help="build (or rebuild) the default guest image")
     b.add_argument("--force", action="store_true")
     b.set_defaults(func=cmd.image_build)
+    w = img.add_parser("warm", help="build the start template of a sandbox shape now (else the first start does)")
+    w.add_argument("--vcpus", type=int, help="vCPUs of the sandboxes it serves (default: the configured default)")
+    w.add_argument("--memory-mib", type=int, help="their boot memory (default: the configured default)")
+    w.set_defaults(func=cmd.image_warm)
 
     c = sub.add_parser("create", help="prepare a sandbox (no boot)")
     _create_options(c)

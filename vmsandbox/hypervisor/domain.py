@@ -253,13 +253,15 @@ def _signature(root: ET.Element, path: str) -> tuple[str, tuple[tuple[str, str],
     return (el.text or "").strip(), tuple(sorted(el.attrib.items()))
 
 
-def restore_xml(saved_xml: str, defined_xml: str) -> str:
+def restore_xml(saved_xml: str, defined_xml: str, *, kernel: str = "", initrd: str = "") -> str:
     """A template's saved live XML made into the sandbox domain ``defined_xml``: that one's
     name, UUID, title, metadata, resource partition, console log, agent socket and config
     disk. Nothing the guest sees changes: the machine, memory, CPUs and devices stay the
     template's, which is what lets QEMU load the template's state (:func:`hotplugged`
     lists the rest). ValueError when the two differ in what a restore must keep (the shape,
-    the kernel, its command line): that template does not fit this sandbox."""
+    the kernel, its command line): that template does not fit this sandbox. ``kernel`` and
+    ``initrd`` replace the boot files QEMU loads at start but a restored guest never reads
+    (QEMU keeps a private copy of the kernel: 14 MiB per VM)."""
     saved, defined = ET.fromstring(saved_xml), ET.fromstring(defined_xml)
     for path in _MUST_MATCH:
         if _signature(saved, path) != _signature(defined, path):
@@ -270,6 +272,9 @@ def restore_xml(saved_xml: str, defined_xml: str) -> str:
             saved.remove(old)
         if new is not None:
             saved.insert(list(defined).index(new), new)
+    for tag, path in (("os/kernel", kernel), ("os/initrd", initrd)):
+        if path and (el := saved.find(tag)) is not None:
+            el.text = path
     devices, mine = saved.find("devices"), defined.find("devices")
     if devices is None or mine is None:
         raise ValueError("a domain without devices")
@@ -281,7 +286,9 @@ def restore_xml(saved_xml: str, defined_xml: str) -> str:
     console = source(next((d for d in mine.findall("serial") if d.get("type") == "file"), None), "path")
     for chardev in devices.findall("serial") + devices.findall("console"):
         if chardev.get("type") == "file" and (src := chardev.find("source")) is not None and console:
+            # appended to: the log starts with the template's boot (the restore does not boot)
             src.set("path", console)
+            src.set("append", "on")
     for chan in devices.findall("channel"):
         target = chan.find("target")
         name = target.get("name", "") if target is not None else ""

@@ -53,8 +53,10 @@ FORMAT = 1
 SPARE_PORTS = 8
 """Free PCIe root ports in a template: how many disks, NICs and shares a restore can plug in."""
 _IMAGE, _MANIFEST, _HOST_KEY = "memory.save", "manifest.json", "hostkey.pub"
+_STUB_KERNEL, _STUB_INITRD = "stub-vmlinuz", "stub-initrd"
 _SETUP = "/sbin/vsbx-setup"
-_SETTLE = 0.5  # after the build's last session: the agent is back to waiting for a host
+_SETTLE = 3.0  # after the build's last session: the agent waits for a host again, and the guest has
+# reported the pages drop_caches freed (page reporting runs 2 s after a free), which then save as zero pages
 
 
 def wants_template(annotations: Mapping[str, str], config: Config) -> bool:
@@ -199,6 +201,7 @@ class Templates:
         client, host = generate_keypair(), generate_keypair()
         write_private(work / CLIENT_KEY, client.openssh_private())
         (work / _HOST_KEY).write_text(host.public_line + "\n")
+        _write_stubs(image, work)
         write_private(work / CONFIG_DISK, config_archive(settings=GuestSettings("sandbox"), authorized_key=client.public_line,
                                                           hostkey=dropbear_private_key(host), disks=(), network=None))
         xml = self._spec_xml(image, size, name=name, sid=sid, sdir=work, sock=sock)
@@ -258,10 +261,11 @@ class Templates:
         """Bring the defined (shut off) domain up from ``tpl``, with its own devices, running.
         ValueError when the template does not fit the domain (nothing was started)."""
         defined = self._hv.xml(domain)
-        xml = restore_xml(tpl.saved_xml, defined)
+        xml = restore_xml(tpl.saved_xml, defined, kernel=str(tpl.path / _STUB_KERNEL), initrd=str(tpl.path / _STUB_INITRD))
         devices = hotplugged(defined)
         if len(devices) > SPARE_PORTS:
             raise ValueError(f"{len(devices)} devices to plug in, the template has {SPARE_PORTS} free ports")
+        _prefill_console(tpl, scratch / "console.log")
         t0 = time.monotonic()
         self._hv.restore(str(tpl.image), xml, str(scratch))
         t1 = time.monotonic()
@@ -320,6 +324,34 @@ class _removed:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+def _write_stubs(image: GuestImage, folder: Path) -> None:
+    """The boot files a restore names instead of the image's: QEMU loads ``-kernel`` into a
+    private buffer at start (14 MiB per VM) though a restored guest never reads it again. A
+    bzImage's setup sectors (its header, which QEMU parses) and a page are a kernel to QEMU."""
+    with open(image.kernel, "rb") as f:
+        head = f.read(0x210)
+    if head[0x202:0x206] != b"HdrS":
+        raise FailedPrecondition(f"{image.kernel} is not a bzImage")
+    setup = (head[0x1F1] or 4) + 1
+    with open(image.kernel, "rb") as f:
+        stub = f.read(setup * 512) + bytes(4096)
+    for name, data in ((_STUB_KERNEL, stub), (_STUB_INITRD, bytes(512))):
+        (folder / name).write_bytes(data)
+        os.chmod(folder / name, 0o644)
+
+
+def _prefill_console(tpl: Template, console: Path) -> None:
+    """The sandbox's console log begins with the template's boot, then says it was restored."""
+    try:
+        boot = (tpl.path / "console.log").read_bytes()[-(256 << 10):]
+    except OSError:
+        boot = b""
+    note = f"\r\nvmsandbox: restored from template {tpl.key} (the boot above was the template's)\r\n".encode()
+    fd = os.open(console, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(boot + note)
 
 
 def _image_digest(image: GuestImage) -> str:
