@@ -29,7 +29,7 @@ from .options import Options
 from .phases import PHASES, EventLog, Start, stamps_from_events
 from .procs import process_cpu_seconds, pss_kib, virtiofsd_pids
 from .report import ANCHORS
-from .startpath import ANNOTATION_START, COLD, path_counts
+from .startpath import ANNOTATION_START, COLD, TEMPLATE, path_counts
 from .stats import kib_field, pick, ratio, summarize
 
 __all__ = ["Bench", "SSH_FAILURES", "SCHEMA"]
@@ -185,6 +185,10 @@ class Bench:
             events = self.events.take(sid)
         cpu = process_cpu_seconds(ctl.status(sid).pid)
         path = ctl.status(sid, verbose=True).info.get("start") or None  # "": a controller that does not say
+        if (path or start) == TEMPLATE:
+            # A restored guest's console log begins with its template's boot: those marker
+            # lines were printed long before this start, so they stamp nothing.
+            found = {}
         stamps: dict[str, float | None] = {**stamps_from_events(events), **found, **mine}
         log_lines = parse_dmesg(ctl.exec(sid, ["dmesg"], timeout=30).stdout) if dmesg else []
         s = Start(id=sid, stamps=stamps, exit_code=r.exit_code, uptime=parse_uptime(r.stdout),
