@@ -1,7 +1,8 @@
-"""vsbench (run as ``hack/bench``): how fast a sandbox is ready, how many fit on a host, what
-the controller costs, and how fast its network is.
+"""vsbench (run as ``hack/bench``): how fast a sandbox is ready (cold or from a template), how
+many fit on a host, what the controller costs, and how fast its network is.
 
-Run as root from anywhere: ``hack/bench [--quick] [--out FILE] [--parallel 1,5,10] [--no-network]``
+Run as root from anywhere: ``hack/bench [--quick] [--out FILE] [--parallel 1,5,10] [--no-network]
+[--start-samples N] [--idle S] [--no-templates]``
 (``hack/bench --help`` for all flags). It measures the vmsandbox of the checkout it sits in.
 It prints a table, writes JSON (default ``bench-results/bench-<UTC time>.json``) and one PNG
 per series next to it. Everything it makes carries the unique prefix ``bench-<random>``:
@@ -32,8 +33,32 @@ How the numbers are taken (host ``time.monotonic()`` throughout):
   copy of the config disk, is started with bare libvirt-python (``defineXML`` + ``create``,
   stamped by the bench around each call) and is ready when ``GuestAgent.connect`` (the same
   SSH handshake, same keys) returns. Reported as ours over bare; bare has no ``running``.
+* Every sandbox the bench starts asks for its start path with the ``vmsandbox.io/start``
+  annotation: ``cold`` everywhere except where a section says ``template``. After the first
+  exec answered (the clock stopped), the bench reads QEMU's CPU seconds so far
+  (utime + stime of ``/proc/<pid>/stat``, all threads) and the path the start really took
+  (status verbose ``start``); a sample whose path is not the one asked is kept apart
+  (``other_path_samples``) and counted, never mixed into that path's figures.
+* Start paths (:mod:`.startpath`, JSON ``start_paths``): before the first template start,
+  the template of the default shape is built (``warm_template``; JSON ``template``: its key,
+  path, whether it was built now, the controller's ``build_s``, the call's ``call_s``,
+  ``size_mib`` on disk; or ``skipped`` and why), then
+  ``--start-samples`` serial starts of each path, cold and template alternated (which goes
+  first swaps each round) after ``--warmup`` of each: create -> first exec answered
+  (``first_exec_ms``), the phases (a template start ends "domain start" at RESTORED and has
+  no console boot lines), QEMU CPU seconds, and ``template_over_cold_p50``.
+* Memory by start path (``memory_by_start``): for each path, one at a time, 1 sandbox, then
+  more to 5 (``--memory-levels``), each level read ``--idle`` seconds after its last
+  sandbox answered: QEMU's PSS and RSS per sandbox and the PSS of its virtiofsd processes
+  (found by libvirt's pid file ``/run/libvirt/qemu/<short name>-fs0-fs.pid``, with the
+  child virtiofsd forks), keyed ``<path>.n<N>``.
 * Parallel start: N threads create, start and exec at once; the time until all answered
-  and sandboxes per second.
+  and sandboxes per second; cold at the ``--parallel`` levels (``parallel``), from the
+  template at ``--template-parallel`` (``parallel_template``; default the levels >= 2).
+* Parallel efficiency (``parallel_efficiency.<path>``): ``cpu_s_one_boot`` is the p50 of
+  QEMU's CPU seconds over this run's serial starts of that path; for each level N >= 2,
+  ``ideal_s`` = N x cpu_s_one_boot / host cores, ``efficiency`` = ideal_s / all_ready_s
+  and ``target_met`` = all_ready_s <= 1.3 x ideal_s (issue 12's target).
 * With every parallel batch still running: status, platform, metrics, list and
   ``exec(["true"])`` on the warm transport (round-robin over the sandboxes), QEMU's PSS per
   sandbox (``/proc/<pid>/smaps_rollup``) and this process's RSS (it is the controller).

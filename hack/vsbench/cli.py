@@ -13,10 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .host import loadavg, say
-from .options import default_parallel, parse_args
+from .options import default_parallel, parse_args, template_parallel
 from .plots import plots
 from .report import report
 from .runner import SSH_FAILURES, Bench
+from .startpath import StartPaths, host_cores, parallel_efficiency
 
 __all__ = ["main"]
 
@@ -59,7 +60,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not opts.only_cri:
             if opts.serial:
                 bench.run_serial()
+            paths = StartPaths(bench)
+            if opts.start_samples:
+                paths.run_serial()
+            if opts.memory_levels:
+                paths.run_memory()
             bench.run_parallel()
+            paths.run_parallel(template_parallel(opts, bench.parallel))
             if not opts.no_network:
                 bench.run_network()
         if opts.cri:
@@ -78,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench.cleanup()
     res = bench.results
     res["duration_s"] = time.monotonic() - begin
+    if res.get("parallel") or res.get("parallel_template"):
+        res["parallel_efficiency"] = parallel_efficiency(res, host_cores())
     if "host" in res:
         res["host"]["loadavg_at_end"] = loadavg()
     out: Path = opts.out

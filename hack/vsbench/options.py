@@ -11,13 +11,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Options", "parse_args", "parse_parallel", "default_parallel", "QUICK", "FULL", "REPO"]
+__all__ = ["Options", "parse_args", "parse_parallel", "parse_levels", "default_parallel", "template_parallel", "QUICK",
+           "FULL", "REPO"]
 
 REPO = Path(__file__).resolve().parents[2]
 QUICK = {"serial": 3, "warmup": 1, "ops_repeat": 20, "stop_samples": 2, "pings": 20, "net_mib": 32, "cri": 3,
-         "cri_execs": 10}
+         "cri_execs": 10, "start_samples": 5}
 FULL = {"serial": 20, "warmup": 2, "ops_repeat": 100, "stop_samples": 5, "pings": 100, "net_mib": 256, "cri": 10,
-        "cri_execs": 20}
+        "cri_execs": 20, "start_samples": 10}
 PARALLEL_DEFAULT = {"tcg": "1,5,10", "kvm": "1,10,50"}
 
 
@@ -36,6 +37,11 @@ class Options:
     cri: int
     cri_execs: int
     only_cri: bool
+    start_samples: int
+    idle: float
+    memory_levels: list[int]
+    template_parallel: list[int] | None  #: None: the parallel levels of N >= 2
+    no_templates: bool
     out: Path
     no_plots: bool
     state_dir: str | None
@@ -58,6 +64,17 @@ def parse_parallel(text: str) -> list[int]:
     if not levels or levels[0] < 1:
         raise argparse.ArgumentTypeError("--parallel needs at least one level, each >= 1")
     return levels
+
+
+def parse_levels(text: str) -> list[int]:
+    """Like :func:`parse_parallel`, and ``none`` (or ``0``) for no levels."""
+    return [] if text.strip().lower() in ("none", "0", "") else parse_parallel(text)
+
+
+def template_parallel(opts: Options, parallel: Sequence[int]) -> list[int]:
+    """The levels started at once from the template: ``--template-parallel``, else the cold
+    levels of N >= 2 (N = 1 is a serial start)."""
+    return list(opts.template_parallel) if opts.template_parallel is not None else [n for n in parallel if n >= 2]
 
 
 def default_parallel(virt: str) -> list[int]:
@@ -85,7 +102,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
                     f"This run measures the vmsandbox in {_measured_code()}"),
     )
     ap.add_argument("--quick", action="store_true",
-                    help=f"few samples, for a 2-core TCG host in < 5 min ({QUICK})")
+                    help=f"few samples, for a 2-core TCG host in about 8 min ({QUICK})")
     ap.add_argument("--serial", type=int, help=f"serial samples (quick {QUICK['serial']}, full {FULL['serial']})")
     ap.add_argument("--warmup", type=int, help="discarded serial starts first (quick 1, full 2)")
     ap.add_argument("--parallel", type=parse_parallel,
@@ -104,6 +121,19 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     ap.add_argument("--cri-execs", type=int, help=f"ExecSync calls per CRI pod (quick {QUICK['cri_execs']}, "
                                                   f"full {FULL['cri_execs']})")
     ap.add_argument("--only-cri", action="store_true", help="run only the CRI section")
+    ap.add_argument("--start-samples", type=int,
+                    help="serial starts of each path, cold and from a template, alternated "
+                         f"(quick {QUICK['start_samples']}, full {FULL['start_samples']}; 0 skips them)")
+    ap.add_argument("--idle", type=float, default=20.0,
+                    help="seconds the sandboxes idle before PSS by start path is read (default 20)")
+    ap.add_argument("--memory-levels", type=parse_levels, default=[1, 5],
+                    help="sandboxes of one path running when PSS by start path is read (default 1,5; none skips)")
+    ap.add_argument("--template-parallel", type=parse_levels,
+                    help="sandboxes started at once from the template (default: the --parallel levels >= 2; "
+                         "none skips)")
+    ap.add_argument("--no-templates", action="store_true",
+                    help="measure the cold path only: no template built or started, the controller's "
+                         "Config has templates=False")
     ap.add_argument("--out", type=Path, help="JSON file (default bench-results/bench-<UTC time>.json); PNGs go beside it")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--state-dir", help="controller state dir that no other controller uses "
@@ -124,6 +154,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         ap.error("--serial/--warmup/--stop-samples must be >= 0 and --ops-repeat >= 1")
     if args.cri < 0 or args.cri_execs < 1 or (args.only_cri and args.cri < 1):
         ap.error("--cri must be >= 0 (>= 1 with --only-cri) and --cri-execs >= 1")
+    if args.start_samples < 0 or args.idle < 0:
+        ap.error("--start-samples and --idle must be >= 0")
     if args.pings < 1 or args.net_mib < 1:
         ap.error("--pings and --net-mib must be >= 1")
     if args.out is None:

@@ -18,13 +18,14 @@ from vmsandbox.sandbox.events import LifecycleEvent, Step
 
 from .guestlog import guest_timeline
 
-__all__ = ["PHASES", "EVENT_STAMPS", "EventLog", "Start", "stamps_from_events", "phase_durations", "relative_ms"]
+__all__ = ["PHASES", "EVENT_STAMPS", "EventLog", "Start", "stamps_from_events",
+           "phase_durations", "relative_ms"]
 
 # Phases of one start, in order: (key, label, stamp at its end). Each starts where the one
 # before ended; "define" starts at "t0", when the bench called create(). Their sum is the total.
 PHASES = (
     ("define", "define (create() until CREATED)", "created"),
-    ("domain_start", "domain start (until BOOTED: libvirt create returned)", "booted"),
+    ("domain_start", "domain start (until BOOTED: libvirt's create or restore returned)", "booted"),
     ("kernel_to_init", "kernel to init (console line)", "init_line"),
     ("init_script", "init script (to 'agent ready' line)", "agent_line"),
     ("agent_ready", "agent ready (SSH handshake, AGENT_READY)", "agent_ready"),
@@ -44,6 +45,9 @@ EVENT_STAMPS: dict[Step, str] = {
     Step.RUNNING: "running",
     Step.START_FAILED: "start_failed",
 }
+# A start from a template reports BOOTED (detail "template") when libvirt's restore returned;
+# its console shows no boot lines, so its kernel and init phases stay None and "agent ready"
+# runs from BOOTED.
 
 
 class EventLog:
@@ -118,6 +122,14 @@ class Start:
     dmesg: list[tuple[float, str]]
     others: int  #: other guests running on the host when it began
     events: list[LifecycleEvent] = field(default_factory=list)
+    asked: str | None = None  #: the start path asked for ("cold", "template"; None: the default)
+    path: str | None = None  #: the path the start took (status verbose "start"; None: not reported)
+    qemu_cpu_s: float | None = None  #: QEMU's CPU seconds (user + system) when the first exec answered
+
+    @property
+    def path_ok(self) -> bool:
+        """The start took the path asked for (or the controller does not say which it took)."""
+        return self.asked is None or self.path is None or self.path == self.asked
 
     def sample(self) -> dict[str, Any]:
         """The JSON form: phases, stamps and events in ms since t0, the guest's clocks."""
@@ -132,4 +144,7 @@ class Start:
             "guest": guest_timeline(self.stamps, self.uptime, self.dmesg) if self.dmesg else None,
             "guest_uptime_s": self.uptime,
             "other_domains_running": self.others,
+            "start_asked": self.asked,
+            "start_path": self.path,
+            "qemu_cpu_s": self.qemu_cpu_s,
         }

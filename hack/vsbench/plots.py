@@ -51,20 +51,64 @@ def plots(res: Mapping[str, Any], out: Path) -> list[str]:
         ax.set_xlabel("ms since create (serial starts, one bar each)")
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3)
         save(fig, "serial")
-    par = res.get("parallel") or []
-    if par:
+    sp = res.get("start_paths") or {}
+    kinds = [k for k in ("cold", "template") if (sp.get(k) or {}).get("samples")]
+    if kinds:
         fig, ax = plt.subplots(figsize=(6, 4))
-        ns = [r["n"] for r in par]
-        ax.plot(ns, [r["all_ready_s"] for r in par], "o-", label="all ready (s)")
+        data = [[x["phases_ms"]["total"] / 1000 for x in sp[k]["samples"] if x["phases_ms"]["total"] is not None]
+                for k in kinds]
+        ax.boxplot(data, whis=(0, 100))
+        ax.set_xticks(range(1, len(kinds) + 1), [f"{k} (n={len(d)})" for k, d in zip(kinds, data)])
+        for j, d in enumerate(data, start=1):
+            ax.plot([j] * len(d), d, "o", color="tab:blue", alpha=0.5, markersize=4)
+        r = sp.get("template_over_cold_p50")
+        ax.set_ylabel("s, create -> first exec answered (serial)")
+        ax.set_ylim(0, 1.1 * max((max(d) for d in data if d), default=1.0))
+        if r is not None:
+            ax.set_title(f"template / cold p50 = {r:.2f}x", fontsize=9)
+        save(fig, "start-paths")
+    mbs = res.get("memory_by_start") or {}
+    mkinds = [k for k in ("cold", "template") if mbs.get(k)]
+    if mkinds:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        mlevels = [f"n{n}" for n in mbs.get("levels") or []]
+        width = 0.8 / len(mkinds)
+        for j, k in enumerate(mkinds):
+            xs = [i + j * width for i in range(len(mlevels))]
+            qemu = [(p((mbs[k].get(lv) or {}).get("qemu_pss_kib"), "mean") or 0) / 1024 for lv in mlevels]
+            fs = [(p((mbs[k].get(lv) or {}).get("virtiofsd_pss_kib"), "mean") or 0) / 1024 for lv in mlevels]
+            ax.bar(xs, qemu, width, label=f"{k}: QEMU", color=f"C{2 * j}")
+            ax.bar(xs, fs, width, bottom=qemu, label=f"{k}: virtiofsd", color=f"C{2 * j + 1}")
+        ax.set_xticks([i + width * (len(mkinds) - 1) / 2 for i in range(len(mlevels))],
+                      [f"{lv[1:]} running" for lv in mlevels])
+        ax.set_ylabel(f"MiB PSS per idle sandbox (mean, after {mbs.get('idle_s', 0):.0f}s idle)")
+        ax.legend(fontsize=8)
+        save(fig, "memory-by-start")
+    par = res.get("parallel") or []
+    part = res.get("parallel_template") or []
+    if par or part:
+        eff = res.get("parallel_efficiency") or {}
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ns = sorted({r["n"] for r in [*par, *part]})
+        for prows, kind, style in ((par, "cold", "o-"), (part, "template", "^-")):
+            if prows:
+                ax.plot([r["n"] for r in prows], [r["all_ready_s"] for r in prows], style,
+                        label=f"{kind}: all ready (s)")
+            elevels = (eff.get(kind) or {}).get("levels") or {}
+            pts = sorted((int(n), e["target_s"]) for n, e in elevels.items() if e.get("target_s") is not None)
+            if pts:
+                ax.plot([a for a, _b in pts], [b for _a, b in pts], "x:", label=f"{kind}: target (1.3 x ideal)")
         ax.set_xlabel("sandboxes started at once")
         ax.set_ylabel("seconds until all answered")
         ax2 = ax.twinx()
-        ax2.plot(ns, [r["sandboxes_per_s"] for r in par], "s--", color="tab:orange", label="sandboxes/s")
+        if par:
+            ax2.plot([r["n"] for r in par], [r["sandboxes_per_s"] for r in par], "s--", color="tab:orange",
+                     label="cold: sandboxes/s")
         ax2.set_ylabel("sandboxes per second")
         ax.set_xticks(ns)
         ax.set_ylim(bottom=0)
         ax2.set_ylim(bottom=0)
-        fig.legend(fontsize=8, loc="lower right")
+        fig.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.1, 0.9))
         save(fig, "parallel")
     ops = res.get("operations") or {}
     if ops:

@@ -8,7 +8,8 @@ from typing import Any
 from .phases import PHASES
 from .stats import pick as p
 
-__all__ = ["ANCHORS", "report", "cri_lines", "network_lines", "noise_line", "anchors_line", "render_table", "fmt_ms",
+__all__ = ["ANCHORS", "report", "start_path_lines", "memory_by_start_lines", "efficiency_lines", "cri_lines",
+           "network_lines", "noise_line", "anchors_line", "render_table", "fmt_ms",
            "fmt_ratio"]
 
 # Published figures the README compares us with (see the benchmark issue).
@@ -98,15 +99,27 @@ def report(res: Mapping[str, Any]) -> str:
                 for gap in gaps[:5]:
                     out.append(f"    {gap['gap_ms']:7.1f} ms at {gap['at_s']:.3f}s  after '{gap['after'][:60]}'"
                                f"  before '{gap['before'][:60]}'")
-    par = res.get("parallel")
+    sp = res.get("start_paths")
+    if sp:
+        out.append("")
+        out.extend(start_path_lines(sp, res.get("template")))
+    mbs = res.get("memory_by_start")
+    if mbs:
+        out.append("")
+        out.extend(memory_by_start_lines(mbs))
+    par = [*(res.get("parallel") or []), *(res.get("parallel_template") or [])]
     if par:
         out.append("")
         out.append("Parallel start: N at once, create -> first exec answered")
-        rows = [[str(r["n"]), f"{r['all_ready_s']:.2f}", f"{r['sandboxes_per_s']:.2f}",
+        rows = [[str(r["n"]), r.get("start") or "cold", f"{r['all_ready_s']:.2f}", f"{r['sandboxes_per_s']:.2f}",
                  fmt_ms(p(r["per_sandbox_ms"], "p50")), fmt_ms(p(r["per_sandbox_ms"], "p90")),
                  fmt_ms(p(r["per_sandbox_ms"], "max")), str(r.get("failed_ssh_attempts", "n/a"))] for r in par]
-        out.append(render_table(["N", "all ready s", "sandboxes/s", "each p50 ms", "p90", "max",
+        out.append(render_table(["N", "path", "all ready s", "sandboxes/s", "each p50 ms", "p90", "max",
                                  "SSH attempts timed out"], rows))
+    eff = res.get("parallel_efficiency")
+    if eff:
+        out.append("")
+        out.extend(efficiency_lines(eff))
     ops = res.get("operations")
     if ops:
         levels = list(ops)
@@ -155,6 +168,89 @@ def report(res: Mapping[str, Any]) -> str:
     if "duration_s" in res:
         out.append(f"total bench time {res['duration_s']:.1f}s")
     return "\n".join(out)
+
+
+def _paths_note(counts: Mapping[str, int] | None, asked: str) -> str:
+    """"" when every start took the path asked for (or did not say), else what they took."""
+    other = {k: v for k, v in (counts or {}).items() if k not in (asked, "unknown")}
+    return "" if not other else " (took: " + ", ".join(f"{v} {k}" for k, v in sorted((counts or {}).items())) + ")"
+
+
+def start_path_lines(sp: Mapping[str, Any], template: Mapping[str, Any] | None = None) -> list[str]:
+    """Cold boot against start from a template: create -> first exec, the ratio, the build."""
+    out = [f"Start path: cold boot vs from a template, serial, N={sp.get('n')} each (+{sp.get('warmup')} warm-up),"
+           " alternated, create -> first exec answered"]
+    rows = []
+    for kind in ("cold", "template"):
+        k = sp.get(kind)
+        if not k:
+            continue
+        f, cpu = k.get("first_exec_ms"), k.get("qemu_cpu_s")
+        rows.append([kind + _paths_note(k.get("start_paths"), kind), fmt_ms(p(f, "p50")), fmt_ms(p(f, "p90")),
+                     fmt_ms(p(f, "max")), "n/a" if p(cpu, "p50") is None else f"{p(cpu, 'p50'):.2f}",
+                     f"{k.get('n_counted')}/{k.get('n')}"])
+    if rows:
+        out.append(render_table(["path", "p50 ms", "p90", "max", "QEMU CPU s p50", "counted"], rows))
+    for kind in ("cold", "template"):
+        ph = (sp.get(kind) or {}).get("phases") or {}
+        known = [(label.split(" (")[0], p(ph.get(key), "p50")) for key, label, _e in PHASES]
+        if any(v is not None for _n, v in known):
+            out.append(f"  {kind}, p50 ms: " + " / ".join(f"{n} {fmt_ms(v)}" for n, v in known if v is not None))
+    r = sp.get("template_over_cold_p50")
+    if r is not None:
+        out.append(f"  template / cold, p50: {r:.2f}x")
+    b = template or {}
+    if b.get("key"):
+        size = b.get("size_mib")
+        out.append(f"  template {'built' if b.get('built') else 'found (built before; its build time is the old one)'}"
+                   f": {b.get('build_s', 0):.1f}s by the controller, {b.get('call_s', 0):.1f}s for the call"
+                   + ("" if size is None else f", {size:.0f} MiB on disk") + f" ({b.get('key')})")
+    if b.get("skipped"):
+        out.append(f"  template path not measured: {b['skipped']}")
+    return out
+
+
+def memory_by_start_lines(mbs: Mapping[str, Any]) -> list[str]:
+    """PSS per idle sandbox by start path and number running."""
+    levels = [f"n{n}" for n in mbs.get("levels") or []]
+    kinds = [k for k in ("cold", "template") if mbs.get(k)]
+    out = [f"Memory per idle sandbox by start path, MiB (read {mbs.get('idle_s', 0):.0f}s after the last answered)"]
+    heads = ["", *[f"{k} {lv[1:]} running" for k in kinds for lv in levels]]
+    rows = []
+    for name, stat, label in (("qemu_pss_kib", "mean", "QEMU PSS per sandbox (mean)"),
+                              ("virtiofsd_pss_kib", "mean", "virtiofsd PSS (mean)"),
+                              ("sandbox_pss_kib", "mean", "QEMU + virtiofsd (mean)"),
+                              ("sandbox_pss_kib", "max", "QEMU + virtiofsd (max)")):
+        rows.append([label, *[_mib(p((mbs[k].get(lv) or {}).get(name), stat)) for k in kinds for lv in levels]])
+    out.append(render_table(heads, rows))
+    for k in kinds:
+        for lv in levels:
+            note = _paths_note((mbs[k].get(lv) or {}).get("start_paths"), k)
+            if note:
+                out.append(f"  WARNING: {k} {lv[1:]} running{note}")
+    return out
+
+
+def efficiency_lines(eff: Mapping[str, Any]) -> list[str]:
+    """ideal_s = N x QEMU CPU s of one serial start / host cores; efficiency = ideal / all ready."""
+    out = [f"Parallel efficiency: ideal = N x QEMU CPU s of one serial start / {eff.get('host_cores')} host cores;"
+           f" target: all ready <= {eff.get('target_factor')} x ideal"]
+    rows = []
+    for kind in ("cold", "template"):
+        k = eff.get(kind)
+        if not k:
+            continue
+        one = k.get("cpu_s_one_boot")
+        for n, e in (k.get("levels") or {}).items():
+            rows.append([f"{kind} N={n}", "n/a" if one is None else f"{one:.2f}",
+                         "n/a" if e.get("ideal_s") is None else f"{e['ideal_s']:.2f}", f"{e['all_ready_s']:.2f}",
+                         "n/a" if e.get("efficiency") is None else f"{e['efficiency']:.2f}",
+                         {True: "yes", False: "no", None: "n/a"}[e.get("target_met")]])
+    if rows:
+        out.append(render_table(["", "CPU s one boot", "ideal s", "all ready s", "efficiency", "target met"], rows))
+    else:
+        out.append("  (no parallel level of N >= 2)")
+    return out
 
 
 CRI_LABELS = {
@@ -224,7 +320,11 @@ def noise_line(res: Mapping[str, Any]) -> str | None:
     ser = res.get("serial") or {}
     counts = [s.get("other_domains_running", 0) for kind in ("controller", "bare")
               for s in (ser.get(kind) or {}).get("samples", [])]
-    counts += [r.get("other_domains_running", 0) for r in res.get("parallel") or []]
+    sp = res.get("start_paths") or {}
+    counts += [s.get("other_domains_running", 0) for kind in ("cold", "template")
+               for key in ("samples", "other_path_samples") for s in (sp.get(kind) or {}).get(key, [])]
+    counts += [r.get("other_domains_running", 0) for r in [*(res.get("parallel") or []),
+                                                            *(res.get("parallel_template") or [])]]
     busy = [c for c in counts if c]
     if not busy:
         return None

@@ -27,12 +27,14 @@ from .host import code_facts, host_facts, read_text, say
 from .network import NetworkSection
 from .options import Options
 from .phases import PHASES, EventLog, Start, stamps_from_events
+from .procs import process_cpu_seconds, pss_kib, virtiofsd_pids
 from .report import ANCHORS
+from .startpath import ANNOTATION_START, COLD, TEMPLATE, path_counts
 from .stats import kib_field, pick, ratio, summarize
 
 __all__ = ["Bench", "SSH_FAILURES", "SCHEMA"]
 
-SCHEMA = "vmsandbox-bench/2"
+SCHEMA = "vmsandbox-bench/3"
 log = logging.getLogger("bench")
 
 
@@ -90,7 +92,7 @@ class Bench:
             self.state_dir = Path(tempfile.mkdtemp(prefix=self.prefix + "-"))
         self._provision_image(self.state_dir)
         cfg = Config.from_env(uri=self.opts.uri, state_dir=self.state_dir, virt_type=VirtType(self.opts.virt_type),
-                              boot_timeout=self.opts.boot_timeout)
+                              boot_timeout=self.opts.boot_timeout, templates=False if self.opts.no_templates else None)
         self.conn = libvirt.open(cfg.uri)
         self.ctl = ctl = LibvirtController(config=cfg, events=self.events)
         virt = "kvm" if ctl.virt_type is VirtType.KVM else "tcg"
@@ -104,7 +106,7 @@ class Bench:
         # config disk the bare baseline reuses. Its verbose status carries the domain XML.
         tid = f"{self.prefix}-tmpl"
         self.sids.add(tid)
-        ctl.create(Sandbox(id=tid))
+        ctl.create(Sandbox(id=tid), annotations={ANNOTATION_START: COLD})  # bare boots it cold
         self.events.take(tid)
         info = ctl.status(tid, verbose=True).info
         if "domain_xml" not in info:
@@ -159,13 +161,18 @@ class Bench:
     def _ours(self, domain: str) -> bool:
         return domain.startswith(self.prefix + "-") or domain.startswith(f"{DOMAIN_PREFIX}{self.prefix}-")
 
-    def ours(self, sid: str, *, dmesg: bool) -> Start:
-        """create -> start -> first exec through the controller, stamped by its events."""
+    def ours(self, sid: str, *, dmesg: bool, start: str | None = COLD) -> Start:
+        """create -> start -> first exec through the controller, stamped by its events.
+
+        ``start`` is the path asked for (the ``vmsandbox.io/start`` annotation; None: the
+        controller's default); the path taken (status verbose ``start``) and QEMU's CPU
+        seconds when the first exec answered are read after the clock stopped."""
         ctl = self.controller
         self.sids.add(sid)
         others = self.others()
+        annotations = {ANNOTATION_START: start} if start is not None else None
         t0 = time.monotonic()
-        ctl.create(Sandbox(id=sid))
+        ctl.create(Sandbox(id=sid), annotations=annotations)
         self.watcher.watch(sid, ctl.console_log(sid))
         mine: dict[str, float | None] = {"t0": t0}
         try:
@@ -176,12 +183,20 @@ class Bench:
         finally:
             found = self.watcher.unwatch(sid)
             events = self.events.take(sid)
+        cpu = process_cpu_seconds(ctl.status(sid).pid)
+        path = ctl.status(sid, verbose=True).info.get("start") or None  # "": a controller that does not say
+        if (path or start) == TEMPLATE:
+            # A restored guest's console log begins with its template's boot: those marker
+            # lines were printed long before this start, so they stamp nothing.
+            found = {}
         stamps: dict[str, float | None] = {**stamps_from_events(events), **found, **mine}
         log_lines = parse_dmesg(ctl.exec(sid, ["dmesg"], timeout=30).stdout) if dmesg else []
-        start = Start(id=sid, stamps=stamps, exit_code=r.exit_code, uptime=parse_uptime(r.stdout),
-                      dmesg=log_lines, others=others, events=events)
-        _check(start)
-        return start
+        s = Start(id=sid, stamps=stamps, exit_code=r.exit_code, uptime=parse_uptime(r.stdout),
+                  dmesg=log_lines, others=others, events=events, asked=start, path=path, qemu_cpu_s=cpu)
+        _check(s)
+        if not s.path_ok:
+            say(f"{sid}: asked for a {start} start, the controller took the {path} path")
+        return s
 
     def remove(self, sid: str, *, clean: bool = False) -> tuple[float, float]:
         """Stop (forced unless ``clean``) and shut down; (stop s, shutdown s)."""
@@ -245,39 +260,53 @@ class Bench:
         for n in self.parallel:
             say(f"parallel: {n} at once")
             sids = [f"{self.prefix}-p{n}-{j}" for j in range(n)]
-            gate = threading.Barrier(n + 1)
-            others, failures = self.others(), SSH_FAILURES.count
-
-            def one(sid: str) -> Start:
-                gate.wait()
-                return self.ours(sid, dmesg=False)
-
-            with ThreadPoolExecutor(max_workers=n, thread_name_prefix="bench-par") as pool:
-                futures = [pool.submit(one, sid) for sid in sids]
-                try:
-                    gate.wait()
-                except BaseException:
-                    gate.abort()  # never leave workers waiting at the gate
-                    raise
-                go = time.monotonic()
-                starts = [f.result() for f in futures]
-            # Wall time from the moment all threads were let go until the last answered.
-            wall = max(s.stamps["exec_done"] or go for s in starts) - go
-            samples = [s.sample() for s in starts]
-            self.results["parallel"].append({
-                "n": n,
-                "all_ready_s": wall,
-                "sandboxes_per_s": n / wall,
-                "per_sandbox_ms": summarize(s["phases_ms"]["total"] for s in samples),
-                "failed_ssh_attempts": SSH_FAILURES.count - failures,
-                "other_domains_running": others,
-                "phases": {k: summarize(s["phases_ms"][k] for s in samples) for k, _l, _e in PHASES},
-            })
-            say(f"parallel: {n} ready in {wall:.2f}s; operations and memory with {n} running")
+            row = self.parallel_row(sids, COLD)
+            self.results["parallel"].append(row)
+            say(f"parallel: {n} ready in {row['all_ready_s']:.2f}s; operations and memory with {n} running")
             self.results["memory"].append(self.memory(sids))
             ops = self.operations(sids)
             self.results["operations"][str(n)] = ops
             self.teardown_batch(sids, ops)
+
+    def start_batch(self, sids: Sequence[str], start: str | None) -> tuple[float, list[Start]]:
+        """Start all at once (one thread each, let go together); (seconds until the last
+        first exec answered, the starts)."""
+        n = len(sids)
+        gate = threading.Barrier(n + 1)
+
+        def one(sid: str) -> Start:
+            gate.wait()
+            return self.ours(sid, dmesg=False, start=start)
+
+        with ThreadPoolExecutor(max_workers=n, thread_name_prefix="bench-par") as pool:
+            futures = [pool.submit(one, sid) for sid in sids]
+            try:
+                gate.wait()
+            except BaseException:
+                gate.abort()  # never leave workers waiting at the gate
+                raise
+            go = time.monotonic()
+            starts = [f.result() for f in futures]
+        # Wall time from the moment all threads were let go until the last answered.
+        return max(s.stamps["exec_done"] or go for s in starts) - go, starts
+
+    def parallel_row(self, sids: Sequence[str], start: str | None) -> dict[str, Any]:
+        """One parallel level: start ``sids`` at once; its figures (they keep running)."""
+        others, failures = self.others(), SSH_FAILURES.count
+        wall, starts = self.start_batch(sids, start)
+        samples = [s.sample() for s in starts]
+        return {
+            "n": len(sids),
+            "start": start,
+            "start_paths": path_counts(starts),
+            "all_ready_s": wall,
+            "sandboxes_per_s": len(sids) / wall,
+            "per_sandbox_ms": summarize(s["phases_ms"]["total"] for s in samples),
+            "qemu_cpu_s": summarize(s.qemu_cpu_s for s in starts),
+            "failed_ssh_attempts": SSH_FAILURES.count - failures,
+            "other_domains_running": others,
+            "phases": {k: summarize(s["phases_ms"][k] for s in samples) for k, _l, _e in PHASES},
+        }
 
     def operations(self, sids: Sequence[str]) -> dict[str, Any]:
         """Latency (ms) of the cheap operations, round-robin over the running sandboxes."""
@@ -307,18 +336,23 @@ class Bench:
         return out
 
     def memory(self, sids: Sequence[str]) -> dict[str, Any]:
-        """QEMU's PSS and RSS per sandbox, and this process's (the controller's) RSS."""
-        pss, rss = [], []
+        """QEMU's PSS and RSS per sandbox, its virtiofsd's PSS, and this process's (the
+        controller's) RSS."""
+        pss, rss, fs = [], [], []
         for sid in sids:
             pid = self.controller.status(sid).pid
             rollup = read_text(f"/proc/{pid}/smaps_rollup") if pid else ""
             pss.append(kib_field(rollup, "Pss"))
             rss.append(kib_field(rollup, "Rss"))
+            fs.append(pss_kib(virtiofsd_pids(pid)) if pid else None)
+        both = [None if q is None else q + (f or 0) for q, f in zip(pss, fs)]
         return {
             "running": len(sids),
             "qemu_pss_kib": summarize(pss),
             "qemu_pss_kib_total": sum(x for x in pss if x is not None),
             "qemu_rss_kib": summarize(rss),
+            "virtiofsd_pss_kib": summarize(fs),
+            "sandbox_pss_kib": summarize(both),
             "controller_rss_kib": kib_field(read_text("/proc/self/status"), "VmRSS"),
         }
 
@@ -332,10 +366,13 @@ class Bench:
             shutdowns.append(b * 1000)
         ops["stop"] = summarize(stops)
         ops["shutdown"] = summarize(shutdowns)
-        rest = list(sids[k:])
-        if rest:
-            with ThreadPoolExecutor(max_workers=min(8, len(rest))) as pool:
-                list(pool.map(self.remove, rest))
+        self.remove_many(sids[k:])
+
+    def remove_many(self, sids: Sequence[str]) -> None:
+        """Force them off and remove them, several at a time."""
+        if sids:
+            with ThreadPoolExecutor(max_workers=min(8, len(sids))) as pool:
+                list(pool.map(self.remove, sids))
 
     # ------------------------------------------------------------------ network
     def run_network(self) -> None:
