@@ -101,6 +101,10 @@ class Config:
     # Start a sandbox's VM by restoring a saved, booted template of its image and shape
     # (built on first use) instead of booting it; False: always boot (see sandbox/templates.py).
     templates: bool = True
+    # Starts that boot or restore at once (the rest wait their turn): 0 = twice the host's CPU
+    # count, -1 = no limit. A start under TCG is CPU-bound: far more at once than cores only
+    # share them.
+    max_parallel_starts: int = 0
     virtiofsd: str = "/usr/lib/qemu/virtiofsd"  # QEMU 7.2's C virtiofsd (Debian 12: qemu-system-common)
     kernel_cmdline: str = (
         "console=ttyS0 panic=-1 quiet loglevel=3 i8042.noaux i8042.nokbd i8042.nopnp i8042.dumbkbd "
@@ -115,6 +119,8 @@ class Config:
     def __post_init__(self) -> None:
         if self.boot_timeout <= 0 or self.stop_timeout < 0:
             raise InvalidArgument("boot_timeout must be > 0 and stop_timeout >= 0")
+        if self.max_parallel_starts < -1:
+            raise InvalidArgument("max_parallel_starts must be -1 (no limit), 0 (the CPU count) or more")
         if not self.run_dir.is_absolute() or len(str(self.run_dir)) > MAX_RUN_DIR:
             raise InvalidArgument(f"run_dir must be an absolute path of at most {MAX_RUN_DIR} characters "
                                   f"(task sockets must stay under 106 bytes), not {str(self.run_dir)!r}")

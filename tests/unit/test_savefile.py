@@ -119,3 +119,26 @@ def test_punching_zero_pages_frees_them_and_changes_no_byte() -> None:
             assert m[40 * 4096 + 17] == 0x5A
     finally:
         os.close(fd)
+
+
+def test_the_zero_map_counts_holes_and_zero_pages_and_punching_it_frees_them() -> None:
+    from vmsandbox.hypervisor.memtrim import zero_ranges, punch_ranges
+
+    fd = os.memfd_create("vsbx-test-map")
+    try:
+        size = 32 * 4096
+        os.ftruncate(fd, size)
+        with mmap.mmap(fd, size) as m:
+            m[8 * 4096:16 * 4096] = bytes(8 * 4096)  # resident zeros; pages 0-7 and 17-31 are holes
+            m[9 * 4096] = 1
+            m[16 * 4096] = 2
+            name = os.readlink(f"/proc/self/fd/{fd}")
+            zeros = zero_ranges(os.getpid())[name]
+            assert zeros == [(0, 9 * 4096), (10 * 4096, 6 * 4096), (17 * 4096, 15 * 4096)]
+            m[0:8 * 4096] = bytes(8 * 4096)  # as a restore does: the holes get filled
+            before = os.fstat(fd).st_blocks
+            punch_ranges(os.getpid(), {name: zeros})
+            assert os.fstat(fd).st_blocks < before
+            assert [i for i in range(32) if m[i * 4096:(i + 1) * 4096] != bytes(4096)] == [9, 16]
+    finally:
+        os.close(fd)

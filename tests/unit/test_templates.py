@@ -59,6 +59,8 @@ def test_a_start_restores_the_template_it_built_and_hands_the_guest_its_identity
     (tpl,) = templates(rig)
     assert f"<kernel>{tpl / 'stub-vmlinuz'}</kernel>" in d.live_xml and "stub-initrd" in d.live_xml
     assert (tpl / "stub-vmlinuz").read_bytes()[0x202:0x206] == b"HdrS"
+    # the restore gives back the pages the template's RAM had zero, known from its build
+    assert rig.hv.trimmed == [(DOMAIN_PREFIX + "a", {"/memfd:memory-backend-memfd (deleted)": [(0, 4096)]})]
     (call,) = setup_calls(rig)
     assert call.in_guest_root and call.stdin is not None
     seed, config = call.stdin[:64], call.stdin[64:]
@@ -194,3 +196,36 @@ def test_only_the_most_recently_used_templates_are_kept(rig: Rig, monkeypatch: p
     assert manifests[0].stat().st_mtime > 1e9 + 10
     third = rig.ctl.warm_template(memory_mib=320).key
     assert sorted(p.name for p in templates(rig)) == sorted([keys[0], third])
+
+
+def test_starts_past_the_limit_wait_for_a_slot(tmp_path: Path) -> None:
+    import threading
+    import time as _time
+
+    rig = Rig(tmp_path, max_parallel_starts=1)
+    try:
+        running = []
+        peak = [0]
+        lock = threading.Lock()
+        orig = rig.hv.start
+
+        def slow_start(name: str) -> None:
+            with lock:
+                running.append(name)
+                peak[0] = max(peak[0], len(running))
+            _time.sleep(0.2)
+            orig(name)
+            with lock:
+                running.remove(name)
+
+        rig.hv.start = slow_start  # type: ignore[method-assign]
+        for sid in ("a", "b", "c"):
+            rig.ctl.create(Sandbox(id=sid))
+        threads = [threading.Thread(target=rig.ctl.start, args=(sid,)) for sid in ("a", "b", "c")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert peak[0] == 1 and all(rig.ctl.status(s).state == "SANDBOX_READY" for s in ("a", "b", "c"))
+    finally:
+        rig.close()

@@ -77,6 +77,7 @@ class FakeHypervisor:
         self._closed = False
         self._lock = threading.RLock()
         self._next_pid = 4000
+        self.trimmed: list[tuple[str, dict[str, list[tuple[int, int]]] | None]] = []
 
     def factory(self, on_stop: Callable[[str, StopReason], None], on_reconnect: Callable[[], None]) -> FakeConnection:
         """The HypervisorFactory: a new connection to the same fake for every controller."""
@@ -240,8 +241,13 @@ class FakeHypervisor:
                 raise FailedPrecondition(f"domain {name} is not running")
             d.attached.append(device_xml)
 
-    def trim_memory(self, name: str) -> int:
+    def zero_map(self, name: str) -> dict[str, list[tuple[int, int]]]:
+        self._enter("zero_map")
+        return {"/memfd:memory-backend-memfd (deleted)": [(0, 4096)]}
+
+    def trim_memory(self, name: str, zeros: dict[str, list[tuple[int, int]]] | None = None) -> int:
         self._enter("trim_memory")
+        self.trimmed.append((name, zeros))
         return 0
 
     def pid(self, name: str) -> int:
@@ -380,8 +386,14 @@ class FakeConnection:
     def attach(self, name: str, device_xml: str) -> None:
         self._open().attach(name, device_xml)
 
-    def trim_memory(self, name: str) -> int:
-        return self._open().trim_memory(name)
+    def pause(self, name: str) -> None:
+        self._open().pause(name)
+
+    def zero_map(self, name: str) -> dict[str, list[tuple[int, int]]]:
+        return self._open().zero_map(name)
+
+    def trim_memory(self, name: str, zeros: dict[str, list[tuple[int, int]]] | None = None) -> int:
+        return self._open().trim_memory(name, zeros)
 
     def close(self) -> None:
         self.closed = True

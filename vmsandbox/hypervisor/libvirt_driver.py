@@ -23,7 +23,7 @@ from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_expo
 from ..errors import AlreadyExists, FailedPrecondition, Internal, NotFound, Unavailable, VmSandboxError
 from ..sandbox.ports import DomainInfo, DomainState, StopReason
 from .domain import METADATA_NS, parse_metadata, plan_memory_change
-from .memtrim import punch_zero_pages
+from .memtrim import ZeroMap, punch_ranges, punch_zero_pages, zero_ranges
 from .pidfile import process_cpu_ns, qemu_pid
 from .savefile import read_save_image, save_header
 
@@ -305,19 +305,35 @@ class LibvirtHypervisor:
         with self._call(f"resuming domain {name}") as conn:
             conn.lookupByName(name).resume()
 
+    def pause(self, name: str) -> None:
+        with self._call(f"pausing domain {name}") as conn:
+            conn.lookupByName(name).suspend()
+
+    def zero_map(self, name: str) -> ZeroMap:
+        """The all-zero pages of a *paused* domain's RAM, per memfd ({} when its QEMU is not
+        local or cannot be read)."""
+        pid = qemu_pid(self.uri, name)
+        try:
+            return zero_ranges(pid) if pid else {}
+        except OSError as e:
+            log.warning("domain %s: reading its RAM for zero pages failed: %s", name, e)
+            return {}
+
     def attach(self, name: str, device_xml: str) -> None:
         """Plug a device into the running domain (not into its persistent definition)."""
         with self._call(f"attaching a device to domain {name}") as conn:
             conn.lookupByName(name).attachDeviceFlags(device_xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
 
-    def trim_memory(self, name: str) -> int:
-        """Punch the all-zero pages out of a *paused* domain's RAM (see :mod:`.memtrim`); the
-        bytes freed, 0 when its QEMU is not local or cannot be reached."""
+    def trim_memory(self, name: str, zeros: ZeroMap | None = None) -> int:
+        """Punch the all-zero pages out of a *paused* domain's RAM (see :mod:`.memtrim`):
+        ``zeros`` when given (pages known to be zero: those of the template it was restored
+        from), else the ones a scan finds; the bytes freed, 0 when its QEMU is not local or
+        cannot be reached."""
         pid = qemu_pid(self.uri, name)
         if not pid:
             return 0
         try:
-            return punch_zero_pages(pid)
+            return punch_ranges(pid, zeros) if zeros else punch_zero_pages(pid)
         except OSError as e:
             log.warning("domain %s: giving its zero pages back failed: %s", name, e)
             return 0

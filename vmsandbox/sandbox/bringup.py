@@ -8,12 +8,19 @@ its image is corrupt) falls back to a cold boot, which is logged and shown by ve
 from __future__ import annotations
 
 import logging
+import os
+import threading
+import time
+from contextlib import suppress
+from datetime import datetime
 
 from ..config import Config
 from ..errors import VmSandboxError
 from ..image import GuestImage
+from ..model import utcnow
 from .agents import Agents
-from .ports import GuestChannel, Hypervisor
+from .events import Emitter, Step
+from .ports import GuestChannel, Hypervisor, Network
 from .registry import Entry
 from .spec import Size
 from .store import Store
@@ -27,8 +34,34 @@ COLD, TEMPLATE = "cold", "template"
 
 
 class BringUp:
-    def __init__(self, config: Config, hv: Hypervisor, templates: Templates, agents: Agents, store: Store) -> None:
+    def __init__(self, config: Config, hv: Hypervisor, templates: Templates, agents: Agents, store: Store,
+                 network: Network, emit: Emitter) -> None:
         self.config, self._hv, self._templates, self._agents, self._store = config, hv, templates, agents, store
+        self._net, self._emit = network, emit
+        # Starts at once far past the host's CPUs only share them (under TCG a start is
+        # CPU-bound: ten at once on two cores each took about a quarter more QEMU CPU than one
+        # alone), while one per CPU left a core idle in a start's waits (libvirt, round trips).
+        limit = config.max_parallel_starts or 2 * (os.cpu_count() or 1)
+        self._slots = threading.BoundedSemaphore(limit) if limit > 0 else None
+
+    def bring_up(self, e: Entry, running: bool, image: GuestImage) -> tuple[Template | None, datetime, GuestChannel]:
+        """Power the VM on (unless ``running``), wire its netns, and reach its agent: the
+        template it was restored from (None: booted), when it started, the connected channel.
+        Waits for a start slot first (Config.max_parallel_starts); the boot timeout counts from then."""
+        rec = e.record
+        with self._slots if self._slots is not None else suppress():
+            tpl = None
+            if not running:
+                with suppress(FileNotFoundError):
+                    os.unlink(rec.agent_socket)
+                tpl = self.power_on(e, image)
+            deadline = time.monotonic() + self.config.boot_timeout
+            started = utcnow()
+            self._emit(rec.id, Step.BOOTED, TEMPLATE if tpl is not None else COLD)
+            if rec.network is not None:
+                self._net.attach(rec.network, list(rec.taps))
+                self._emit(rec.id, Step.WIRED)
+            return tpl, started, self.first_contact(e, tpl, deadline)
 
     def power_on(self, e: Entry, image: GuestImage) -> Template | None:
         """Start the shut-off domain of ``e``; the template it was restored from (None: booted)."""

@@ -116,7 +116,7 @@ class SandboxController:
         self._exits.bind(self._hv)
         self._agents = Agents(guest, self._store, self._hv)
         self._templates = Templates(config, virt_type, self._hv, guest, progress)
-        self._bringup = BringUp(config, self._hv, self._templates, self._agents, self._store)
+        self._bringup = BringUp(config, self._hv, self._templates, self._agents, self._store, network, self._emit)
         self._view = StatusView(self._registry, self._exits, self._hv, network, virt_type)
         self._recovery = Recovery(config, self._registry, self._exits, self._hv, owner=self.owner,
                                   netsteps=self._netsteps, shares=self._shares)
@@ -280,19 +280,7 @@ class SandboxController:
                 info = self._hv.info(rec.domain)
                 if info is None:
                     raise NotFound(f"domain {rec.domain} of sandbox {sandbox_id} is gone", sandbox_id=sandbox_id)
-                tpl = None  # booted, or the template it was restored from
-                if info.state is not DomainState.RUNNING:
-                    with suppress(FileNotFoundError):
-                        os.unlink(rec.agent_socket)
-                    tpl = self._bringup.power_on(e, self.image())
-                deadline = time.monotonic() + self.config.boot_timeout
-                started = utcnow()
-                self._emit(sandbox_id, Step.BOOTED, TEMPLATE if tpl is not None else COLD)
-                plan = rec.network
-                if plan is not None:
-                    self._net.attach(plan, list(rec.taps))
-                    self._emit(sandbox_id, Step.WIRED)
-                agent = self._bringup.first_contact(e, tpl, deadline)
+                tpl, started, agent = self._bringup.bring_up(e, info.state is DomainState.RUNNING, self.image())
                 self._emit(sandbox_id, Step.AGENT_READY)
                 if rec.rootfs:
                     self._agents.check_mounts(agent, rec)

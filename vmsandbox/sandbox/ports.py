@@ -110,8 +110,14 @@ class Hypervisor(Protocol):
     def attach(self, name: str, device_xml: str) -> None:
         """Plug a device into the running domain (its persistent definition is unchanged)."""
 
-    def trim_memory(self, name: str) -> int:
-        """Give back the all-zero pages of a paused domain's RAM; the bytes freed."""
+    def pause(self, name: str) -> None: ...
+
+    def zero_map(self, name: str) -> dict[str, list[tuple[int, int]]]:
+        """Where a paused domain's RAM is all zero: per memory file, (offset, length) runs."""
+
+    def trim_memory(self, name: str, zeros: dict[str, list[tuple[int, int]]] | None = None) -> int:
+        """Give back the all-zero pages of a paused domain's RAM (``zeros``: those known to be
+        zero, else it looks); the bytes freed."""
 
     def close(self) -> None: ...
 

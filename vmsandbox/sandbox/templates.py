@@ -55,7 +55,7 @@ KEEP = 8
 """Templates kept (the most recently used): older shapes and settings are removed."""
 """Free PCIe root ports in a template: how many disks, NICs and shares a restore can plug in."""
 _IMAGE, _MANIFEST, _HOST_KEY = "memory.save", "manifest.json", "hostkey.pub"
-_STUB_KERNEL, _STUB_INITRD = "stub-vmlinuz", "stub-initrd"
+_STUB_KERNEL, _STUB_INITRD, _ZEROS = "stub-vmlinuz", "stub-initrd", "zeros.json"
 _SETUP = "/sbin/vsbx-setup"
 _SETTLE = 3.0  # after the build's last session: the agent waits for a host again, and the guest has
 # reported the pages drop_caches freed (page reporting runs 2 s after a free), which then save as zero pages
@@ -86,6 +86,7 @@ class Template:
     saved_xml: str
     client_key: bytes
     host_key: str
+    zeros: dict[str, list[tuple[int, int]]]  # the template's all-zero pages (what a restore gives back)
 
     @property
     def image(self) -> Path:
@@ -174,7 +175,10 @@ class Templates:
                 self._checked[key] = stamp
             saved = read_save_image(path / _IMAGE)
             os.utime(path / _MANIFEST)  # last used: what clean() keeps
-            tpl = Template(key, path, saved.xml, (path / CLIENT_KEY).read_bytes(), (path / _HOST_KEY).read_text().strip())
+            zeros = {name: [(int(a), int(b)) for a, b in runs]
+                     for name, runs in json.loads((path / _ZEROS).read_text()).items()}
+            tpl = Template(key, path, saved.xml, (path / CLIENT_KEY).read_bytes(), (path / _HOST_KEY).read_text().strip(),
+                           zeros)
         except FileNotFoundError:
             if path.exists():
                 self.discard(key, "it is incomplete")
@@ -223,6 +227,10 @@ class Templates:
                     agent.close()
                 time.sleep(_SETTLE)
                 self._progress(f"template {key}: booted in {time.monotonic() - t0:.1f}s; saving")
+                # Paused, its RAM is what the save holds: its zero pages are those of every
+                # restore, which can then give them back without reading its RAM.
+                self._hv.pause(name)
+                (work / _ZEROS).write_text(json.dumps(self._hv.zero_map(name)))
                 self._hv.save(name, str(work / _IMAGE))
             saved = read_save_image(work / _IMAGE)
             manifest = {"format": FORMAT, "key": key, "size": saved.size, "sha256": _sha256(work / _IMAGE),
@@ -278,7 +286,7 @@ class Templates:
         self._hv.restore(str(tpl.image), xml, str(scratch))
         t1 = time.monotonic()
         try:
-            freed = self._hv.trim_memory(domain)
+            freed = self._hv.trim_memory(domain, tpl.zeros)
             t2 = time.monotonic()
             for dev in devices:
                 self._hv.attach(domain, dev)
