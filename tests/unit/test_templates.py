@@ -229,3 +229,26 @@ def test_starts_past_the_limit_wait_for_a_slot(tmp_path: Path) -> None:
         assert peak[0] == 1 and all(rig.ctl.status(s).state == "SANDBOX_READY" for s in ("a", "b", "c"))
     finally:
         rig.close()
+
+
+def test_a_build_finishing_leaves_another_shapes_build_in_progress_alone(rig: Rig) -> None:
+    import threading
+
+    inside = threading.Event()
+    go_on = threading.Event()
+    orig = rig.hv.save
+
+    def slow_save(name: str, path: str) -> None:
+        if not inside.is_set():
+            inside.set()
+            go_on.wait(10)
+        orig(name, path)
+
+    rig.hv.save = slow_save  # type: ignore[method-assign]
+    first = threading.Thread(target=rig.ctl.warm_template, kwargs={"memory_mib": 192})
+    first.start()
+    assert inside.wait(10)  # the 192 MiB build is saving: its .partial folder is in use
+    rig.ctl.warm_template(memory_mib=128)  # another shape's build finishes and cleans up
+    go_on.set()
+    first.join(10)
+    assert len(templates(rig)) == 2  # both built: the first one's folder was left alone

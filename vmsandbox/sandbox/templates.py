@@ -104,6 +104,7 @@ class Templates:
         self._lock = threading.Lock()
         self._key_locks: dict[str, threading.Lock] = {}
         self._checked: dict[str, tuple[int, int, int]] = {}  # key -> (inode, size, mtime_ns) verified
+        self._building: set[str] = set()  # keys whose .partial folder a build of ours is filling
         self._versions: dict[str, str] | None = None
 
     # ------------------------------------------------------------------ keys
@@ -142,7 +143,13 @@ class Templates:
             if not build:
                 return None, None
             t0 = time.monotonic()
-            self._build(key, image, size)
+            with self._lock:
+                self._building.add(key)
+            try:
+                self._build(key, image, size)
+            finally:
+                with self._lock:
+                    self._building.discard(key)
             tpl = self._load(key)
             if tpl is None:
                 raise FailedPrecondition(f"template {key} was built but does not check out")
@@ -253,9 +260,12 @@ class Templates:
         if not self.root.is_dir():
             return
         info = self._hv.host_info()
+        with self._lock:
+            building = {f".{k}.partial" for k in self._building}
         for path in self.root.iterdir():
             if path.name.startswith("."):
-                shutil.rmtree(path, ignore_errors=True)
+                if path.name not in building:  # left by a build that died
+                    shutil.rmtree(path, ignore_errors=True)
                 continue
             try:
                 m = json.loads((path / _MANIFEST).read_text())
