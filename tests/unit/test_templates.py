@@ -136,6 +136,8 @@ def test_a_failed_restore_boots_cold_and_drops_the_template(rig: Rig) -> None:
     assert start(rig, "b") == "cold"
     d = rig.hv.domains[DOMAIN_PREFIX + "b"]
     assert d.starts == 1 and d.restores == 0
+    assert templates(rig) == []  # never used again ...
+    assert start(rig, "c") == "template"  # ... the next start builds a new one
 
 
 def test_a_failed_personalization_fails_the_start_and_leaves_nothing(rig: Rig) -> None:

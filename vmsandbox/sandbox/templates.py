@@ -285,7 +285,8 @@ class Templates:
     # ------------------------------------------------------------------ restore
     def restore(self, tpl: Template, domain: str, scratch: Path) -> None:
         """Bring the defined (shut off) domain up from ``tpl``, with its own devices, running.
-        ValueError when the template does not fit the domain (nothing was started)."""
+        ValueError when the template does not fit the domain (nothing was started); a
+        template that libvirt could not restore is removed first."""
         defined = self._hv.xml(domain)
         xml = restore_xml(tpl.saved_xml, defined, kernel=str(tpl.path / _STUB_KERNEL), initrd=str(tpl.path / _STUB_INITRD))
         devices = hotplugged(defined)
@@ -293,7 +294,13 @@ class Templates:
             raise ValueError(f"{len(devices)} devices to plug in, the template has {SPARE_PORTS} free ports")
         _prefill_console(tpl, scratch / "console.log")
         t0 = time.monotonic()
-        self._hv.restore(str(tpl.image), xml, str(scratch))
+        try:
+            self._hv.restore(str(tpl.image), xml, str(scratch))
+        except (ValueError, FailedPrecondition) as err:
+            # libvirt or QEMU could not load it (a libvirt that went away is Unavailable and
+            # says nothing about the template): never again; the next start builds a new one.
+            self.discard(tpl.key, f"restoring it failed: {err}")
+            raise
         t1 = time.monotonic()
         try:
             freed = self._hv.trim_memory(domain, tpl.zeros)
