@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="containerd's gRPC socket, for the containers' /tasks/* events (default "
                          "$VMSANDBOX_CONTAINERD_ADDRESS or /run/containerd/containerd.sock; '' for none)")
     sv.add_argument("--no-build-image", dest="build_image", action="store_false",
-                    help="do not build the guest image at start-up")
+                    help="do not build the guest image (nor the default start template) at start-up")
     sv.set_defaults(func=cmd.serve)
     return p
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -134,6 +135,19 @@ def build_image(cfg: Config, progress: ProgressLine, *, force: bool) -> GuestIma
     return ensure_image(cfg.state_dir, cfg.images_dir, cfg.image_name, force=force, progress=progress)
 
 
+def _warm_in_background(ctl: LibvirtController) -> None:
+    """The default shape's start template, built while serve already answers (else the first
+    pod's start builds it: about a cold boot and a save longer)."""
+    def warm() -> None:
+        try:
+            info = ctl.warm_template()
+            log.info("start template %s %s", info.key, f"built in {info.build_seconds:.1f}s" if info.built else "ready")
+        except Exception as err:  # noqa: BLE001 - starts build it (or boot cold) themselves
+            log.warning("building the start template failed (starts will try again): %s", err)
+
+    threading.Thread(target=warm, name="vsbx-warm-template", daemon=True).start()
+
+
 def serve(cfg: Config, progress: ProgressLine, *, socket: str, socket_group: str | None, max_workers: int,
           build_image: bool) -> None:
     """`vmsandbox serve`: our controller behind containerd's gRPC socket and the CLI's admin
@@ -160,6 +174,8 @@ def serve(cfg: Config, progress: ProgressLine, *, socket: str, socket_group: str
     try:
         if build_image:
             ctl.image()
+            if cfg.templates:
+                _warm_in_background(ctl)
         # Every running sandbox serves containerd's task API; sockets of sandboxes that ran
         # before a restart come back here.
         tasks = TaskServingController(ctl, sockets, running=[r.id for r in ctl.list() if r.phase is Phase.RUNNING])
