@@ -6,7 +6,10 @@ ENXIO until a reader exists, so we retry briefly; a full FIFO makes the writer w
 slow reader slows the guest process rather than filling our memory, until :meth:`Stdio.cancel`) and stdin O_RDONLY|O_NONBLOCK
 plus a writer of our own on it, so that the stdin FIFO never reads EOF while nobody writes:
 containerd reports the end of stdin with CloseIO, and ``crictl attach`` may open a new
-writer later. A reader that goes away (EPIPE) makes that stream be discarded, never a hang.
+writer later. A reader that goes away (EPIPE) makes that stream be discarded, never a hang;
+except for a held process (a container's init): as runc's shim does, we keep a read end of
+its stdout/stderr FIFOs ourselves (never read), so that while containerd restarts its output
+waits in the FIFO (64 KiB, then the writer waits) for the next containerd instead of EPIPE.
 stdout/stderr are closed only after the process ended and its output drained: containerd's
 Delete waits for that EOF.
 """
@@ -114,6 +117,7 @@ class Stdio:
         self.terminal = terminal
         self._in: int | None = None
         self._keeper: int | None = None
+        self._spares: list[int] = []  # our own read ends of a held process's stdout/stderr
         self.stdout, self.stderr = _Out(None), _Out(None)
         self._stop = threading.Event()
         self._stdin_closing = threading.Event()
@@ -147,6 +151,9 @@ class Stdio:
                 self._in = os.open(stdin, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
                 self._keeper = os.open(stdin, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             held = [fd for fd in (self.stdout.fd, self.stderr.fd) if fd is not None]
+            if self.holder:
+                self._spares = [os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC) for path in (stdout, stderr) if path]
+                held += self._spares
             if self.holder and held and not self.holder_pid:
                 self.holder_pid = hold(held, self.holder)
         except BaseException:
@@ -238,3 +245,6 @@ class Stdio:
             os.close(fd)
         self.stdout.close()
         self.stderr.close()
+        spares, self._spares = self._spares, []
+        for fd in spares:
+            os.close(fd)
