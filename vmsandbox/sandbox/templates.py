@@ -232,8 +232,8 @@ class Templates:
                                timeout=30)
                 finally:
                     agent.close()
-                time.sleep(_SETTLE)
                 self._progress(f"template {key}: booted in {time.monotonic() - t0:.1f}s; saving")
+                time.sleep(_SETTLE)
                 # Paused, its RAM is what the save holds: its zero pages are those of every
                 # restore, which can then give them back without reading its RAM.
                 self._hv.pause(name)
