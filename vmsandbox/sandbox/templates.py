@@ -103,7 +103,9 @@ class Templates:
         self.root = config.state_dir / "templates"
         self._lock = threading.Lock()
         self._key_locks: dict[str, threading.Lock] = {}
-        self._checked: dict[str, tuple[int, int, int]] = {}  # key -> (inode, size, mtime_ns) verified
+        # key -> (inode, size, mtime_ns) of the save image, and the template read with it:
+        # a start re-reads nothing while the image is the one whose checksum was verified
+        self._checked: dict[str, tuple[tuple[int, int, int], Template]] = {}
         self._building: set[str] = set()  # keys whose .partial folder a build of ours is filling
         self._versions: dict[str, str] | None = None
 
@@ -129,19 +131,17 @@ class Templates:
             return self._key_locks.setdefault(key, threading.Lock())
 
     # ------------------------------------------------------------------ find / build
-    def get(self, image: GuestImage, size: Size, *, build: bool = True) -> Template | None:
-        """The template for ``image`` and ``size``, built first when missing (``build``).
-        A corrupt one is removed (and rebuilt). Errors of a build propagate."""
-        return self.ensure(image, size, build=build)[0]
+    def get(self, image: GuestImage, size: Size) -> Template:
+        """The template for ``image`` and ``size``, built first when missing. A corrupt one
+        is removed and rebuilt. Errors of a build propagate."""
+        return self.ensure(image, size)[0]
 
-    def ensure(self, image: GuestImage, size: Size, *, build: bool = True) -> tuple[Template | None, TemplateInfo | None]:
+    def ensure(self, image: GuestImage, size: Size) -> tuple[Template, TemplateInfo]:
         key = self.key(image, size)
         with self._key_lock(key):
             tpl = self._load(key)
             if tpl is not None:
                 return tpl, TemplateInfo(key, tpl.path, False, 0.0)
-            if not build:
-                return None, None
             t0 = time.monotonic()
             with self._lock:
                 self._building.add(key)
@@ -162,30 +162,31 @@ class Templates:
         if progress is not None:
             self._progress = progress
         try:
-            info = self.ensure(image, size)[1]
+            return self.ensure(image, size)[1]
         finally:
             self._progress = saved
-        assert info is not None  # build=True: a template or an error
-        return info
 
     def _load(self, key: str) -> Template | None:
         path = self.root / key
         try:
-            manifest = json.loads((path / _MANIFEST).read_text())
             st = os.stat(path / _IMAGE)
             stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
-            if manifest.get("format") != FORMAT or manifest.get("size") != st.st_size:
-                raise ValueError("its size or format changed")
-            if self._checked.get(key) != stamp:
+            known = self._checked.get(key)
+            if known is not None and known[0] == stamp:
+                tpl = known[1]
+            else:
+                manifest = json.loads((path / _MANIFEST).read_text())
+                if manifest.get("format") != FORMAT or manifest.get("size") != st.st_size:
+                    raise ValueError("its size or format changed")
                 if _sha256(path / _IMAGE) != manifest.get("sha256"):
                     raise ValueError("its checksum does not match")
-                self._checked[key] = stamp
-            saved = read_save_image(path / _IMAGE)
+                saved = read_save_image(path / _IMAGE)
+                zeros = {name: [(int(a), int(b)) for a, b in runs]
+                         for name, runs in json.loads((path / _ZEROS).read_text()).items()}
+                tpl = Template(key, path, saved.xml, (path / CLIENT_KEY).read_bytes(),
+                               (path / _HOST_KEY).read_text().strip(), zeros)
+                self._checked[key] = (stamp, tpl)
             os.utime(path / _MANIFEST)  # last used: what clean() keeps
-            zeros = {name: [(int(a), int(b)) for a, b in runs]
-                     for name, runs in json.loads((path / _ZEROS).read_text()).items()}
-            tpl = Template(key, path, saved.xml, (path / CLIENT_KEY).read_bytes(), (path / _HOST_KEY).read_text().strip(),
-                           zeros)
         except FileNotFoundError:
             if path.exists():
                 self.discard(key, "it is incomplete")
