@@ -11,6 +11,8 @@ import enum
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from .errors import InvalidArgument
+
 __all__ = [
     "AnyMessage",
     "Runtime",
@@ -25,6 +27,8 @@ __all__ = [
     "Metric",
     "ExecResult",
     "PtySize",
+    "SIGNAL_NAMES",
+    "signal_name",
     "SandboxState",
     "Phase",
     "SandboxSummary",
@@ -214,3 +218,16 @@ class SandboxSummary:
     pid: int
     created_at: datetime
     exited_at: datetime | None = None
+
+
+SIGNAL_NAMES: dict[int, str] = {1: "HUP", 2: "INT", 3: "QUIT", 9: "KILL", 10: "USR1", 12: "USR2", 14: "ALRM", 15: "TERM"}
+"""The signals a guest process can be sent (RFC 4254 names), by their Linux number."""
+
+
+def signal_name(signum: int) -> str:
+    """The RFC 4254 name of ``signum``; InvalidArgument when it cannot be sent to a guest process."""
+    try:
+        return SIGNAL_NAMES[int(signum)]
+    except (KeyError, ValueError, TypeError):
+        raise InvalidArgument(f"signal {signum!r} cannot be sent to a guest process (one of "
+                              f"{', '.join(f'SIG{n}' for n in SIGNAL_NAMES.values())})") from None

@@ -271,3 +271,25 @@ def test_supervised_daemon_is_killed_at_the_timeout(vsbx_exec: Path, tmp_path: P
     assert time.monotonic() - t0 < 10
     pid = int(pidfile.read_text())
     assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def test_user_is_token_u_in_hex_and_bad_users_are_refused():
+    from vmsandbox.guest.agent import encode_exec_request
+
+    cmd = encode_exec_request(["id"], user="nobody:nogroup")
+    assert cmd.split()[-1] == "u" + b"nobody:nogroup".hex()
+    assert encode_exec_request(["id"], user="1000").split()[-1] == "u" + b"1000".hex()
+    for bad in ("", ":", "a:", ":b", "a:b:c", "a\nb", "a\0"):
+        with pytest.raises(InvalidArgument):
+            encode_exec_request(["id"], user=bad)
+
+
+def test_signal_names_are_rfc4254_and_others_refused():
+    import signal as sig
+
+    from vmsandbox.model import signal_name
+
+    assert signal_name(sig.SIGTERM) == "TERM" and signal_name(9) == "KILL" and signal_name(sig.SIGINT) == "INT"
+    for bad in (0, 11, 64, "TERM"):
+        with pytest.raises(InvalidArgument):
+            signal_name(bad)  # type: ignore[arg-type]

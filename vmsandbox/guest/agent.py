@@ -60,12 +60,15 @@ def encode_exec_request(
     keep: str | None = None,
     rejoin: str | None = None,
     console_socket: str | None = None,
+    user: str | None = None,
 ) -> str:
     """The command string for ``vsbx-exec``: ``vsbx1`` then hex tokens, no shell syntax.
 
     ``keep`` (with ``supervise_pidfile``): a detached keeper supervises the daemon, its output
     in ``<keep>.out``/``.err`` and its exit code in ``<keep>.exit``; ``rejoin`` (no argv):
-    wait for the keeper of that prefix and end with its code (images/README.md, tokens k, w)."""
+    wait for the keeper of that prefix and end with its code (images/README.md, tokens k, w).
+    ``user``: ``NAME|UID[:GROUP|GID]`` to run as, resolved in the root the command runs in
+    (token u); None runs as root."""
     for what, path in (("keep", keep), ("rejoin", rejoin)):
         if path is not None and (not path.startswith("/") or "\0" in path):
             raise InvalidArgument(f"the {what} prefix must be an absolute path, not {path!r}")
@@ -94,6 +97,10 @@ def encode_exec_request(
     if console_socket is not None and (supervise_pidfile is None or not console_socket.startswith("/")
                                        or "\0" in console_socket or len(console_socket.encode()) > 107):
         raise InvalidArgument(f"a console socket needs a pid file and a short absolute path, not {console_socket!r}")
+    if user is not None and (not user or any(c in user for c in "\0\n") or user.count(":") > 1
+                             or "" in user.split(":")):
+        raise InvalidArgument(f"user must be NAME, UID, NAME:GROUP or UID:GID, not {user!r}")
+
     def hx(text: str) -> str:
         return text.encode("utf-8", "surrogateescape").hex()
 
@@ -112,6 +119,8 @@ def encode_exec_request(
         tokens.append("k" + hx(keep))
     if console_socket is not None:
         tokens.append("y" + hx(console_socket))
+    if user is not None:
+        tokens.append("u" + hx(user))
     cmd = " ".join(tokens)
     if len(cmd) > MAX_REQUEST:
         raise InvalidArgument(
@@ -252,6 +261,7 @@ class GuestAgent:
         timeout: float | None = None,
         in_guest_root: bool = False,
         max_output: int | None = None,
+        user: str | None = None,
     ) -> ExecResult:
         """Run argv in the guest and collect its output.
 
@@ -264,7 +274,7 @@ class GuestAgent:
         cap = MAX_OUTPUT if max_output is None else max_output
         if timeout is not None and timeout <= 0:
             raise InvalidArgument("timeout must be positive")
-        cmd = encode_exec_request(argv, env=env, cwd=cwd, timeout=timeout, in_guest_root=in_guest_root)
+        cmd = encode_exec_request(argv, env=env, cwd=cwd, timeout=timeout, in_guest_root=in_guest_root, user=user)
         t = self._transport
         if t is None or not t.is_active():
             raise Unavailable("no connection to the guest agent", sandbox_id=self.sandbox_id)
@@ -340,6 +350,7 @@ class GuestAgent:
         keep: str | None = None,
         rejoin: str | None = None,
         console_socket: str | None = None,
+        user: str | None = None,
     ) -> SshProcess:
         """Start argv on its own channel; see :meth:`vmsandbox.sandbox.ports.GuestChannel.spawn`."""
         environ = dict(env or {})
@@ -347,7 +358,7 @@ class GuestAgent:
             environ.setdefault("TERM", "xterm")
         cmd = encode_exec_request(argv, env=environ, cwd=cwd, in_guest_root=in_guest_root,
                                   supervise_pidfile=supervise_pidfile, keep=keep, rejoin=rejoin,
-                                  console_socket=console_socket)
+                                  console_socket=console_socket, user=user)
         t = self._transport
         if t is None or not t.is_active():
             raise Unavailable("no connection to the guest agent", sandbox_id=self.sandbox_id)

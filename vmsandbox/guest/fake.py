@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from .._failpoints import Failpoints
 from ..errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
-from ..model import ExecResult, PtySize
+from ..model import ExecResult, PtySize, signal_name
 
 __all__ = ["FakeGuests", "FakeChannel", "ExecCall", "SpawnCall", "FakeProcess"]
 
@@ -38,6 +38,7 @@ class ExecCall:
     stdin: bytes | None
     timeout: float | None
     in_guest_root: bool
+    user: str | None = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class SpawnCall:
     keep: str | None = None
     rejoin: str | None = None
     console_socket: str | None = None
+    user: str | None = None
 
 
 class FakeProcess:
@@ -66,6 +68,7 @@ class FakeProcess:
         self.stdin = bytearray()
         self.stdin_closed = False
         self.sizes: list[PtySize] = []
+        self.signals: list[int] = []
         self.aborted = False
         self.status: int | None = None
         self._done = False
@@ -129,6 +132,12 @@ class FakeProcess:
     @property
     def done(self) -> bool:
         return self._done
+
+    def signal(self, signum: int) -> None:
+        """Recorded in ``signals``; the test plays what the process does with it."""
+        signal_name(signum)
+        if not self._done:
+            self.signals.append(signum)
 
     def abort(self) -> None:
         self.aborted = True
@@ -211,8 +220,9 @@ class FakeChannel:
         timeout: float | None = None,
         in_guest_root: bool = False,
         max_output: int | None = None,
+        user: str | None = None,
     ) -> ExecResult:
-        call = ExecCall(self.socket_path, tuple(argv), dict(env or {}), cwd, stdin, timeout, in_guest_root)
+        call = ExecCall(self.socket_path, tuple(argv), dict(env or {}), cwd, stdin, timeout, in_guest_root, user)
         self._g.fp.hit("exec")
         if not self.connected:
             raise Unavailable("no connection to the guest agent", sandbox_id=self.sandbox_id)
@@ -239,6 +249,7 @@ class FakeChannel:
         keep: str | None = None,
         rejoin: str | None = None,
         console_socket: str | None = None,
+        user: str | None = None,
     ) -> FakeProcess:
         self._g.fp.hit("spawn")
         if not argv and rejoin is None:
@@ -246,7 +257,7 @@ class FakeChannel:
         if not self.connected or self.stale:
             raise Unavailable("no connection to the guest agent", sandbox_id=self.sandbox_id)
         call = SpawnCall(self.socket_path, tuple(argv), dict(env or {}), cwd, tty, size, in_guest_root,
-                         supervise_pidfile, keep, rejoin, console_socket)
+                         supervise_pidfile, keep, rejoin, console_socket, user)
         proc = FakeProcess(call, stdout, stderr, self.sandbox_id)
         self._g.processes.append(proc)
         self._g.on_spawn(proc)

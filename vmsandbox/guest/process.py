@@ -17,7 +17,7 @@ from collections.abc import Callable
 import paramiko
 
 from ..errors import DeadlineExceeded, FailedPrecondition, Unavailable
-from ..model import PtySize
+from ..model import PtySize, signal_name
 
 __all__ = ["SshProcess", "spawn_on"]
 
@@ -153,6 +153,11 @@ class SshProcess:
     @property
     def done(self) -> bool:
         return self._done.is_set()
+
+    def signal(self, signum: int) -> None:
+        name = signal_name(signum)
+        if not self._done.is_set():
+            self._signal(name)
 
     def abort(self) -> None:
         if not self._done.is_set():

@@ -68,11 +68,11 @@ class Agents:
 
     def exec(self, e: Entry, argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str | None = None,
              stdin: bytes | None = None, timeout: float | None = None, in_guest_root: bool = False,
-             max_output: int | None = None) -> ExecResult:
+             max_output: int | None = None, user: str | None = None) -> ExecResult:
         agent = self.connect(e, time.monotonic() + CONNECT_TIMEOUT)
         try:
             return agent.exec(argv, env=env, cwd=cwd, stdin=stdin, timeout=timeout, in_guest_root=in_guest_root,
-                              max_output=max_output)
+                              max_output=max_output, user=user)
         except Unavailable:
             agent.close()  # the transport is gone: the next call reconnects
             raise

@@ -47,7 +47,8 @@ from .resources import plan_update, updated_fields
 from . import mounts as mountplan
 from .cgroups import cgroup_relpath, libvirt_partition, place_process
 from .guestconfig import guest_settings, write_guest_files
-from .agents import CONNECT_TIMEOUT, Agents
+from .agents import Agents
+from .guestops import GuestOps
 from .bringup import COLD, TEMPLATE, BringUp
 from .events import Emitter, EventSink, Step
 from .exits import DOMAIN_PREFIX, EXIT_CLEAN, EXIT_FAILED, EXIT_KILLED, Exits
@@ -69,7 +70,7 @@ __all__ = ["SandboxController", "DOMAIN_PREFIX", "EXIT_CLEAN", "EXIT_KILLED", "E
 log = logging.getLogger(__name__)
 
 
-class SandboxController:
+class SandboxController(GuestOps):
     """containerd's sandbox Controller where each sandbox is a domain of ``hypervisor``.
 
     The orchestration: records, locks, the lifecycle, exits and recovery, over the ports it is
@@ -458,31 +459,3 @@ class SandboxController:
         self._registry.forget(rec.id)
         self._emit(rec.id, Step.REMOVED)
         log.info("sandbox %s: removed", rec.id)
-
-    # ------------------------------------------------------------------ extras
-    def exec(self, sandbox_id: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
-             cwd: str | None = None, stdin: bytes | None = None, timeout: float | None = None,
-             max_output: int | None = None) -> ExecResult:
-        """Run ``argv`` (no shell) inside the sandbox's rootfs and return its result.
-
-        Without rootfs mounts it runs in the guest's own root. Raises FailedPrecondition
-        when the sandbox is not running or the output passes ``max_output`` bytes (default
-        32 MiB; the command is stopped), DeadlineExceeded after ``timeout`` seconds.
-        """
-        if isinstance(argv, str):
-            raise InvalidArgument("argv must be a sequence of strings, not one string")
-        e = self._registry.get(sandbox_id)
-        if e.record.phase is not Phase.RUNNING:
-            raise FailedPrecondition(f"sandbox is {e.record.phase.value}, not running", sandbox_id=sandbox_id)
-        return self._agents.exec(e, argv, env=env, cwd=cwd, stdin=stdin, timeout=timeout, max_output=max_output)
-
-    def guest_channel(self, sandbox_id: str) -> GuestChannel:
-        """The running sandbox's connected agent channel (the task engine's); as exec's errors."""
-        e = self._registry.get(sandbox_id)
-        if e.record.phase is not Phase.RUNNING:
-            raise FailedPrecondition(f"sandbox is {e.record.phase.value}, not running", sandbox_id=sandbox_id)
-        return self._agents.connect(e, time.monotonic() + CONNECT_TIMEOUT)
-
-    def share_path(self, sandbox_id: str) -> Path:
-        """The host folder of the sandbox's virtio-fs share (``/run/vsbx/shared`` in its guest)."""
-        return self._shares.path(self._registry.get(sandbox_id).record.id)

@@ -171,6 +171,11 @@ class GuestProcess(Protocol):
     def done(self) -> bool:
         """True once :meth:`wait` would return (or raise Unavailable) at once."""
 
+    def signal(self, signum: int) -> None:
+        """Send signal ``signum`` (SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGKILL, SIGUSR1, SIGUSR2,
+        SIGALRM) to the process's group in the guest; its exit status then tells what it did
+        with it. A no-op once it ended; InvalidArgument for another signal."""
+
     def abort(self) -> None:
         """Close the channel: the guest ends the process with its session. Idempotent; a
         later :meth:`wait` raises Unavailable unless the exit status had already come."""
@@ -196,9 +201,10 @@ class GuestChannel(Protocol):
         timeout: float | None = None,
         in_guest_root: bool = False,
         max_output: int | None = None,
+        user: str | None = None,
     ) -> ExecResult:
         """FailedPrecondition when the output passes ``max_output`` bytes (None: the
-        adapter's default cap)."""
+        adapter's default cap). ``user``: as :meth:`spawn`."""
 
     def spawn(
         self,
@@ -215,6 +221,7 @@ class GuestChannel(Protocol):
         keep: str | None = None,
         rejoin: str | None = None,
         console_socket: str | None = None,
+        user: str | None = None,
     ) -> GuestProcess:
         """Start argv (no shell) on its own channel and return at once; output streams to the
         sinks (a tty process has one stream, to ``stdout``). ``supervise_pidfile``: argv is a
@@ -228,7 +235,8 @@ class GuestChannel(Protocol):
         the keeper of that prefix (255 when it was killed without one).
         ``console_socket`` (with a pid file): a guest unix socket path where argv (``crun
         --console-socket``) sends the terminal's pty master; the process's terminal is then
-        pumped to and from this channel (token ``y``).
+        pumped to and from this channel (token ``y``). ``user``: ``NAME|UID[:GROUP|GID]``, resolved
+        in the root argv runs in (its /etc/passwd and /etc/group; token ``u``); None is root.
         Unavailable when there is no live connection; InvalidArgument for a bad request."""
 
     def rekey(self, client_key_pem: bytes, host_key_line: str) -> None:
