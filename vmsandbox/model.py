@@ -8,6 +8,7 @@ seconds as ``float``, times are timezone-aware ``datetime`` in UTC, maps are ``d
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -28,6 +29,7 @@ __all__ = [
     "ExecResult",
     "PtySize",
     "SIGNAL_NAMES",
+    "ImageConfig",
     "signal_name",
     "SandboxState",
     "Phase",
@@ -220,7 +222,7 @@ class SandboxSummary:
     exited_at: datetime | None = None
 
 
-SIGNAL_NAMES: dict[int, str] = {1: "HUP", 2: "INT", 3: "QUIT", 9: "KILL", 10: "USR1", 12: "USR2", 14: "ALRM", 15: "TERM"}
+SIGNAL_NAMES: dict[int, str] = {1: "HUP", 2: "INT", 3: "QUIT", 9: "KILL", 10: "USR1", 12: "USR2", 15: "TERM"}
 """The signals a guest process can be sent (RFC 4254 names), by their Linux number."""
 
 
@@ -231,3 +233,35 @@ def signal_name(signum: int) -> str:
     except (KeyError, ValueError, TypeError):
         raise InvalidArgument(f"signal {signum!r} cannot be sent to a guest process (one of "
                               f"{', '.join(f'SIG{n}' for n in SIGNAL_NAMES.values())})") from None
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """How an OCI image says its commands run (its config's ``config`` object).
+
+    ``env`` is ``KEY=VALUE`` strings in the image's order; empty fields mean the image set
+    none. exec applies ``env``, ``working_dir`` and ``user`` as ``docker exec`` does;
+    :meth:`command` is what ``docker run IMAGE [ARGS]`` would run.
+    """
+
+    digest: str
+    """The image manifest's digest (``sha256:...``): the image's identity and cache key."""
+    env: tuple[str, ...] = ()
+    working_dir: str = ""
+    user: str = ""
+    entrypoint: tuple[str, ...] = ()
+    cmd: tuple[str, ...] = ()
+    os: str = "linux"
+    architecture: str = "amd64"
+
+    def environ(self) -> dict[str, str]:
+        """``env`` as a mapping (a later duplicate wins, as in the runtime spec)."""
+        return dict(item.split("=", 1) if "=" in item else (item, "") for item in self.env)
+
+    def command(self, args: Sequence[str] | None = None) -> list[str]:
+        """Entrypoint followed by ``args``, or by the image's Cmd when ``args`` is empty or None.
+        InvalidArgument when that leaves nothing to run."""
+        argv = list(self.entrypoint) + (list(args) if args else list(self.cmd))
+        if not argv:
+            raise InvalidArgument(f"image {self.digest} has no Entrypoint or Cmd: give a command")
+        return argv
