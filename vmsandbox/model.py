@@ -256,7 +256,11 @@ class ImageConfig:
 
     def environ(self) -> dict[str, str]:
         """``env`` as a mapping (a later duplicate wins, as in the runtime spec)."""
-        return dict(item.split("=", 1) if "=" in item else (item, "") for item in self.env)
+        out: dict[str, str] = {}
+        for item in self.env:
+            key, _, value = item.partition("=")
+            out[key] = value
+        return out
 
     def command(self, args: Sequence[str] | None = None) -> list[str]:
         """Entrypoint followed by ``args``, or by the image's Cmd when ``args`` is empty or None.
