@@ -2,19 +2,25 @@
 
 :class:`RemoteController` speaks to the admin socket (``<state_dir>/admin.sock``): the
 Controller service for status, platform, metrics, stop, wait and shutdown, and the admin
-service for list, exec and console logs. gRPC status codes come back as the
-:mod:`vmsandbox.errors` classes they were made from.
+service for list, exec, spawn, share paths and console logs. gRPC status codes come back as
+the :mod:`vmsandbox.errors` classes they were made from.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import TypeVar
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+from typing import Any as _Any
 
 import grpc
 
 from .. import errors
-from ..model import ControllerStatus, ExecResult, ExitStatus, Metric, Platform, SandboxSummary
+from ..model import (ControllerStatus, ExecResult, ExitStatus, ImageConfig, Metric, Platform, PtySize,
+                     SandboxSummary, signal_name)
 from ..proto.containerd.services.sandbox.v1 import sandbox_pb2 as api
 from ..proto.containerd.services.sandbox.v1 import sandbox_pb2_grpc as api_grpc
 from ..proto.vmsandbox.admin.v1 import admin_pb2 as pb
@@ -23,11 +29,17 @@ from . import convert
 from .admin import MAX_MESSAGE_BYTES
 from .status import ERROR_CODES
 
-__all__ = ["RemoteController", "error_from_rpc"]
+if TYPE_CHECKING:
+    from ..sandbox.ports import OutputSink
 
+__all__ = ["RemoteController", "RemoteProcess", "error_from_rpc"]
+
+log = logging.getLogger(__name__)
 SANDBOXER = "vmsandbox"
 _FROM_CODE = {code: cls for cls, code in ERROR_CODES.items()}
 _T = TypeVar("_T")
+_INPUT_CHUNKS = 16
+"""Input messages waiting for the call's flow control; past that write_stdin blocks."""
 
 
 def error_from_rpc(err: grpc.RpcError, *, what: str, address: str) -> errors.VmSandboxError:
@@ -115,11 +127,14 @@ class RemoteController:
         cwd: str | None = None,
         stdin: bytes | None = None,
         timeout: float | None = None,
+        user: str | None = None,
+        in_guest_root: bool = False,
     ) -> ExecResult:
         if isinstance(argv, str):
             raise errors.InvalidArgument("argv must be a sequence of strings, not one string")
         req = pb.ExecRequest(sandbox_id=sandbox_id, argv=list(argv), env=dict(env or {}), cwd=cwd or "",
-                             stdin=stdin or b"", has_stdin=stdin is not None, timeout_seconds=timeout or 0.0)
+                             stdin=stdin or b"", has_stdin=stdin is not None, timeout_seconds=timeout or 0.0,
+                             user=user or "", in_guest_root=in_guest_root)
         # The guest bounds the command by `timeout`; the call gets a little longer on top.
         resp = self._call("exec", lambda: self._admin.Exec(req, timeout=None if timeout is None else timeout + 30))
         return ExecResult(exit_code=resp.exit_code, stdout=resp.stdout, stderr=resp.stderr)
@@ -127,3 +142,163 @@ class RemoteController:
     def read_console_log(self, sandbox_id: str, max_bytes: int = 0) -> bytes:
         req = pb.ConsoleLogRequest(sandbox_id=sandbox_id, max_bytes=max_bytes)
         return bytes(self._call("logs", lambda: self._admin.ConsoleLog(req, timeout=60).data))
+
+    def spawn(self, sandbox_id: str, argv: Sequence[str], *, stdout: OutputSink, stderr: OutputSink,
+              env: Mapping[str, str] | None = None, cwd: str | None = None, user: str | None = None,
+              tty: bool = False, size: PtySize | None = None, in_guest_root: bool = False) -> RemoteProcess:
+        """As the local controller's ``spawn``, over the admin Spawn call: returns once the
+        process runs (or raises its error); the call lives as long as the process."""
+        if isinstance(argv, str):
+            raise errors.InvalidArgument("argv must be a sequence of strings, not one string")
+        start = pb.SpawnStart(sandbox_id=sandbox_id, argv=list(argv), env=dict(env or {}), cwd=cwd or "",
+                              user=user or "", tty=tty, in_guest_root=in_guest_root)
+        if size is not None:
+            start.size.CopyFrom(pb.TerminalSize(width=size.width, height=size.height))
+        return RemoteProcess(self._admin.Spawn, start, stdout=stdout, stderr=stderr, address=self.address)
+
+    def share_path(self, sandbox_id: str) -> Path:
+        """The host folder of the sandbox's share, as serve (on this host) has it."""
+        req = pb.SharePathRequest(sandbox_id=sandbox_id)
+        return Path(self._call("share path", lambda: self._admin.SharePath(req, timeout=60).path))
+
+    def image_config(self, sandbox_id: str) -> ImageConfig | None:
+        """None: serve's sandboxes are containerd's pods, made from no image of ours."""
+        return None
+
+
+class RemoteProcess:
+    """The :class:`~vmsandbox.sandbox.ports.GuestProcess` port over one admin Spawn call.
+
+    A reader thread hands the output to the sinks as it arrives (and ``b""`` to both at the
+    end); while a sink blocks nothing more is read, and the server and the guest wait too.
+    """
+
+    def __init__(self, spawn: Callable[..., _Any], start: pb.SpawnStart, *, stdout: OutputSink,
+                 stderr: OutputSink, address: str) -> None:
+        self._what, self.sandbox_id, self._tty = list(start.argv), start.sandbox_id, start.tty
+        self._address = address
+        self._sinks: list[OutputSink | None] = [stdout, stderr]
+        self._inputs: queue.Queue[pb.SpawnInput | None] = queue.Queue(_INPUT_CHUNKS)
+        self._inputs.put(pb.SpawnInput(start=start))
+        self._lock = threading.Lock()
+        self._stdin_closed = False
+        self._aborted = False
+        self._status: int | None = None
+        self._error: errors.VmSandboxError | None = None
+        self._done = threading.Event()
+        self._call = spawn(self._requests())
+        try:
+            first = next(self._call)
+        except grpc.RpcError as e:
+            self._inputs.put(None)
+            raise error_from_rpc(e, what="spawn", address=address) from e
+        if first.WhichOneof("output") != "started":
+            self._call.cancel()
+            raise errors.Internal(f"spawn: the server answered {first.WhichOneof('output')} before started")
+        self._reader = threading.Thread(target=self._pump, daemon=True, name=f"vsbx-remote-proc-{self.sandbox_id}")
+        self._reader.start()
+
+    def _requests(self) -> Iterator[pb.SpawnInput]:
+        while (msg := self._inputs.get()) is not None:
+            yield msg
+
+    def _send(self, msg: pb.SpawnInput) -> None:
+        while not self._done.is_set():
+            try:
+                self._inputs.put(msg, timeout=0.5)
+                return
+            except queue.Full:
+                pass
+        raise errors.Unavailable(f"{self._what!r} has ended; its input is gone", sandbox_id=self.sandbox_id)
+
+    def _deliver(self, i: int, data: bytes) -> None:
+        sink = self._sinks[i]
+        if sink is None:
+            return
+        try:
+            sink(data)
+        except Exception:  # noqa: BLE001 - a sink's failure must not stop the pump
+            log.warning("sandbox %s: the %s sink of %r failed; discarding that stream", self.sandbox_id,
+                        ("stdout", "stderr")[i], self._what, exc_info=True)
+            self._sinks[i] = None
+
+    def _pump(self) -> None:
+        try:
+            for msg in self._call:
+                what = msg.WhichOneof("output")
+                if what == "stdout":
+                    self._deliver(0, msg.stdout)
+                elif what == "stderr":
+                    self._deliver(1, msg.stderr)
+                elif what == "exit_status":
+                    self._status = msg.exit_status
+            if self._status is None:
+                self._error = errors.Unavailable("the spawn call ended without an exit status",
+                                                 sandbox_id=self.sandbox_id)
+        except grpc.RpcError as e:
+            if self._aborted:
+                self._error = errors.Unavailable(f"{self._what!r} was aborted", sandbox_id=self.sandbox_id)
+            else:
+                self._error = error_from_rpc(e, what="spawn", address=self._address)
+        finally:
+            self._deliver(0, b"")
+            self._deliver(1, b"")
+            self._done.set()
+            try:
+                self._inputs.put_nowait(None)  # ends the request iterator grpc reads
+            except queue.Full:
+                pass
+
+    # ------------------------------------------------------------------ the port
+    def write_stdin(self, data: bytes) -> None:
+        with self._lock:
+            if self._stdin_closed:
+                raise errors.FailedPrecondition(f"stdin of {self._what!r} is closed", sandbox_id=self.sandbox_id)
+            if data:
+                self._send(pb.SpawnInput(stdin=data))
+
+    def close_stdin(self) -> None:
+        with self._lock:
+            if self._stdin_closed:
+                return
+            self._stdin_closed = True
+            if not self._done.is_set():
+                try:
+                    self._send(pb.SpawnInput(close_stdin=True))
+                except errors.Unavailable:
+                    pass  # it ended meanwhile: nothing left to close
+
+    def resize(self, size: PtySize) -> None:
+        if not self._tty:
+            raise errors.FailedPrecondition(f"{self._what!r} has no terminal to resize", sandbox_id=self.sandbox_id)
+        if not self._done.is_set():
+            try:
+                self._send(pb.SpawnInput(resize=pb.TerminalSize(width=size.width, height=size.height)))
+            except errors.Unavailable:
+                pass  # a no-op once it ended
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self._done.wait(timeout):
+            raise errors.DeadlineExceeded(f"{self._what!r} still runs after {timeout}s", sandbox_id=self.sandbox_id)
+        if self._status is None:
+            raise self._error or errors.Unavailable("the process was aborted", sandbox_id=self.sandbox_id)
+        return self._status
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def signal(self, signum: int) -> None:
+        signal_name(signum)
+        if not self._done.is_set():
+            try:
+                self._send(pb.SpawnInput(signal=int(signum)))
+            except errors.Unavailable:
+                pass  # a no-op once it ended
+
+    def abort(self) -> None:
+        """Cancel the call: serve aborts the guest process. Idempotent."""
+        if not self._done.is_set():
+            self._aborted = True
+            self._call.cancel()
+        self._done.wait(5)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.vmsandbox/proto/vmsandbox/admin/v1/admin.proto\x12\x12vmsandbox.admin.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\r\n\x0bListRequest\"\xa6\x01\n\x0eSandboxSummary\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\r\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\texited_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"E\n\x0cListResponse\x12\x35\n\tsandboxes\x18\x01 \x03(\x0b\x32\".vmsandbox.admin.v1.SandboxSummary\"\xda\x01\n\x0b\x45xecRequest\x12\x12\n\nsandbox_id\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgv\x18\x02 \x03(\t\x12\x35\n\x03\x65nv\x18\x03 \x03(\x0b\x32(.vmsandbox.admin.v1.ExecRequest.EnvEntry\x12\x0b\n\x03\x63wd\x18\x04 \x01(\t\x12\r\n\x05stdin\x18\x05 \x01(\x0c\x12\x11\n\thas_stdin\x18\x06 \x01(\x08\x12\x17\n\x0ftimeout_seconds\x18\x07 \x01(\x01\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"A\n\x0c\x45xecResponse\x12\x11\n\texit_code\x18\x01 \x01(\x05\x12\x0e\n\x06stdout\x18\x02 \x01(\x0c\x12\x0e\n\x06stderr\x18\x03 \x01(\x0c\":\n\x11\x43onsoleLogRequest\x12\x12\n\nsandbox_id\x18\x01 \x01(\t\x12\x11\n\tmax_bytes\x18\x02 \x01(\x04\"\"\n\x12\x43onsoleLogResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x32\xfa\x01\n\x05\x41\x64min\x12I\n\x04List\x12\x1f.vmsandbox.admin.v1.ListRequest\x1a .vmsandbox.admin.v1.ListResponse\x12I\n\x04\x45xec\x12\x1f.vmsandbox.admin.v1.ExecRequest\x1a .vmsandbox.admin.v1.ExecResponse\x12[\n\nConsoleLog\x12%.vmsandbox.admin.v1.ConsoleLogRequest\x1a&.vmsandbox.admin.v1.ConsoleLogResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.vmsandbox/proto/vmsandbox/admin/v1/admin.proto\x12\x12vmsandbox.admin.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\r\n\x0bListRequest\"\xa6\x01\n\x0eSandboxSummary\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\r\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\texited_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"E\n\x0cListResponse\x12\x35\n\tsandboxes\x18\x01 \x03(\x0b\x32\".vmsandbox.admin.v1.SandboxSummary\"\xff\x01\n\x0b\x45xecRequest\x12\x12\n\nsandbox_id\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgv\x18\x02 \x03(\t\x12\x35\n\x03\x65nv\x18\x03 \x03(\x0b\x32(.vmsandbox.admin.v1.ExecRequest.EnvEntry\x12\x0b\n\x03\x63wd\x18\x04 \x01(\t\x12\r\n\x05stdin\x18\x05 \x01(\x0c\x12\x11\n\thas_stdin\x18\x06 \x01(\x08\x12\x17\n\x0ftimeout_seconds\x18\x07 \x01(\x01\x12\x0c\n\x04user\x18\x08 \x01(\t\x12\x15\n\rin_guest_root\x18\t \x01(\x08\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"A\n\x0c\x45xecResponse\x12\x11\n\texit_code\x18\x01 \x01(\x05\x12\x0e\n\x06stdout\x18\x02 \x01(\x0c\x12\x0e\n\x06stderr\x18\x03 \x01(\x0c\":\n\x11\x43onsoleLogRequest\x12\x12\n\nsandbox_id\x18\x01 \x01(\t\x12\x11\n\tmax_bytes\x18\x02 \x01(\x04\"\"\n\x12\x43onsoleLogResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"-\n\x0cTerminalSize\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\"\xff\x01\n\nSpawnStart\x12\x12\n\nsandbox_id\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgv\x18\x02 \x03(\t\x12\x34\n\x03\x65nv\x18\x03 \x03(\x0b\x32\'.vmsandbox.admin.v1.SpawnStart.EnvEntry\x12\x0b\n\x03\x63wd\x18\x04 \x01(\t\x12\x0c\n\x04user\x18\x05 \x01(\t\x12\x0b\n\x03tty\x18\x06 \x01(\x08\x12.\n\x04size\x18\x07 \x01(\x0b\x32 .vmsandbox.admin.v1.TerminalSize\x12\x15\n\rin_guest_root\x18\x08 \x01(\x08\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb4\x01\n\nSpawnInput\x12/\n\x05start\x18\x01 \x01(\x0b\x32\x1e.vmsandbox.admin.v1.SpawnStartH\x00\x12\x0f\n\x05stdin\x18\x02 \x01(\x0cH\x00\x12\x15\n\x0b\x63lose_stdin\x18\x03 \x01(\x08H\x00\x12\x32\n\x06resize\x18\x04 \x01(\x0b\x32 .vmsandbox.admin.v1.TerminalSizeH\x00\x12\x10\n\x06signal\x18\x05 \x01(\x05H\x00\x42\x07\n\x05input\"e\n\x0bSpawnOutput\x12\x11\n\x07started\x18\x01 \x01(\x08H\x00\x12\x10\n\x06stdout\x18\x02 \x01(\x0cH\x00\x12\x10\n\x06stderr\x18\x03 \x01(\x0cH\x00\x12\x15\n\x0b\x65xit_status\x18\x04 \x01(\x05H\x00\x42\x08\n\x06output\"&\n\x10SharePathRequest\x12\x12\n\nsandbox_id\x18\x01 \x01(\t\"!\n\x11SharePathResponse\x12\x0c\n\x04path\x18\x01 \x01(\t2\xa2\x03\n\x05\x41\x64min\x12I\n\x04List\x12\x1f.vmsandbox.admin.v1.ListRequest\x1a .vmsandbox.admin.v1.ListResponse\x12I\n\x04\x45xec\x12\x1f.vmsandbox.admin.v1.ExecRequest\x1a .vmsandbox.admin.v1.ExecResponse\x12[\n\nConsoleLog\x12%.vmsandbox.admin.v1.ConsoleLogRequest\x1a&.vmsandbox.admin.v1.ConsoleLogResponse\x12L\n\x05Spawn\x12\x1e.vmsandbox.admin.v1.SpawnInput\x1a\x1f.vmsandbox.admin.v1.SpawnOutput(\x01\x30\x01\x12X\n\tSharePath\x12$.vmsandbox.admin.v1.SharePathRequest\x1a%.vmsandbox.admin.v1.SharePathResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,6 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EXECREQUEST_ENVENTRY']._loaded_options = None
   _globals['_EXECREQUEST_ENVENTRY']._serialized_options = b'8\001'
+  _globals['_SPAWNSTART_ENVENTRY']._loaded_options = None
+  _globals['_SPAWNSTART_ENVENTRY']._serialized_options = b'8\001'
   _globals['_LISTREQUEST']._serialized_start=103
   _globals['_LISTREQUEST']._serialized_end=116
   _globals['_SANDBOXSUMMARY']._serialized_start=119
@@ -41,15 +43,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTRESPONSE']._serialized_start=287
   _globals['_LISTRESPONSE']._serialized_end=356
   _globals['_EXECREQUEST']._serialized_start=359
-  _globals['_EXECREQUEST']._serialized_end=577
-  _globals['_EXECREQUEST_ENVENTRY']._serialized_start=535
-  _globals['_EXECREQUEST_ENVENTRY']._serialized_end=577
-  _globals['_EXECRESPONSE']._serialized_start=579
-  _globals['_EXECRESPONSE']._serialized_end=644
-  _globals['_CONSOLELOGREQUEST']._serialized_start=646
-  _globals['_CONSOLELOGREQUEST']._serialized_end=704
-  _globals['_CONSOLELOGRESPONSE']._serialized_start=706
-  _globals['_CONSOLELOGRESPONSE']._serialized_end=740
-  _globals['_ADMIN']._serialized_start=743
-  _globals['_ADMIN']._serialized_end=993
+  _globals['_EXECREQUEST']._serialized_end=614
+  _globals['_EXECREQUEST_ENVENTRY']._serialized_start=572
+  _globals['_EXECREQUEST_ENVENTRY']._serialized_end=614
+  _globals['_EXECRESPONSE']._serialized_start=616
+  _globals['_EXECRESPONSE']._serialized_end=681
+  _globals['_CONSOLELOGREQUEST']._serialized_start=683
+  _globals['_CONSOLELOGREQUEST']._serialized_end=741
+  _globals['_CONSOLELOGRESPONSE']._serialized_start=743
+  _globals['_CONSOLELOGRESPONSE']._serialized_end=777
+  _globals['_TERMINALSIZE']._serialized_start=779
+  _globals['_TERMINALSIZE']._serialized_end=824
+  _globals['_SPAWNSTART']._serialized_start=827
+  _globals['_SPAWNSTART']._serialized_end=1082
+  _globals['_SPAWNSTART_ENVENTRY']._serialized_start=572
+  _globals['_SPAWNSTART_ENVENTRY']._serialized_end=614
+  _globals['_SPAWNINPUT']._serialized_start=1085
+  _globals['_SPAWNINPUT']._serialized_end=1265
+  _globals['_SPAWNOUTPUT']._serialized_start=1267
+  _globals['_SPAWNOUTPUT']._serialized_end=1368
+  _globals['_SHAREPATHREQUEST']._serialized_start=1370
+  _globals['_SHAREPATHREQUEST']._serialized_end=1408
+  _globals['_SHAREPATHRESPONSE']._serialized_start=1410
+  _globals['_SHAREPATHRESPONSE']._serialized_end=1443
+  _globals['_ADMIN']._serialized_start=1446
+  _globals['_ADMIN']._serialized_end=1864
 # @@protoc_insertion_point(module_scope)

@@ -49,6 +49,16 @@ class AdminStub:
                 request_serializer=vmsandbox_dot_proto_dot_vmsandbox_dot_admin_dot_v1_dot_admin__pb2.ConsoleLogRequest.SerializeToString,
                 response_deserializer=vmsandbox_dot_proto_dot_vmsandbox_dot_admin_dot_v1_dot_admin__pb2.ConsoleLogResponse.FromString,
                 _registered_method=True)
+        self.Spawn = channel.stream_stream(
+                '/vmsandbox.admin.v1.Admin/Spawn',
+                request_serializer=vmsandbox_dot_proto_dot_vmsandbox_dot_admin_dot_v1_dot_admin__pb2.SpawnInput.SerializeToString,
+                response_deserializer=vmsandbox_dot_proto_dot_vmsandbox_dot_admin_dot_v1_dot_admin__pb2.SpawnOutput.FromString,
+                _registered_method=True)
+        self.SharePath = channel.unary_unary(
+                '/vmsandbox.admin.v1.Admin/SharePath',
+                request_serializer=vmsandbox_dot_proto_dot_vmsandbox_dot_admin_dot_v1_dot_admin__pb2.SharePathRequest.SerializeToString,
+                response_deserializer=vmsandbox_dot_proto_dot_vmsandbox_dot_admin_dot_v1_dot_admin__pb2.SharePathResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -75,6 +85,24 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Spawn(self, request_iterator, context):
+        """Run argv (no shell) with its stdio streamed both ways. The first message must be a
+        SpawnStart; later ones carry stdin, its end, terminal sizes and signals. The server first
+        answers `started` (or ends the call with the error), then the output as the command writes
+        it, then the exit status. The server holds little output (it waits for the client to read,
+        and the guest for it); a cancelled call aborts the guest process.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SharePath(self, request, context):
+        """The host folder of the sandbox's virtio-fs share (its layout is the server's).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +120,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ConsoleLog,
                     request_deserializer=vmsandbox_dot_proto_dot_vmsandbox_dot_admin_dot_v1_dot_admin__pb2.ConsoleLogRequest.FromString,
                     response_serializer=vmsandbox_dot_proto_dot_vmsandbox_dot_admin_dot_v1_dot_admin__pb2.ConsoleLogResponse.SerializeToString,
+            ),
+            'Spawn': grpc.stream_stream_rpc_method_handler(
+                    servicer.Spawn,
+                    request_deserializer=vmsandbox_dot_proto_dot_vmsandbox_dot_admin_dot_v1_dot_admin__pb2.SpawnInput.FromString,
+                    response_serializer=vmsandbox_dot_proto_dot_vmsandbox_dot_admin_dot_v1_dot_admin__pb2.SpawnOutput.SerializeToString,
+            ),
+            'SharePath': grpc.unary_unary_rpc_method_handler(
+                    servicer.SharePath,
+                    request_deserializer=vmsandbox_dot_proto_dot_vmsandbox_dot_admin_dot_v1_dot_admin__pb2.SharePathRequest.FromString,
+                    response_serializer=vmsandbox_dot_proto_dot_vmsandbox_dot_admin_dot_v1_dot_admin__pb2.SharePathResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +213,60 @@ class Admin:
             '/vmsandbox.admin.v1.Admin/ConsoleLog',
             vmsandbox_dot_proto_dot_vmsandbox_dot_admin_dot_v1_dot_admin__pb2.ConsoleLogRequest.SerializeToString,
             vmsandbox_dot_proto_dot_vmsandbox_dot_admin_dot_v1_dot_admin__pb2.ConsoleLogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Spawn(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/vmsandbox.admin.v1.Admin/Spawn',
+            vmsandbox_dot_proto_dot_vmsandbox_dot_admin_dot_v1_dot_admin__pb2.SpawnInput.SerializeToString,
+            vmsandbox_dot_proto_dot_vmsandbox_dot_admin_dot_v1_dot_admin__pb2.SpawnOutput.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SharePath(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vmsandbox.admin.v1.Admin/SharePath',
+            vmsandbox_dot_proto_dot_vmsandbox_dot_admin_dot_v1_dot_admin__pb2.SharePathRequest.SerializeToString,
+            vmsandbox_dot_proto_dot_vmsandbox_dot_admin_dot_v1_dot_admin__pb2.SharePathResponse.FromString,
             options,
             channel_credentials,
             insecure,
