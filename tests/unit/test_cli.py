@@ -16,7 +16,8 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,10 +26,29 @@ import pytest
 from tests.unit.rig import Rig
 from vmsandbox import errors
 from vmsandbox.cli import main
-from vmsandbox.guest.fake import ExecCall
+from vmsandbox.guest.fake import ExecCall, FakeGuests, FakeProcess
 from vmsandbox.model import ExecResult, Phase, Sandbox
 from vmsandbox.sandbox.controller import LOCK_FILE, SandboxController
 from vmsandbox.server import ControllerServer, serve
+
+
+def play_handler(guests: FakeGuests) -> Callable[[FakeProcess], None]:
+    """``exec`` streams through spawn: a spawned process plays the guests' exec ``handler``
+    once its stdin is closed (recording the call in ``guests.execs``, as the exec path does)."""
+    def on_spawn(proc: FakeProcess) -> None:
+        def play() -> None:
+            proc.wait_stdin(lambda p: p.stdin_closed, timeout=30)
+            c = proc.call
+            call = ExecCall(c.socket_path, c.argv, c.env, c.cwd, bytes(proc.stdin) or None, None, c.in_guest_root,
+                            c.user)
+            guests.execs.append(call)
+            res = guests.handler(call)
+            proc.emit(res.stdout, 1)
+            proc.emit(res.stderr, 2)
+            proc.exit(res.exit_code)
+
+        threading.Thread(target=play, daemon=True).start()
+    return on_spawn
 
 
 @dataclass
@@ -66,6 +86,7 @@ def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureF
     logging.getLogger().addHandler(quiet)
     rig = Rig(tmp_path)
     rig.ctl.close()  # each CLI command makes (and owns, while it runs) its own controller
+    rig.guests.on_spawn = play_handler(rig.guests)
     monkeypatch.setattr("vmsandbox.host.LibvirtController", rig.controller_factory())
     yield Cli(rig, capsys)
     rig.close()
@@ -174,8 +195,8 @@ def test_exec_passes_env_cwd_stdin_and_timeout_and_exits_with_the_command_code(
                          "--stdin", "a", "--", "cat")
     assert (code, out, err) == (7, "got input", "warning\n")
     call = cli.rig.guests.execs[-1]
-    assert (call.argv, call.env, call.cwd, call.stdin, call.timeout) == (("cat",), {"K": "V", "E": "x=y"}, "/srv",
-                                                                        b"input", 9.0)
+    # The timeout is the CLI's own now (the output streams): see test_exec_timeout_stops_the_command.
+    assert (call.argv, call.env, call.cwd, call.stdin) == (("cat",), {"K": "V", "E": "x=y"}, "/srv", b"input")
 
 
 @pytest.mark.parametrize("argv", [
@@ -627,3 +648,38 @@ def test_image_warm_builds_the_template_once_and_says_so(cli: Cli, monkeypatch: 
     code, out, _ = cli("image", "warm", "--memory-mib", "384")
     assert code == 0 and out == f"template {first['key']}: ready ({first['path']})\n"
     assert cli("image", "warm", "--memory-mib", "1")[0] != 0  # InvalidArgument: too small
+
+
+# --------------------------------------------------------------------------- exec streams (see test_cli_stream.py)
+def test_exec_options_env_file_user_and_workdir(cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cli("create", "a")
+    cli("start", "a")
+    (tmp_path / "env").write_text("# ours\nA=from-file\nB=file\nHOME_DIR\n")
+    monkeypatch.setenv("HOME_DIR", "/root")
+    assert cli("exec", "--env-file", str(tmp_path / "env"), "--env", "B=flag", "-u", "1000:100",
+               "-w", "/srv", "a", "--", "env")[0] == 0
+    (proc,) = cli.rig.guests.processes
+    c = proc.call
+    assert (c.argv, c.env, c.user, c.cwd, c.tty) == (("env",), {"A": "from-file", "B": "flag", "HOME_DIR": "/root"},
+                                                     "1000:100", "/srv", False)
+    code, _, err = cli("exec", "--env-file", str(tmp_path / "missing"), "a", "--", "env")
+    assert code == 1 and err.startswith("vmsandbox: InvalidArgument: --env-file ")
+
+
+def test_exec_with_a_tty_needs_a_terminal_on_stdin(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    cli("create", "a")
+    cli("start", "a")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
+    code, out, err = cli("exec", "-it", "a", "--", "sh")
+    assert (code, out) == (1, "") and err.startswith("vmsandbox: InvalidArgument: the input device is not a terminal")
+    assert cli.rig.guests.processes == []
+
+
+def test_exec_timeout_stops_the_command(cli: Cli) -> None:
+    cli("create", "a")
+    cli("start", "a")
+    cli.rig.guests.on_spawn = lambda proc: None  # it never ends
+    code, _, err = cli("exec", "--timeout", "0.3", "a", "--", "sleep", "100")
+    assert code == 1 and err.startswith("vmsandbox: DeadlineExceeded: ")
+    (proc,) = cli.rig.guests.processes
+    assert proc.aborted  # nothing left running

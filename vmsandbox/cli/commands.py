@@ -16,6 +16,7 @@ from ..errors import InvalidArgument, VmSandboxError
 from ..model import Mount, Sandbox
 from . import wiring
 from .output import Output, jsonable
+from .stream import parse_env_file, stream_command
 
 __all__ = ["image_build", "create", "start", "run", "exec_", "status", "platform", "metrics", "stop", "wait",
            "shutdown", "list_", "logs", "serve"]
@@ -95,12 +96,11 @@ def run(args: argparse.Namespace, out: Output) -> int:
             with out.progress.during(f"booting {args.id}"):
                 inst = c.start(args.id)
             out.note(f"started {args.id} (VMM pid {inst.pid})")
-            if args.argv:
+            if args.argv and not out.json:
+                code = stream_command(c, args.id, args.argv, timeout=args.timeout)
+            elif args.argv:
                 res = c.exec(args.id, args.argv, timeout=args.timeout)
-                if out.json:
-                    out.emit({"instance": inst, "exec": res})
-                else:
-                    out.raw(res.stdout, res.stderr)
+                out.emit({"instance": inst, "exec": res})
                 code = res.exit_code
             else:
                 out.emit(inst)
@@ -114,11 +114,24 @@ def run(args: argparse.Namespace, out: Output) -> int:
 def exec_(args: argparse.Namespace, out: Output) -> int:
     if not args.argv:
         raise VmSandboxError("exec needs a command after --")
-    env = _pairs(args.env, "--env")
-    stdin = sys.stdin.buffer.read() if args.stdin else None
+    env: dict[str, str] = {}
+    for path in args.env_file:
+        try:
+            with open(path, encoding="utf-8") as f:
+                env |= parse_env_file(f.read(), os.environ, name=path)
+        except OSError as e:
+            raise InvalidArgument(f"--env-file {path}: {e.strerror or e}") from e
+    env |= _pairs(args.env, "--env")
+    if args.json and args.tty:
+        raise InvalidArgument("--json collects the output; it has no terminal (leave -t out)")
     # mutates: a second agent connection would race the owner's.
     with wiring.sandboxes(wiring.config_from(args), out.progress.line, mutates=True) as c:
-        res = c.exec(args.id, args.argv, env=env, cwd=args.cwd, stdin=stdin, timeout=args.timeout)
+        if not args.json:
+            return stream_command(c, args.id, args.argv, env=env, cwd=args.cwd, user=args.user,
+                                  interactive=args.stdin, terminal=args.tty, timeout=args.timeout)
+        # --json: the whole result at once, as before (the controller caps the output).
+        stdin = sys.stdin.buffer.read() if args.stdin else None
+        res = c.exec(args.id, args.argv, env=env, cwd=args.cwd, stdin=stdin, timeout=args.timeout, user=args.user)
     out.exec_result(res)
     return int(res.exit_code)
 

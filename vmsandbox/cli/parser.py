@@ -87,9 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("exec", help="run a command in the sandbox (no shell): exec ID -- ARGV...")
     e.add_argument("id")
     e.add_argument("--env", action="append", default=[], help="KEY=VALUE (repeatable)")
-    e.add_argument("--cwd")
+    e.add_argument("--env-file", action="append", default=[], metavar="FILE",
+                   help="KEY=VALUE lines, # comments; a bare KEY takes our value (repeatable; --env wins)")
+    e.add_argument("-w", "--workdir", "--cwd", dest="cwd", metavar="DIR", help="working directory in the sandbox")
+    e.add_argument("-u", "--user", help="NAME|UID[:GROUP|GID] (default root)")
     e.add_argument("--timeout", type=float)
-    e.add_argument("--stdin", action="store_true", help="pass this command's stdin")
+    e.add_argument("-i", "--interactive", "--stdin", dest="stdin", action="store_true",
+                   help="pass our stdin to the command (EOF closes its stdin)")
+    e.add_argument("-t", "--tty", action="store_true",
+                   help="give it a terminal: ours (stdin must be one), raw while it runs")
     e.add_argument("argv", nargs="*")
     e.set_defaults(func=cmd.exec_)
     ls = sub.add_parser("list", help="all sandboxes")

@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Protocol
 
 from ..config import Config, parse_virt_type
 from ..errors import FailedPrecondition, Unavailable
-from ..model import ControllerStatus, ExecResult, ExitStatus, Metric, Platform, SandboxSummary
+from ..model import ControllerStatus, ExecResult, ExitStatus, Metric, Platform, PtySize, SandboxSummary
 
 if TYPE_CHECKING:
+    from ..sandbox.ports import GuestProcess, OutputSink
     from ..host import LibvirtController
     from ..image import GuestImage
 
@@ -56,7 +57,14 @@ class Sandboxes(Protocol):
     def list(self) -> list[SandboxSummary]: ...
 
     def exec(self, sandbox_id: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
-             cwd: str | None = None, stdin: bytes | None = None, timeout: float | None = None) -> ExecResult: ...
+             cwd: str | None = None, stdin: bytes | None = None, timeout: float | None = None,
+             user: str | None = None, in_guest_root: bool = False) -> ExecResult: ...
+
+    def spawn(self, sandbox_id: str, argv: Sequence[str], *, stdout: OutputSink, stderr: OutputSink,
+              env: Mapping[str, str] | None = None, cwd: str | None = None, user: str | None = None,
+              tty: bool = False, size: PtySize | None = None, in_guest_root: bool = False) -> GuestProcess: ...
+
+    def share_path(self, sandbox_id: str) -> Path: ...
 
     def read_console_log(self, sandbox_id: str, max_bytes: int = 0) -> bytes: ...
 
