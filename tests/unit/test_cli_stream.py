@@ -210,3 +210,23 @@ def test_a_terminal_is_raw_while_it_runs_sized_and_resized_and_restored(
     assert seen["icanon"] is False  # raw while it ran
     assert termios.tcgetattr(fd) == before  # and back after
     assert out.data == b"$ "
+
+
+def test_the_stdin_pump_ends_with_the_command_though_our_stdin_stays_open() -> None:
+    """A reader thread left blocked in our stdin made the interpreter abort at exit (SIGABRT,
+    "could not acquire lock for <stdin>"): the pump must end with the command."""
+    r, w = os.pipe()
+    try:
+        def play(p: FakeProcess) -> None:
+            p.wait_stdin(lambda q: bytes(q.stdin) == b"ls\n")
+            p.exit(0)
+
+        before = {t.name for t in threading.enumerate()}
+        os.write(w, b"ls\n")
+        with os.fdopen(r, "rb", closefd=False) as stdin:
+            assert stream_command(Spawner(play), "a", ["sh"], interactive=True, stdin=stdin,  # type: ignore[arg-type]
+                                  stdout=Recorder(), stderr=Recorder()) == 0  # type: ignore[arg-type]
+        assert "vsbx-cli-stdin" not in {t.name for t in threading.enumerate()} - before
+    finally:
+        os.close(r)
+        os.close(w)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import os
+import select
 import signal
 import sys
 import termios
@@ -127,9 +128,25 @@ def _noted(signums: Sequence[int], pending: collections.deque[int]) -> Iterator[
             signal.signal(s, h)
 
 
-def _pump_stdin(read: Callable[[int], bytes], proc: Process) -> None:
+def _pump_stdin(stdin: BinaryIO, proc: Process, stop: threading.Event) -> None:
+    """Our stdin to the process until its EOF (then the process's stdin is closed) or ``stop``.
+    A file descriptor is read directly, a little at a time as it is ready, so that this
+    thread ends with the command (a thread left blocked in the buffered ``sys.stdin`` makes
+    the interpreter abort at exit); anything else (a test's BytesIO) through ``read1``."""
     try:
-        while data := read(_READ):
+        try:
+            fd: int | None = stdin.fileno()
+        except (AttributeError, OSError, ValueError):
+            fd = None
+        while not stop.is_set():
+            if fd is None:
+                data = stdin.read1(_READ) if hasattr(stdin, "read1") else stdin.read(_READ)
+            elif select.select([fd], [], [], _POLL)[0]:
+                data = os.read(fd, _READ)
+            else:
+                continue
+            if not data:
+                break
             proc.write_stdin(data)
     except (OSError, ValueError, VmSandboxError):
         pass  # our stdin or the process is gone; either way there is no more input
@@ -170,7 +187,8 @@ def stream_command(ctl: Spawner, sandbox_id: str, argv: Sequence[str], *, env: M
                                   "(leave -t out to pipe input with -i)")
         size = _terminal_size(fd)
         env.setdefault("TERM", os.environ.get("TERM", "xterm"))
-    broken = threading.Event()
+    broken, stop = threading.Event(), threading.Event()
+    pump: threading.Thread | None = None
     pending: collections.deque[int] = collections.deque()
     deadline = None if timeout is None else time.monotonic() + timeout
     signums = [*FORWARDED_SIGNALS, *([signal.SIGWINCH] if terminal else [])]
@@ -180,8 +198,9 @@ def stream_command(ctl: Spawner, sandbox_id: str, argv: Sequence[str], *, env: M
                          env=env, cwd=cwd, user=user, tty=terminal, size=size)
         try:
             if interactive:
-                read = getattr(stdin, "read1", stdin.read)
-                threading.Thread(target=_pump_stdin, args=(read, proc), daemon=True, name="vsbx-cli-stdin").start()
+                pump = threading.Thread(target=_pump_stdin, args=(stdin, proc, stop), daemon=True,
+                                        name="vsbx-cli-stdin")
+                pump.start()
             else:
                 proc.close_stdin()
             while True:
@@ -205,8 +224,11 @@ def stream_command(ctl: Spawner, sandbox_id: str, argv: Sequence[str], *, env: M
                 except DeadlineExceeded:
                     continue
         finally:
+            stop.set()
             if not proc.done:
                 proc.abort()
+            if pump is not None:
+                pump.join(1)
 
 
 @contextmanager
