@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any as _Any
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
 
@@ -25,8 +25,28 @@ from . import convert
 from .service import _unary
 from .status import to_status
 
-if TYPE_CHECKING:
-    from ..sandbox.ports import GuestProcess, OutputSink
+OutputSink = Callable[[bytes], None]
+"""Where a spawned process's output goes (as :data:`vmsandbox.sandbox.ports.OutputSink`)."""
+
+
+class GuestProcess(Protocol):
+    """What Spawn uses of :class:`vmsandbox.sandbox.ports.GuestProcess` (the server names
+    nothing of the orchestration)."""
+
+    def write_stdin(self, data: bytes) -> None: ...
+
+    def close_stdin(self) -> None: ...
+
+    def resize(self, size: PtySize) -> None: ...
+
+    def signal(self, signum: int) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    @property
+    def done(self) -> bool: ...
+
+    def abort(self) -> None: ...
 
 __all__ = ["ADMIN_SERVICE_NAME", "MAX_MESSAGE_BYTES", "AdminTarget", "AdminServicer"]
 

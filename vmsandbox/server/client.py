@@ -13,7 +13,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 from typing import Any as _Any
 
 import grpc
@@ -26,11 +26,8 @@ from ..proto.containerd.services.sandbox.v1 import sandbox_pb2_grpc as api_grpc
 from ..proto.vmsandbox.admin.v1 import admin_pb2 as pb
 from ..proto.vmsandbox.admin.v1 import admin_pb2_grpc as pb_grpc
 from . import convert
-from .admin import MAX_MESSAGE_BYTES
+from .admin import MAX_MESSAGE_BYTES, OutputSink
 from .status import ERROR_CODES
-
-if TYPE_CHECKING:
-    from ..sandbox.ports import OutputSink
 
 __all__ = ["RemoteController", "RemoteProcess", "error_from_rpc"]
 
