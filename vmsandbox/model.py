@@ -201,6 +201,11 @@ class ExecResult:
     stdout: bytes
     stderr: bytes
 
+    @property
+    def text(self) -> str:
+        """stdout as text (UTF-8, undecodable bytes replaced)."""
+        return self.stdout.decode("utf-8", "replace")
+
 
 @dataclass(frozen=True)
 class PtySize:
