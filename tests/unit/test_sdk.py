@@ -243,3 +243,26 @@ def test_files_upload_download_keep_modes_and_leave_no_staging(files: tuple[File
     with pytest.raises(FailedPrecondition):
         f.read("tree/sub/data", max_bytes=1024)
     assert list((ops.share() / ".vsbx-files").iterdir()) == []
+
+
+def test_the_asyncio_flavour_awaits_the_same_calls(rig: Any) -> None:
+    import asyncio
+
+    from vmsandbox.sdk.aio import AsyncSandbox, achunks
+
+    procs: list[FakeProcess] = []
+    rig.guests.on_spawn = procs.append
+    rig.guests.handler = lambda call: ExecResult(0, b"ok", b"")
+
+    async def main() -> list[bytes]:
+        async with await AsyncSandbox.create(controller=rig.ctl, id="sdka") as sb:
+            assert (await sb.run(["x"])).stdout == b"ok"
+            p = await sb.spawn(["y"])
+            procs[0].emit(b"1")
+            procs[0].emit(b"2")
+            procs[0].exit(0)
+            got = [c async for c in achunks(p.stdout)]
+            assert await sb.wait(p, 5) == 0
+            return got
+    assert asyncio.run(main()) == [b"1", b"2"]
+    assert rig.leftovers("sdka") == []

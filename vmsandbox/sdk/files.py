@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from ..errors import FailedPrecondition, InvalidArgument, NotFound
-from ..model import ExecResult
+from ..model import ExecResult, ImageConfig
 
-__all__ = ["Files", "FileInfo", "FileOps", "STAGING_DIR", "GUEST_BUSYBOX", "GUEST_SHARE"]
+__all__ = ["Files", "FileInfo", "FileOps", "ControllerFileOps", "files_of", "STAGING_DIR", "GUEST_BUSYBOX",
+           "GUEST_SHARE"]
 
 STAGING_DIR = ".vsbx-files"
 """The share's folder where transfers are staged (removed with the sandbox)."""
@@ -43,6 +44,35 @@ class FileOps(Protocol):
         """Run ``argv`` as root in the sandbox's root (the rootfs, else the guest's root)."""
 
     def share(self) -> Path: ...
+
+
+class _Controller(Protocol):
+    def exec(self, sandbox_id: str, argv: Sequence[str], *, cwd: str | None = None,
+             user: str | None = None) -> ExecResult: ...
+
+    def share_path(self, sandbox_id: str) -> Path: ...
+
+
+class ControllerFileOps:
+    """:class:`FileOps` of one sandbox of a controller (ours, or `serve`'s over its admin socket)."""
+
+    def __init__(self, controller: _Controller, sandbox_id: str, *, image_user: str = "") -> None:
+        self._c, self._id = controller, sandbox_id
+        # As root whatever the image's User is: the guest's busybox is reached through
+        # /proc/1/root, which only root may follow.
+        self._user = "0:0" if image_user else None
+
+    def run_root(self, argv: Sequence[str]) -> ExecResult:
+        return self._c.exec(self._id, argv, cwd="/", user=self._user)
+
+    def share(self) -> Path:
+        return self._c.share_path(self._id)
+
+
+def files_of(controller: _Controller, sandbox_id: str, *, image: ImageConfig | None = None) -> Files:
+    """The :class:`Files` of ``sandbox_id`` (relative paths from the image's WorkingDir)."""
+    return Files(ControllerFileOps(controller, sandbox_id, image_user=image.user if image else ""),
+                 sandbox_id=sandbox_id, cwd=(image.working_dir if image else "") or "/")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from ..config import Config
 from ..errors import DeadlineExceeded, InvalidArgument, VmSandboxError
 from ..model import ExecResult, ImageConfig, Mount, PtySize, Sandbox as SandboxMetadata
 from ..sandbox.ports import GuestProcess, OutputSink
-from .files import Files
+from .files import ControllerFileOps, Files
 from .process import OutputCallback, Process
 
 __all__ = ["Sandbox", "CommandFailed", "Backend", "SDK_LABEL"]
@@ -338,19 +338,13 @@ class _Tracked(Process):
             self._sb._processes.discard(self)
 
 
-class _Ops:
-    """:class:`~vmsandbox.sdk.files.FileOps` of a sandbox."""
+class _Ops(ControllerFileOps):
+    """The files' commands of a sandbox, refused once it was closed."""
 
     def __init__(self, sb: Sandbox) -> None:
+        super().__init__(sb._b, sb.id, image_user=sb.image.user if sb.image else "")
         self._sb = sb
 
     def run_root(self, argv: Sequence[str]) -> ExecResult:
-        sb = self._sb
-        sb._check_open()
-        # As root from "/" whatever the image says (it reaches the guest's busybox through
-        # /proc/1/root, which only root may), with no output cap beyond the default.
-        root = "0:0" if (sb.image is not None and sb.image.user) else None
-        return sb._b.exec(sb.id, argv, cwd="/", user=root)
-
-    def share(self) -> Path:
-        return self._sb._b.share_path(self._sb.id)
+        self._sb._check_open()
+        return super().run_root(argv)
