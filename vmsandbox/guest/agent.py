@@ -68,7 +68,10 @@ def encode_exec_request(
     in ``<keep>.out``/``.err`` and its exit code in ``<keep>.exit``; ``rejoin`` (no argv):
     wait for the keeper of that prefix and end with its code (images/README.md, tokens k, w).
     ``user``: ``NAME|UID[:GROUP|GID]`` to run as, resolved in the root the command runs in
-    (token u); None runs as root."""
+    (token u, as runc resolves an image's User; not with ``supervise_pidfile``: crun runs as
+    root and a container's user is in its OCI spec); None runs as root. The default
+    ``HOME=/root`` is sent only without ``user``: with one the guest sets HOME from the
+    user's passwd entry unless ``env`` has HOME."""
     for what, path in (("keep", keep), ("rejoin", rejoin)):
         if path is not None and (not path.startswith("/") or "\0" in path):
             raise InvalidArgument(f"the {what} prefix must be an absolute path, not {path!r}")
@@ -83,6 +86,8 @@ def encode_exec_request(
     if len(argv) > 1000:
         raise InvalidArgument("argv has more than 1000 elements")
     environ = {"PATH": DEFAULT_PATH, "HOME": "/root", "TERM": "dumb"}
+    if user is not None:
+        del environ["HOME"]
     environ.update(env or {})
     for k, v in environ.items():
         if not k or "=" in k or "\0" in k or "\0" in v:
@@ -100,6 +105,8 @@ def encode_exec_request(
     if user is not None and (not user or any(c in user for c in "\0\n") or user.count(":") > 1
                              or "" in user.split(":")):
         raise InvalidArgument(f"user must be NAME, UID, NAME:GROUP or UID:GID, not {user!r}")
+    if user is not None and supervise_pidfile is not None:
+        raise InvalidArgument("user is not for a supervised command: the OCI spec carries a container's user")
 
     def hx(text: str) -> str:
         return text.encode("utf-8", "surrogateescape").hex()
