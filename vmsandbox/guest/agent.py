@@ -23,7 +23,7 @@ from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
 from ..errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
 from ..model import ExecResult, PtySize
-from .process import OutputSink, SshProcess, spawn_on
+from .process import OutputSink, SshProcess, exit_status, record_exit_signals, spawn_on
 
 __all__ = ["GuestAgent", "encode_exec_request", "EXEC_TIMEOUT_EXIT"]
 
@@ -173,6 +173,7 @@ class GuestAgent:
             sock.settimeout(timeout)
             sock.connect(self.socket_path)
             t = paramiko.Transport(sock)
+            record_exit_signals(t)
             t.banner_timeout = banner_timeout
             t.handshake_timeout = timeout
             t.auth_timeout = timeout
@@ -327,8 +328,8 @@ class GuestAgent:
                     raise DeadlineExceeded(f"exec of {argv[0]!r} exceeded {timeout}s", sandbox_id=self.sandbox_id)
                 if not t.is_active():
                     raise Unavailable("the guest agent connection dropped during exec", sandbox_id=self.sandbox_id)
-            code = chan.recv_exit_status() if chan.exit_status_ready() else -1
-            if code < 0:  # paramiko's "closed without an exit status"
+            status = exit_status(chan)
+            if status is None:  # closed without an exit status
                 raise Unavailable("the connection to the guest closed before the command finished",
                                   sandbox_id=self.sandbox_id)
             if feeder is not None:
@@ -337,9 +338,9 @@ class GuestAgent:
             raise Unavailable(f"exec failed on the guest connection: {e}", sandbox_id=self.sandbox_id) from e
         finally:
             chan.close()
-        if timeout is not None and code == EXEC_TIMEOUT_EXIT and time.monotonic() - started >= timeout:
+        if timeout is not None and status == EXEC_TIMEOUT_EXIT and time.monotonic() - started >= timeout:
             raise DeadlineExceeded(f"exec of {argv[0]!r} exceeded {timeout}s", sandbox_id=self.sandbox_id)
-        return ExecResult(code, bytes(out), bytes(err))
+        return ExecResult(status, bytes(out), bytes(err))
 
     # ------------------------------------------------------------------ streaming processes
     def spawn(
