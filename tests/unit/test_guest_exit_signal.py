@@ -108,3 +108,14 @@ def test_an_aborted_process_killed_by_the_abort_has_no_exit_status(guest) -> Non
     p.abort()
     with pytest.raises(Unavailable):
         p.wait(10)
+
+
+@pytest.mark.parametrize("kw", [{"supervise_pidfile": "/run/p.pid"}, {"supervise_pidfile": "/run/p.pid", "keep": "/k"},
+                                {"rejoin": "/k"}], ids=["p", "k", "w"])
+def test_a_supervisor_killed_by_a_signal_tells_nothing_of_its_daemon(guest, kw: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+    """The daemon (a kept container init) runs on: the engine must see a lost session
+    (Unavailable, then rejoin the keeper), not an exit status."""
+    agent = guest(("signal", "KILL"))
+    p = agent.spawn([] if "rejoin" in kw else ["crun"], stdout=lambda b: None, stderr=lambda b: None, **kw)
+    with pytest.raises(Unavailable):
+        p.wait(10)

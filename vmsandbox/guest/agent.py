@@ -372,4 +372,5 @@ class GuestAgent:
             raise Unavailable("no connection to the guest agent", sandbox_id=self.sandbox_id)
         return spawn_on(t, cmd, stdout=stdout, stderr=stderr, tty=tty, size=size,
                         term=environ.get("TERM", "xterm"), sandbox_id=self.sandbox_id,
-                        what=argv[0] if argv else f"rejoin {rejoin}")
+                        what=argv[0] if argv else f"rejoin {rejoin}",
+                        supervised=supervise_pidfile is not None or rejoin is not None)

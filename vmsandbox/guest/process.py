@@ -72,8 +72,12 @@ def exit_status(chan: paramiko.Channel) -> int | None:
 
 
 def spawn_on(transport: paramiko.Transport, command: str, *, stdout: OutputSink, stderr: OutputSink,
-             tty: bool, size: PtySize | None, term: str, sandbox_id: str, what: str) -> SshProcess:
-    """Open a channel on ``transport`` and run ``command`` (an encoded vsbx-exec request)."""
+             tty: bool, size: PtySize | None, term: str, sandbox_id: str, what: str,
+             supervised: bool = False) -> SshProcess:
+    """Open a channel on ``transport`` and run ``command`` (an encoded vsbx-exec request).
+
+    ``supervised``: the request supervises a daemon (or rejoins a keeper); vsbx-exec killed
+    by a signal then tells nothing of the daemon's status, so wait() raises Unavailable."""
     try:
         chan = transport.open_session(timeout=30)
     except _TRANSIENT as e:
@@ -86,14 +90,15 @@ def spawn_on(transport: paramiko.Transport, command: str, *, stdout: OutputSink,
     except _TRANSIENT as e:
         chan.close()
         raise Unavailable(f"cannot start {what!r} in the guest: {e}", sandbox_id=sandbox_id) from e
-    return SshProcess(chan, transport, stdout=stdout, stderr=stderr, tty=tty, sandbox_id=sandbox_id, what=what)
+    return SshProcess(chan, transport, stdout=stdout, stderr=stderr, tty=tty, sandbox_id=sandbox_id, what=what,
+                      supervised=supervised)
 
 
 class SshProcess:
     """The GuestProcess port over one paramiko channel (see :class:`vmsandbox.sandbox.ports.GuestProcess`)."""
 
     def __init__(self, chan: paramiko.Channel, transport: paramiko.Transport, *, stdout: OutputSink,
-                 stderr: OutputSink, tty: bool, sandbox_id: str, what: str) -> None:
+                 stderr: OutputSink, tty: bool, sandbox_id: str, what: str, supervised: bool = False) -> None:
         self._chan, self._t = chan, transport
         self._sinks: list[OutputSink | None] = [stdout, stderr]
         self._tty, self.sandbox_id, self._what = tty, sandbox_id, what
@@ -102,6 +107,7 @@ class SshProcess:
         self._status: int | None = None
         self._lost: str | None = None
         self._aborted = False
+        self._supervised = supervised
         self._done = threading.Event()
         self._reader = threading.Thread(target=self._pump, daemon=True, name=f"vsbx-proc-{sandbox_id}")
         self._reader.start()
@@ -137,8 +143,10 @@ class SshProcess:
                 if chan.closed or not self._t.is_active():
                     break
             code = exit_status(chan)
-            if code is not None and not (self._aborted and exit_signal(chan) is not None):
-                self._status = code  # an abort's KILL is no exit status of the process's own
+            # A signal that killed vsbx-exec is the command's status (it dies with it), but
+            # not after our own abort, nor of a supervised daemon, which runs on.
+            if code is not None and not ((self._aborted or self._supervised) and exit_signal(chan) is not None):
+                self._status = code
             if self._status is None:
                 self._lost = "the connection to the guest closed before the process ended"
         except _TRANSIENT as e:

@@ -166,7 +166,8 @@ class GuestProcess(Protocol):
         """Block until the process ended and all its output reached the sinks; its exit
         status (128+N when killed by signal N, 137 after :meth:`signal` KILL). Unavailable when
         the connection dropped before an exit status came (or after :meth:`abort` killed
-        it), DeadlineExceeded when ``timeout`` seconds pass first."""
+        it, or when a supervising process was killed: its daemon runs on),
+        DeadlineExceeded when ``timeout`` seconds pass first."""
 
     @property
     def done(self) -> bool:
