@@ -63,7 +63,9 @@ class _Ends(paramiko.ServerInterface):
 def guest(tmp_path: Path) -> Iterator[Callable[[Ending, float], GuestAgent]]:
     made: list[tuple[socket.socket, GuestAgent, list[paramiko.Transport]]] = []
 
-    def make(ending: Ending, delay: float = 0.0) -> GuestAgent:
+    # Not 0: a channel closed before paramiko sent the exec's reply fails exec_command
+    # ("Channel closed."); dropbear always replies first.
+    def make(ending: Ending, delay: float = 0.2) -> GuestAgent:
         host, client = generate_keypair(), generate_keypair()
         host_key = paramiko.Ed25519Key.from_private_key(StringIO(host.openssh_private().decode()))
         path = tmp_path / f"agent{len(made)}.sock"
@@ -103,7 +105,7 @@ def test_exec_and_spawn_report_an_exit_signal_as_128_plus_n(guest, ending: Endin
 
 
 def test_an_aborted_process_killed_by_the_abort_has_no_exit_status(guest) -> None:  # type: ignore[no-untyped-def]
-    agent = guest(("signal", "KILL"), 0.3)  # the guest's answer to the abort's KILL
+    agent = guest(("signal", "KILL"), 0.5)  # the guest's answer to the abort's KILL
     p = agent.spawn(["x"], stdout=lambda b: None, stderr=lambda b: None)
     p.abort()
     with pytest.raises(Unavailable):
