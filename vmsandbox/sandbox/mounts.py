@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FailedPrecondition, Internal, InvalidArgument
+from ..ext4 import mkfs_from
 from ..model import Mount
 
 __all__ = ["DiskPlan", "plan_mounts", "materialize", "attached_disks", "check_not_shared", "GUEST_FILESYSTEMS"]
@@ -199,40 +200,13 @@ def check_not_shared(mounts: Sequence[Mount], others: Sequence[tuple[str, Sequen
                     f"disk {path} is attached to sandbox {holder}; a disk one VM writes cannot be shared")
 
 
-def _tree_size(root: str) -> int:
-    total = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in filenames + dirnames:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_size + 4096
-            except OSError:
-                pass
-    return total
-
-
-def _mkfs_from(directory: str, image: str) -> None:
-    size = max(64 << 20, int(_tree_size(directory) * 1.3) + (32 << 20))
-    # 0600: the copy may be a Kubernetes secret volume (libvirt gives QEMU its own access).
-    fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.truncate(size)
-    mkfs = shutil.which("mkfs.ext4")
-    if mkfs is None:
-        raise FailedPrecondition("mkfs.ext4 is missing (package e2fsprogs): directory mounts are copied into "
-                                 "ext4 images with it")
-    r = subprocess.run([mkfs, "-q", "-F", "-E", "lazy_itable_init=1", "-d", directory, image],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        raise Internal(f"making a disk image from {directory} failed: {r.stderr.strip()}")
-
-
 def materialize(plan: DiskPlan) -> None:
     """Create the image of a directory-backed mount (no-op for file/device mounts)."""
     if not plan.build_from:
         return
     os.makedirs(os.path.dirname(plan.source), mode=0o711, exist_ok=True)
     if plan.build_from != "overlay":
-        _mkfs_from(plan.build_from, plan.source)
+        mkfs_from(plan.build_from, plan.source)
         return
     # Merge the overlay exactly as the kernel would (whiteouts, opaque dirs) by mounting it
     # read-only on a private temporary mountpoint, then copy the merged view.
@@ -244,7 +218,7 @@ def materialize(plan: DiskPlan) -> None:
         if r.returncode != 0:
             raise Internal(f"mounting the overlay to copy it failed: {r.stderr.strip()}")
         try:
-            _mkfs_from(mnt, plan.source)
+            mkfs_from(mnt, plan.source)
         finally:
             subprocess.run(["umount", mnt], capture_output=True)
     finally:
