@@ -200,7 +200,8 @@ def busybox_layers(busybox: Path = Path("/bin/busybox")) -> list[bytes]:
     return [layer(base), layer(two), layer(three)]
 
 
-def build_busybox_image(dest: Path, fmt: str = "layout", *, busybox: Path = Path("/bin/busybox")) -> Path:
+def build_busybox_image(dest: Path, fmt: str = "layout", *, config: dict[str, Any] | None = None,
+                        busybox: Path = Path("/bin/busybox")) -> Path:
     """A three-layer busybox image at ``dest`` (a folder for ``layout``, else a tarball) in
     ``fmt`` (one of :data:`FORMATS`); returns ``dest``. Its config is :data:`BUSYBOX_CONFIG`:
     ``PATH`` and ``GREETING=hello``, WorkingDir /work, Entrypoint ``/bin/sh -c`` and a Cmd
@@ -208,9 +209,10 @@ def build_busybox_image(dest: Path, fmt: str = "layout", *, busybox: Path = Path
     (uid 1000, group ``app`` 1000) and ``/usr/bin/greet`` (prints the same as the Cmd).
     Layer 1 is busybox with its applets as symlinks, /etc and a few folders (gzipped); layer 2
     adds /work with a file and a hard link to it (plain tar); layer 3 whites out
-    /etc/remove-me and makes /opt/old opaque (gzipped)."""
+    /etc/remove-me and makes /opt/old opaque (gzipped). ``config`` entries (``User``, ...)
+    replace those of :data:`BUSYBOX_CONFIG` (another config: another image digest)."""
     if fmt == "layout":
         dest.mkdir(parents=True, exist_ok=True)
-    write_image(dest, busybox_layers(busybox), BUSYBOX_CONFIG, fmt=fmt, gzip_layers=[True, False, True],
+    write_image(dest, busybox_layers(busybox), {**BUSYBOX_CONFIG, **(config or {})}, fmt=fmt, gzip_layers=[True, False, True],
                 arch={"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine))
     return dest
