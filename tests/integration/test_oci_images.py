@@ -23,11 +23,8 @@ pytestmark = pytest.mark.integration
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def out(controller: LibvirtController, sid: str, *argv: str, **kw: object) -> str:
