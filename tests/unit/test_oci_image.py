@@ -270,3 +270,30 @@ def test_prune_removes_nothing_when_the_users_cannot_be_told(tmp_path: Path) -> 
         with cache.use(d):
             pass
     assert len(cache.entries()) == 2 and cache.prune() == []
+
+
+def test_a_docker_save_whose_layer_tars_are_symlinks_into_blobs_is_read(tmp_path: Path) -> None:
+    """Docker 25+ without its index.json (as some tools repack it): ``<id>/layer.tar`` links
+    to ``../blobs/sha256/<hex>``, resolved inside the tarball."""
+    import io
+
+    legacy = tmp_path / "legacy.tar"
+    write_image(legacy, [L1], fmt="docker-save")
+    linked = tmp_path / "linked.tar"
+    with tarfile.open(legacy) as src, tarfile.open(linked, "w") as dst:
+        for m in src.getmembers():
+            data = src.extractfile(m).read()  # type: ignore[union-attr]
+            if m.name.endswith("/layer.tar"):
+                blob = tarfile.TarInfo("blobs/sha256/" + hashlib.sha256(data).hexdigest())
+                blob.size = len(data)
+                dst.addfile(blob, io.BytesIO(data))
+                link = tarfile.TarInfo(m.name)
+                link.type, link.linkname = tarfile.SYMTYPE, "../" + blob.name
+                dst.addfile(link)
+            else:
+                dst.addfile(m, io.BytesIO(data))
+    s = open_source(linked)
+    out = tmp_path / "tree"
+    out.mkdir()
+    unpack(s, read_image(s), out)
+    assert (out / "etc/one").read_text() == "1\n"

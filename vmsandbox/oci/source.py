@@ -121,7 +121,7 @@ class _TarSource:
             for _ in range(8):
                 if m is None or not m.issym():
                     break
-                m = self._members.get(_clean(os.path.join(os.path.dirname(m.name), m.linkname)))
+                m = self._members.get(_clean(os.path.normpath(os.path.join(os.path.dirname(m.name), m.linkname))))
             f = self._tar.extractfile(m) if m is not None else None
         except (KeyError, InvalidArgument, tarfile.TarError) as e:
             raise InvalidArgument(f"image {self.where}: {name} cannot be read ({e})") from e
