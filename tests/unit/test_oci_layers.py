@@ -96,6 +96,11 @@ def test_a_whiteout_of_something_missing_is_nothing(root: Path) -> None:
     assert tree(root) == {}
 
 
+def test_aufs_metadata_is_skipped(root: Path) -> None:
+    apply(root, directory(".wh..wh.plnk"), file(".wh..wh.plnk/123.456", "x"), file(".wh..wh.aufs", ""))
+    assert tree(root) == {}
+
+
 def test_hard_links_share_the_inode_also_across_layers(root: Path) -> None:
     apply(root, file("a", "data"))
     apply(root, hardlink("b", "a"), file("c", "c"), hardlink("d", "c"))

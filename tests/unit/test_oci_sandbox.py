@@ -12,6 +12,7 @@ import pytest
 
 from tests.ocibuild import build_busybox_image
 from tests.unit.rig import Rig
+from tests.unit.test_cli import Cli, cli  # noqa: F401 - a fixture
 from vmsandbox import InvalidArgument, Mount, NotFound, Sandbox
 from vmsandbox.model import ExecResult
 from vmsandbox.sandbox.mounts import check_not_shared, plan_mounts
@@ -118,14 +119,10 @@ def test_exec_and_spawn_take_the_images_env_cwd_and_user_as_defaults(rig: Rig, t
     assert (proc.call.env["GREETING"], proc.call.cwd, proc.call.user) == ("hello", "/work", "app")  # type: ignore[attr-defined]
 
 
-# --------------------------------------------------------------------------- the CLI
-@pytest.fixture
-def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
-    from tests.unit.test_cli import cli as make  # the same wiring as the CLI's own tests
-    yield from make.__wrapped__(tmp_path, monkeypatch, capsys)  # type: ignore[attr-defined]
+# --------------------------------------------------------------------------- the CLI (test_cli's fixture)
 
 
-def test_run_image_runs_the_entrypoint_with_the_images_cmd_or_the_given_one(cli, image: Path) -> None:  # type: ignore[no-untyped-def]
+def test_run_image_runs_the_entrypoint_with_the_images_cmd_or_the_given_one(cli: Cli, image: Path) -> None:  # noqa: F811
     cli.rig.guests.handler = lambda call: ExecResult(0, b"" if call.in_guest_root else json.dumps(call.argv).encode(), b"")
     code, out, err = cli("run", "--rm", "--image", str(image), "a")
     assert code == 0, err
@@ -135,7 +132,7 @@ def test_run_image_runs_the_entrypoint_with_the_images_cmd_or_the_given_one(cli,
     assert cli.rig.leftovers("a") == [] and cli.rig.leftovers("b") == []
 
 
-def test_create_image_records_an_oci_root_and_refuses_it_with_rootfs(cli, image: Path, tmp_path: Path,  # type: ignore[no-untyped-def]
+def test_create_image_records_an_oci_root_and_refuses_it_with_rootfs(cli: Cli, image: Path, tmp_path: Path,  # noqa: F811
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "data").mkdir()
     assert cli("create", "a", "--image", str(image), "--mount", f"{tmp_path / 'data'}:/data") == (0, "created a\n", "")

@@ -153,6 +153,8 @@ class _Applier:
         base = parts[-1]
         if base == OPAQUE:
             return self._opaque(parts[:-1], m.name)
+        if any(p.startswith(WHITEOUT + WHITEOUT) for p in parts):
+            return  # aufs' own metadata (.wh..wh.plnk/..., .wh..wh.aufs): never part of the tree
         if base.startswith(WHITEOUT):
             return self._whiteout(parts, m.name)
         pfd = self._dir(parts[:-1], create=True, member=m.name)
