@@ -125,15 +125,15 @@ def test_shutdown_leaves_no_overlay_and_keeps_the_base(controller: LibvirtContro
     assert base.is_file() and sha256(base) == before
 
 
-def test_cli_run_image_runs_the_entrypoint_and_cmd(state_dir: Path, test_root: Path,
+def test_cli_run_image_runs_the_entrypoint_and_cmd(controller: LibvirtController, test_root: Path,
                                                    images: dict[str, Path]) -> None:
     """Its own state dir (the session's controller owns the shared one), the session's guest
     image copied in, cold boots (no template to build)."""
     own = Path(qemu_dir(test_root)) / "state"
     own.mkdir()
     os.chmod(own, 0o711)
-    shutil.copytree(state_dir / "images", own / "images", symlinks=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "VMSANDBOX_TEMPLATES": "0"}
+    shutil.copytree(controller.config.state_dir / "images", own / "images", symlinks=True)  # built by the fixture
+    env = {**os.environ, "PYTHONPATH": str(REPO), "VMSANDBOX_TEMPLATES": "0", "VMSANDBOX_PROGRESS": "1"}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "vmsandbox", "--state-dir", str(own), *args], cwd=REPO, env=env,
@@ -142,8 +142,10 @@ def test_cli_run_image_runs_the_entrypoint_and_cmd(state_dir: Path, test_root: P
     sid = unique("ocicli")
     done = cli("run", "--rm", "--image", str(images["oci-archive"]), sid)
     assert (done.returncode, done.stdout) == (0, "hello from /work\n"), done.stderr
+    assert "unpacking image sha256:" in done.stderr and "(3 layers)" in done.stderr
     done = cli("run", "--rm", "--image", str(images["layout"]), unique("ocicli"), "--", 'echo "$GREETING, $(id -u)"')
     assert (done.returncode, done.stdout) == (0, "hello, 0\n"), done.stderr
+    assert "unpacking image" not in done.stderr  # the same image: cached
     assert [p.name for p in (own / "sandboxes").iterdir()] == []
     assert len([p for p in (own / "oci").iterdir() if p.is_dir()]) == 1
     shutil.rmtree(own.parent, ignore_errors=True)

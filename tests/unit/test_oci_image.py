@@ -259,6 +259,19 @@ def test_prune_keeps_the_recent_and_the_used(tmp_path: Path) -> None:
     assert left == {digests[0], digests[2], digests[3], digests[4]}
 
 
+def test_prune_sweeps_partials_of_other_images_unless_a_build_holds_them(tmp_path: Path) -> None:
+    import fcntl
+
+    cache = ImageCache(tmp_path / "oci")
+    stale, busy = "a" * 64, "b" * 64
+    for h in (stale, busy):
+        (tmp_path / "oci" / f"{h}.partial" / "tree").mkdir(parents=True)
+    with open(tmp_path / "oci" / f"{busy}.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        cache.prune()
+    assert not (tmp_path / "oci" / f"{stale}.partial").exists() and (tmp_path / "oci" / f"{busy}.partial").exists()
+
+
 def test_prune_removes_nothing_when_the_users_cannot_be_told(tmp_path: Path) -> None:
     def broken() -> set[str]:
         raise OSError("unreadable overlay")

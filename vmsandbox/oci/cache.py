@@ -157,6 +157,22 @@ class ImageCache:
                 return 0.0
         return sorted(found, key=used, reverse=True)
 
+    def _sweep_partials(self) -> None:
+        """Remove what interrupted builds left (a build in flight holds its lock)."""
+        for p in self.root.glob("*.partial") if self.root.is_dir() else ():
+            hexd = p.name.removesuffix(".partial")
+            if not _ENTRY.fullmatch(hexd):
+                continue
+            lock = os.open(self.root / f"{hexd}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                log.info("image cache: removing %s left by an interrupted unpack", p)
+                shutil.rmtree(p, ignore_errors=True)
+            except BlockingIOError:
+                pass
+            finally:
+                os.close(lock)
+
     def prune(self, spare: str = "") -> list[str]:
         """Remove the least recently used entries past ``keep`` that no sandbox uses (nor
         ``spare``); an entry another process holds is left. Returns the removed digests (hex).
@@ -166,6 +182,7 @@ class ImageCache:
         except Exception:  # noqa: BLE001 - be conservative: keep everything
             log.warning("image cache: cannot tell which images are in use; nothing pruned", exc_info=True)
             return []
+        self._sweep_partials()
         unused = [p for p in self.entries() if p.name not in busy]
         removed: list[str] = []
         for p in unused[self.keep:]:
