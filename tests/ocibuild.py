@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FORMATS", "BUSYBOX_CONFIG", "BUSYBOX_EXPECT", "build_busybox_image", "write_image", "layer", "file",
+__all__ = ["FORMATS", "BUSYBOX_CONFIG", "BUSYBOX_EXPECT", "Member", "build_busybox_image", "write_image", "layer", "file",
            "directory", "symlink", "hardlink", "whiteout", "opaque", "device", "fifo", "image_config"]
 
 FORMATS = ("layout", "oci-archive", "docker-save", "docker-save-oci")

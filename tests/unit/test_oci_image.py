@@ -4,16 +4,18 @@ types and config parsing; the cache (built once, reused, pruned)."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tarfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.ocibuild import (BUSYBOX_CONFIG, BUSYBOX_EXPECT, FORMATS, build_busybox_image, directory, file, layer,
-                            write_image)
+from tests.ocibuild import (BUSYBOX_CONFIG, BUSYBOX_EXPECT, FORMATS, Member, build_busybox_image, directory, file,
+                            layer, symlink, write_image)
 from vmsandbox import ImageConfig, InvalidArgument
 from vmsandbox.oci import ImageCache, open_source, read_image
 from vmsandbox.oci.cache import unpack
@@ -126,16 +128,20 @@ def test_a_blob_that_does_not_match_its_digest_is_refused_naming_it(tmp_path: Pa
         unpack(src, read_image(src), tmp_path)
 
 
+def rewrite_tar(src_path: Path, dst_path: Path, change: Callable[[tarfile.TarInfo, bytes], list[Member]]) -> None:
+    """Copy a tarball, each member replaced by what ``change(member, data)`` gives."""
+    with tarfile.open(src_path) as src, tarfile.open(dst_path, "w") as dst:
+        for m in src.getmembers():
+            for info, data in change(m, src.extractfile(m).read()):  # type: ignore[union-attr]
+                dst.addfile(info, io.BytesIO(data) if info.isreg() else None)
+
+
 def test_a_legacy_docker_layer_is_checked_against_its_diff_id(tmp_path: Path) -> None:
     path = tmp_path / "save.tar"
     write_image(path, [L1], fmt="docker-save")
     altered = tmp_path / "altered.tar"
-    with tarfile.open(path) as src, tarfile.open(altered, "w") as dst:
-        for m in src.getmembers():
-            data = src.extractfile(m).read()  # type: ignore[union-attr]
-            if m.name.endswith("layer.tar"):
-                data = data.replace(b"1\n", b"9\n")
-            dst.addfile(m, __import__("io").BytesIO(data))
+    rewrite_tar(path, altered, lambda m, data: [(m, data.replace(b"1\n", b"9\n") if m.name.endswith("layer.tar")
+                                                 else data)])
     s = open_source(altered)
     with pytest.raises(InvalidArgument, match="does not match its diff_id"):
         unpack(s, read_image(s), tmp_path)
@@ -288,23 +294,16 @@ def test_prune_removes_nothing_when_the_users_cannot_be_told(tmp_path: Path) -> 
 def test_a_docker_save_whose_layer_tars_are_symlinks_into_blobs_is_read(tmp_path: Path) -> None:
     """Docker 25+ without its index.json (as some tools repack it): ``<id>/layer.tar`` links
     to ``../blobs/sha256/<hex>``, resolved inside the tarball."""
-    import io
-
     legacy = tmp_path / "legacy.tar"
     write_image(legacy, [L1], fmt="docker-save")
     linked = tmp_path / "linked.tar"
-    with tarfile.open(legacy) as src, tarfile.open(linked, "w") as dst:
-        for m in src.getmembers():
-            data = src.extractfile(m).read()  # type: ignore[union-attr]
-            if m.name.endswith("/layer.tar"):
-                blob = tarfile.TarInfo("blobs/sha256/" + hashlib.sha256(data).hexdigest())
-                blob.size = len(data)
-                dst.addfile(blob, io.BytesIO(data))
-                link = tarfile.TarInfo(m.name)
-                link.type, link.linkname = tarfile.SYMTYPE, "../" + blob.name
-                dst.addfile(link)
-            else:
-                dst.addfile(m, io.BytesIO(data))
+
+    def into_blobs(m: tarfile.TarInfo, data: bytes) -> list[Member]:
+        if not m.name.endswith("/layer.tar"):
+            return [(m, data)]
+        blob = "blobs/sha256/" + hashlib.sha256(data).hexdigest()
+        return [file(blob, data), symlink(m.name, "../" + blob)]
+    rewrite_tar(legacy, linked, into_blobs)
     s = open_source(linked)
     out = tmp_path / "tree"
     out.mkdir()
