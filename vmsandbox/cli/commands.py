@@ -50,9 +50,11 @@ def _create_kwargs(args: argparse.Namespace) -> dict[str, _Any]:
     mounts = []
     if args.rootfs:
         mounts.append(_parse_mount(args.rootfs, True))
+    elif args.image:
+        mounts.append(Mount("oci", os.path.abspath(args.image)))
     mounts += [_parse_mount(m, False) for m in args.mount]
-    if args.mount and not args.rootfs:
-        raise VmSandboxError("--mount needs --rootfs (the first mount is the sandbox root)")
+    if args.mount and not (args.rootfs or args.image):
+        raise VmSandboxError("--mount needs --rootfs or --image (the first mount is the sandbox root)")
     return {"rootfs": mounts, "netns_path": args.netns or "", "annotations": annotations}
 
 
@@ -87,7 +89,8 @@ def start(args: argparse.Namespace, out: Output) -> int:
 
 
 def run(args: argparse.Namespace, out: Output) -> int:
-    """create + start (+ exec, exiting with its code) (+ shutdown with ``--rm``, even after a failure)."""
+    """create + start (+ exec, exiting with its code) (+ shutdown with ``--rm``, even after a failure).
+    With ``--image`` the command is the image's: its Entrypoint followed by CMD (or by its Cmd)."""
     code = 0
     with wiring.own_controller(wiring.config_from(args), out.progress.line) as c:
         c.create(Sandbox(args.id, labels={"name": args.id}), **_create_kwargs(args))
@@ -95,8 +98,11 @@ def run(args: argparse.Namespace, out: Output) -> int:
             with out.progress.during(f"booting {args.id}"):
                 inst = c.start(args.id)
             out.note(f"started {args.id} (VMM pid {inst.pid})")
-            if args.argv:
-                res = c.exec(args.id, args.argv, timeout=args.timeout)
+            argv = list(args.argv)
+            if args.image and (cfg := c.image_config(args.id)) is not None and (argv or cfg.entrypoint or cfg.cmd):
+                argv = cfg.command(argv)
+            if argv:
+                res = c.exec(args.id, argv, timeout=args.timeout)
                 if out.json:
                     out.emit({"instance": inst, "exec": res})
                 else:

@@ -53,6 +53,7 @@ from .bringup import COLD, TEMPLATE, BringUp
 from .events import Emitter, EventSink, Step
 from .exits import DOMAIN_PREFIX, EXIT_CLEAN, EXIT_FAILED, EXIT_KILLED, Exits
 from .netsteps import NetSteps
+from .ocimount import OciRoots
 from .recovery import Recovery
 from .registry import Entry, Registry
 from .share import Shares
@@ -103,6 +104,7 @@ class SandboxController(GuestOps):
         self._netsteps = NetSteps(network, self._store)
         self._shares = Shares(mounts, self._store, self.config.virtiofsd)
         self._registry = Registry(self._store)
+        self._oci = OciRoots(config.state_dir, self._store.root, progress)
         self._exits = Exits(self._registry, self._emit)
         self._image: GuestImage | None = None
         self._image_lock = threading.Lock()
@@ -218,8 +220,12 @@ class SandboxController(GuestOps):
                 # Held until the record is written: another process's recovery waits for it.
                 lock = self._store.hold(sid)
                 undo.callback(os.close, lock)
+                image_config = None
                 for plan in plans:
-                    mountplan.materialize(plan)
+                    if plan.build_from == mountplan.OCI:
+                        image_config = self._oci.materialize(plan)
+                    else:
+                        mountplan.materialize(plan)
                 share = self._shares.make(sid)
                 taps = self._netsteps.make_taps(sid, netns_path, netplan, undo)
                 host_key = write_guest_files(sdir, settings=settings, disks=plans, network=netplan)
@@ -253,6 +259,7 @@ class SandboxController(GuestOps):
                     network=netplan,
                     pod=pod,
                     platform=image.platform,
+                    image=image_config,
                 )
                 self._store.save(record)
                 entry.record = record

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any as _Any
 
 from ..errors import InvalidArgument, VmSandboxError
-from ..model import AnyMessage, Mount, Phase, Platform, Runtime, Sandbox
+from ..model import AnyMessage, ImageConfig, Mount, Phase, Platform, Runtime, Sandbox
 from ..network._model import NetworkPlan
+from ..oci.image import config_from_json, config_to_json
 from ..payloads.podconfig import PodConfig, parse_pod_config
 
 __all__ = ["SandboxRecord", "Store"]
@@ -60,6 +61,7 @@ class SandboxRecord:
     pod: PodConfig | None = None  # ``options`` decoded at create (the raw Any stays for containerd)
     platform: Platform | None = None  # the guest image's, at create (None: a record from before)
     start_path: str = ""  # how its VM came up: "cold" (a boot) or "template" (a restore); "" before
+    image: ImageConfig | None = None  # the OCI image config of an ``oci`` root mount
 
     def evolve(self, **changes: _Any) -> SandboxRecord:
         return replace(self, **changes)
@@ -143,6 +145,7 @@ def record_to_json(r: SandboxRecord) -> dict[str, _Any]:
         "max_memory_mib": r.max_memory_mib,
         "pod": r.pod.to_json() if r.pod is not None else None,
         "platform": asdict(r.platform) if r.platform is not None else None,
+        "image": config_to_json(r.image) if r.image is not None else None,
     }
 
 
@@ -180,6 +183,7 @@ def record_from_json(d: dict[str, _Any]) -> SandboxRecord:
         pod=pod,
         platform=_platform_from(d.get("platform")),
         start_path=str(d.get("start_path", "")),
+        image=config_from_json(d["image"]) if d.get("image") is not None else None,
     )
 
 
