@@ -17,7 +17,7 @@ from .errors import InvalidArgument
 __all__ = [
     "AnyMessage",
     "Runtime",
-    "Sandbox",
+    "SandboxMetadata",
     "Mount",
     "CreateOptions",
     "StopOptions",
@@ -71,7 +71,7 @@ class Runtime:
 
 
 @dataclass(frozen=True)
-class Sandbox:
+class SandboxMetadata:
     """containerd's sandbox metadata object (``containerd.types.Sandbox``)."""
 
     id: str

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import pytest
 
 from tests.conftest import unique
-from vmsandbox import LibvirtController, Sandbox, Unavailable
+from vmsandbox import LibvirtController, SandboxMetadata, Unavailable
 from vmsandbox.model import PtySize
 from vmsandbox.sandbox.ports import GuestChannel
 
@@ -61,7 +61,7 @@ def running_guest(controller: LibvirtController, name: str) -> Iterator[GuestCha
     connection QEMU serves, and hands it out as it does to the task engine)."""
     sid = unique(name)
     try:
-        controller.create(Sandbox(sid))
+        controller.create(SandboxMetadata(sid))
         controller.start(sid)
         yield controller.guest_channel(sid)
     finally:

@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import REPO, unique
 from tests.integration.test_controller_lifecycle import qemu_dir
 from tests.ocibuild import BUSYBOX_EXPECT, build_busybox_image
-from vmsandbox import LibvirtController, Mount, Sandbox
+from vmsandbox import LibvirtController, Mount, SandboxMetadata
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +44,7 @@ def booted(controller: LibvirtController, images: dict[str, Path]) -> Iterator[s
     """A running sandbox whose root is the busybox image (layout folder)."""
     sid = unique("oci")
     try:
-        controller.create(Sandbox(sid), rootfs=[Mount("oci", str(images["layout"]))])
+        controller.create(SandboxMetadata(sid), rootfs=[Mount("oci", str(images["layout"]))])
         controller.start(sid)
         yield sid
     finally:
@@ -100,7 +100,7 @@ def test_a_second_sandbox_of_the_image_reuses_the_cache_and_sees_its_own_root(
     sid = unique("oci2")
     sandbox_ids.append(sid)
     # the same image as an oci-archive tarball: the same manifest digest, so the same base
-    controller.create(Sandbox(sid), rootfs=[Mount("oci", str(images["oci-archive"]))])
+    controller.create(SandboxMetadata(sid), rootfs=[Mount("oci", str(images["oci-archive"]))])
     controller.start(sid)
     assert base_of(controller, sid) == base
     st2 = base.stat()
@@ -113,7 +113,7 @@ def test_a_second_sandbox_of_the_image_reuses_the_cache_and_sees_its_own_root(
 
 def test_shutdown_leaves_no_overlay_and_keeps_the_base(controller: LibvirtController, images: dict[str, Path]) -> None:
     sid = unique("oci3")
-    controller.create(Sandbox(sid), rootfs=[Mount("oci", str(images["layout"]))])
+    controller.create(SandboxMetadata(sid), rootfs=[Mount("oci", str(images["layout"]))])
     try:
         controller.start(sid)
         base = base_of(controller, sid)

@@ -1,6 +1,6 @@
 """The README's examples are tests: each ```python block after a ``<!-- readme-test: NAME -->``
 line runs as its own program, as a reader would run it, and must exit 0 (the blocks assert
-what they show). They run in a folder holding ``busybox.tar`` (tests/ocibuild.py), against a
+what they show). They run in a folder holding ``busybox.tar`` (tests/ocibuild.py, with User ``app``), against a
 state dir of their own (the session's guest image and templates are linked in, not rebuilt).
 """
 
@@ -47,9 +47,9 @@ def example_env(test_root: Path, state_dir: Path, controller: object) -> dict[st
 
 @pytest.mark.parametrize("name,code", readme_examples(), ids=[n for n, _ in readme_examples()])
 def test_readme_example(name: str, code: str, example_env: dict[str, str], qemu_tmp: Path) -> None:
-    from tests.ocibuild import build_busybox_image
+    from tests.ocibuild import BUSYBOX_CONFIG, build_busybox_image
 
-    build_busybox_image(qemu_tmp / "busybox.tar", fmt="docker")
+    build_busybox_image(qemu_tmp / "busybox.tar", fmt="docker-save-oci", config={**BUSYBOX_CONFIG, "User": "app"})
     (qemu_tmp / "example.py").write_text(code + "\n")
     r = subprocess.run([sys.executable, "example.py"], cwd=qemu_tmp, env=example_env, capture_output=True,
                        text=True, timeout=600)

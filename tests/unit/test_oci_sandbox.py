@@ -13,7 +13,7 @@ import pytest
 from tests.ocibuild import build_busybox_image
 from tests.unit.rig import Rig
 from tests.unit.test_cli import Cli, cli  # noqa: F401 - a fixture
-from vmsandbox import InvalidArgument, Mount, NotFound, Sandbox
+from vmsandbox import InvalidArgument, Mount, NotFound, SandboxMetadata
 from vmsandbox.model import ExecResult
 from vmsandbox.sandbox.mounts import check_not_shared, plan_mounts
 from vmsandbox.sandbox.ocimount import backing_file
@@ -61,14 +61,14 @@ def test_sandboxes_of_one_image_share_it(image: Path) -> None:
 def test_create_unpacks_once_and_backs_each_overlay_with_the_cached_image(rig: Rig, image: Path) -> None:
     lines: list[str] = []
     rig.ctl._oci.cache._progress = lines.append
-    rig.ctl.create(Sandbox("a"), rootfs=oci(image))
+    rig.ctl.create(SandboxMetadata("a"), rootfs=oci(image))
     cfg = rig.ctl.image_config("a")
     assert cfg is not None and cfg.working_dir == "/work" and cfg.digest.startswith("sha256:")
     base = rig.config.state_dir / "oci" / cfg.digest[7:] / "rootfs.ext4"
     overlay = rig.sandbox_dir("a") / "disks" / "m0.qcow2"
     assert backing_file(overlay) == str(base) and lines == [f"unpacking image {cfg.digest[:19]}… (3 layers)"]
     before = base.stat()
-    rig.ctl.create(Sandbox("b"), rootfs=oci(image))
+    rig.ctl.create(SandboxMetadata("b"), rootfs=oci(image))
     after = base.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns) and len(lines) == 1
     assert rig.ctl._oci.in_use() == {cfg.digest[7:]}
@@ -80,7 +80,7 @@ def test_create_unpacks_once_and_backs_each_overlay_with_the_cached_image(rig: R
 
 
 def test_the_image_config_is_in_the_record_and_survives_a_restart(rig: Rig, image: Path) -> None:
-    rig.ctl.create(Sandbox("a"), rootfs=oci(image))
+    rig.ctl.create(SandboxMetadata("a"), rootfs=oci(image))
     cfg = rig.ctl.image_config("a")
     assert rig.record("a")["image"]["env"] == ["PATH=/usr/local/bin:/usr/bin:/bin", "GREETING=hello"]
     assert rig.restart().image_config("a") == cfg
@@ -90,20 +90,20 @@ def test_the_image_config_is_in_the_record_and_survives_a_restart(rig: Rig, imag
 
 def test_other_roots_have_no_image_config(rig: Rig, tmp_path: Path) -> None:
     (tmp_path / "tree").mkdir()
-    rig.ctl.create(Sandbox("a"), rootfs=[Mount("bind", str(tmp_path / "tree"))])
+    rig.ctl.create(SandboxMetadata("a"), rootfs=[Mount("bind", str(tmp_path / "tree"))])
     assert rig.ctl.image_config("a") is None and rig.record("a")["image"] is None
 
 
 def test_a_bad_image_fails_the_create_and_leaves_nothing(rig: Rig, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(InvalidArgument, match="not an OCI image layout"):
-        rig.ctl.create(Sandbox("a"), rootfs=[Mount("oci", str(tmp_path / "empty"))])
+        rig.ctl.create(SandboxMetadata("a"), rootfs=[Mount("oci", str(tmp_path / "empty"))])
     assert rig.leftovers("a") == []
 
 
 def test_exec_and_spawn_take_the_images_env_cwd_and_user_as_defaults(rig: Rig, tmp_path: Path) -> None:
     image = build_busybox_image(tmp_path / "with-user", config={"User": "app"})
-    rig.ctl.create(Sandbox("a"), rootfs=oci(image))
+    rig.ctl.create(SandboxMetadata("a"), rootfs=oci(image))
     rig.ctl.start("a")
     rig.guests.execs.clear()
     rig.ctl.exec("a", ["env"])

@@ -13,7 +13,7 @@ import sys
 from typing import Any as _Any
 
 from ..errors import InvalidArgument, VmSandboxError
-from ..model import Mount, Sandbox
+from ..model import Mount, SandboxMetadata
 from . import wiring
 from .output import Output, jsonable
 
@@ -75,7 +75,7 @@ def image_warm(args: argparse.Namespace, out: Output) -> int:
 
 def create(args: argparse.Namespace, out: Output) -> int:
     with wiring.own_controller(wiring.config_from(args), out.progress.line) as c:
-        c.create(Sandbox(args.id, labels={"name": args.id}), **_create_kwargs(args))
+        c.create(SandboxMetadata(args.id, labels={"name": args.id}), **_create_kwargs(args))
     out.emit({"id": args.id}, f"created {args.id}")
     return 0
 
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
     With ``--image`` the command is the image's: its Entrypoint followed by CMD (or by its Cmd)."""
     code = 0
     with wiring.own_controller(wiring.config_from(args), out.progress.line) as c:
-        c.create(Sandbox(args.id, labels={"name": args.id}), **_create_kwargs(args))
+        c.create(SandboxMetadata(args.id, labels={"name": args.id}), **_create_kwargs(args))
         try:
             with out.progress.during(f"booting {args.id}"):
                 inst = c.start(args.id)

@@ -36,7 +36,7 @@ from ..model import (
     Mount,
     Phase,
     Platform,
-    Sandbox,
+    SandboxMetadata,
     SandboxSummary,
     utcnow,
 )
@@ -166,7 +166,7 @@ class SandboxController(GuestOps):
     # ------------------------------------------------------------------ create
     def create(
         self,
-        sandbox: Sandbox,
+        sandbox: SandboxMetadata,
         *,
         rootfs: Iterable[Mount] = (),
         options: AnyMessage | None = None,
@@ -179,7 +179,7 @@ class SandboxController(GuestOps):
         memory than the host has) and AlreadyExists for a taken id; on any failure nothing is
         left behind.
         """
-        if not isinstance(sandbox, Sandbox):
+        if not isinstance(sandbox, SandboxMetadata):
             raise InvalidArgument("sandbox must be a vmsandbox.Sandbox")
         sid = check_sandbox_id(sandbox.id)
         mounts = tuple(rootfs)
@@ -408,7 +408,7 @@ class SandboxController(GuestOps):
         """The console log's last ``max_bytes`` bytes (all when 0; empty before the first boot)."""
         return self._view.read_console_log(sandbox_id, max_bytes)
 
-    def update(self, sandbox_id: str, sandbox: Sandbox, *fields: str) -> None:
+    def update(self, sandbox_id: str, sandbox: SandboxMetadata, *fields: str) -> None:
         """Apply the named fields of ``sandbox`` (all updatable ones when none are named).
 
         labels, extensions, spec, runtime and sandboxer are stored (and shown by verbose

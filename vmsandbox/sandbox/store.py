@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any as _Any
 
 from ..errors import InvalidArgument, VmSandboxError
-from ..model import AnyMessage, ImageConfig, Mount, Phase, Platform, Runtime, Sandbox
+from ..model import AnyMessage, ImageConfig, Mount, Phase, Platform, Runtime, SandboxMetadata
 from ..network._model import NetworkPlan
 from ..oci.image import config_from_json, config_to_json
 from ..payloads.podconfig import PodConfig, parse_pod_config
@@ -41,7 +41,7 @@ class SandboxRecord:
     domain: str
     phase: Phase
     created_at: datetime
-    sandbox: Sandbox
+    sandbox: SandboxMetadata
     vcpus: int
     memory_mib: int
     image_dir: str
@@ -92,7 +92,7 @@ def _dt_from(s: str | None) -> datetime | None:
     return None if s is None else datetime.fromisoformat(s)
 
 
-def _sandbox_to(s: Sandbox) -> dict[str, _Any]:
+def _sandbox_to(s: SandboxMetadata) -> dict[str, _Any]:
     return {
         "id": s.id,
         "runtime": {"name": s.runtime.name, "options": _any_to(s.runtime.options)},
@@ -105,8 +105,8 @@ def _sandbox_to(s: Sandbox) -> dict[str, _Any]:
     }
 
 
-def _sandbox_from(d: dict[str, _Any]) -> Sandbox:
-    return Sandbox(
+def _sandbox_from(d: dict[str, _Any]) -> SandboxMetadata:
+    return SandboxMetadata(
         id=d["id"],
         runtime=Runtime(d["runtime"]["name"], _any_from(d["runtime"]["options"])),
         spec=_any_from(d["spec"]),

@@ -272,6 +272,7 @@ class Files:
             return (host / "f").read_bytes()
 
     def read_text(self, path: str | os.PathLike[str], encoding: str = "utf-8") -> str:
+        """:meth:`read`, decoded."""
         return self.read(path).decode(encoding)
 
     def list(self, path: str | os.PathLike[str] = ".") -> list[FileInfo]:
@@ -292,6 +293,7 @@ class Files:
         return _info(p, self._script(_STAT, p, what=f"looking at {p}").stdout.decode())
 
     def exists(self, path: str | os.PathLike[str]) -> bool:
+        """Whether ``path`` exists (a dangling symlink does)."""
         try:
             self.stat(path)
             return True

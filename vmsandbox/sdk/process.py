@@ -160,9 +160,11 @@ class Process:
         self._proc.signal(signum)
 
     def terminate(self) -> None:
+        """SIGTERM (:meth:`send_signal`)."""
         self.send_signal(_signal.SIGTERM)
 
     def kill(self) -> None:
+        """SIGKILL: it ends at once (exit status 137)."""
         self.send_signal(_signal.SIGKILL)
 
     # ------------------------------------------------------------------ the end

@@ -17,7 +17,7 @@ from typing import Protocol
 
 from ..config import Config
 from ..errors import DeadlineExceeded, InvalidArgument, VmSandboxError
-from ..model import ExecResult, ImageConfig, Mount, PtySize, Sandbox as SandboxMetadata
+from ..model import ExecResult, ImageConfig, Mount, PtySize, SandboxMetadata
 from ..sandbox.ports import GuestProcess, OutputSink
 from .files import ControllerFileOps, Files
 from .process import OutputCallback, Process
