@@ -76,8 +76,11 @@ ln -sf vsbx-agent "$root/sbin/vsbx-exec"
 install -m 755 "$here/init" "$root/init"
 install -m 755 "$here/vsbx-poweroff" "$root/sbin/vsbx-poweroff"
 install -m 755 "$here/vsbx-setup" "$root/sbin/vsbx-setup"
-echo 'root:x:0:0:root:/root:/sbin/vsbx-exec' > "$root/etc/passwd"
-echo 'root:x:0:' > "$root/etc/group"
+# nobody/nogroup (Debian's ids): an unprivileged user for exec's user (token u) in the guest
+# root; it has no keys, so no login. Containers use their own rootfs's files.
+printf '%s\n' 'root:x:0:0:root:/root:/sbin/vsbx-exec' 'nobody:x:65534:65534:nobody:/nonexistent:/bin/false' \
+  > "$root/etc/passwd"
+printf '%s\n' 'root:x:0:' 'nogroup:x:65534:' > "$root/etc/group"
 echo '/sbin/vsbx-exec' > "$root/etc/shells"
 printf 'os=linux\n' > "$root/etc/vmsandbox-release"
 

@@ -25,28 +25,40 @@ from .model import (
     CreateOptions,
     ExecResult,
     ExitStatus,
+    ImageConfig,
     Metric,
     Mount,
     Phase,
     Platform,
     Runtime,
-    Sandbox,
+    SandboxMetadata,
     SandboxState,
     SandboxSummary,
     StopOptions,
 )
 from .host import LibvirtController
+from .sdk import CommandFailed, FileInfo, Files, OutputStream, Process, Sandbox
+from .sdk.aio import AsyncSandbox
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    # the SDK: a sandbox from an image in one call
+    "Sandbox",
+    "AsyncSandbox",
+    "Process",
+    "OutputStream",
+    "Files",
+    "FileInfo",
+    "CommandFailed",
+    # the controller API: containerd's sandbox Controller
     "LibvirtController",
     "Controller",
     "Config",
     "VirtType",
     "AnyMessage",
     "Runtime",
-    "Sandbox",
+    "SandboxMetadata",
     "Mount",
     "CreateOptions",
     "StopOptions",
@@ -56,6 +68,7 @@ __all__ = [
     "Platform",
     "Metric",
     "ExecResult",
+    "ImageConfig",
     "SandboxState",
     "Phase",
     "SandboxSummary",

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Protocol, runtime_checkable
 
-from .model import AnyMessage, ControllerInstance, ControllerStatus, ExitStatus, Metric, Mount, Platform, Sandbox
+from .model import AnyMessage, ControllerInstance, ControllerStatus, ExitStatus, Metric, Mount, Platform, SandboxMetadata
 
 __all__ = ["Controller"]
 
@@ -23,7 +23,7 @@ class Controller(Protocol):
 
     def create(
         self,
-        sandbox: Sandbox,
+        sandbox: SandboxMetadata,
         *,
         rootfs: Iterable[Mount] = (),
         options: AnyMessage | None = None,
@@ -70,7 +70,7 @@ class Controller(Protocol):
     def metrics(self, sandbox_id: str) -> Metric:
         """Resource figures of the sandbox's VM. Raises NotFound."""
 
-    def update(self, sandbox_id: str, sandbox: Sandbox, *fields: str) -> None:
+    def update(self, sandbox_id: str, sandbox: SandboxMetadata, *fields: str) -> None:
         """Apply changes of ``sandbox`` named by ``fields`` (all when none).
 
         Raises NotFound, InvalidArgument for unknown fields, FailedPrecondition when a

@@ -17,7 +17,7 @@ from .errors import InvalidArgument
 __all__ = [
     "AnyMessage",
     "Runtime",
-    "Sandbox",
+    "SandboxMetadata",
     "Mount",
     "CreateOptions",
     "StopOptions",
@@ -71,7 +71,7 @@ class Runtime:
 
 
 @dataclass(frozen=True)
-class Sandbox:
+class SandboxMetadata:
     """containerd's sandbox metadata object (``containerd.types.Sandbox``)."""
 
     id: str
@@ -200,6 +200,11 @@ class ExecResult:
     exit_code: int
     stdout: bytes
     stderr: bytes
+
+    @property
+    def text(self) -> str:
+        """stdout as text (UTF-8, undecodable bytes replaced)."""
+        return self.stdout.decode("utf-8", "replace")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from vmsandbox import ExecResult, LibvirtController, Sandbox
+from vmsandbox import ExecResult, LibvirtController, SandboxMetadata
 
 from .host import run, say
 from .stats import mib_per_s, summarize
@@ -170,7 +170,7 @@ class NetworkSection:
             self._make_namespaces()
             self.sandbox_live = True
             t = time.monotonic()
-            self.ctl.create(Sandbox(id=self.sid), netns_path=f"/var/run/netns/{self.pod}")
+            self.ctl.create(SandboxMetadata(id=self.sid), netns_path=f"/var/run/netns/{self.pod}")
             self.ctl.start(self.sid)
             out["boot_s"] = time.monotonic() - t
             self._warm_up_ping()

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from vmsandbox import Config, LibvirtController, Sandbox, VirtType
+from vmsandbox import Config, LibvirtController, SandboxMetadata, VirtType
 from vmsandbox.sandbox.controller import DOMAIN_PREFIX
 
 from .bare import FIRST_EXEC, BareBaseline, config_disk_of
@@ -106,7 +106,7 @@ class Bench:
         # config disk the bare baseline reuses. Its verbose status carries the domain XML.
         tid = f"{self.prefix}-tmpl"
         self.sids.add(tid)
-        ctl.create(Sandbox(id=tid), annotations={ANNOTATION_START: COLD})  # bare boots it cold
+        ctl.create(SandboxMetadata(id=tid), annotations={ANNOTATION_START: COLD})  # bare boots it cold
         self.events.take(tid)
         info = ctl.status(tid, verbose=True).info
         if "domain_xml" not in info:
@@ -172,7 +172,7 @@ class Bench:
         others = self.others()
         annotations = {ANNOTATION_START: start} if start is not None else None
         t0 = time.monotonic()
-        ctl.create(Sandbox(id=sid), annotations=annotations)
+        ctl.create(SandboxMetadata(id=sid), annotations=annotations)
         self.watcher.watch(sid, ctl.console_log(sid))
         mine: dict[str, float | None] = {"t0": t0}
         try:

@@ -14,9 +14,12 @@
  *     rather than the sandbox rootfs, p=supervise the daemon whose pid argv writes to this
  *     file, k=with p: keep it detached under PREFIX, w=rejoin the keeper of PREFIX,
  *     y=listen on this unix socket for the pty master crun sends for a terminal process,
- *     then pump it to and from our own stdio), chroots into /rootfs when it is mounted and
- *     execs argv directly, never through a shell. Exit code: the child's (or the supervised
- *     daemon's), or 128+signal.
+ *     then pump it to and from our own stdio, u=run argv as NAME|UID[:GROUP|GID] of the
+ *     root it runs in, resolved as runc does), chroots into /rootfs when it is mounted and
+ *     execs argv directly, never through a shell. HUP INT QUIT USR1 USR2 TERM sent to it
+ *     (dropbear's delivery of an SSH "signal") go on to argv's process group, so the exit
+ *     code stays argv's; while supervising (p) a signal ends vsbx-exec as before. Exit code:
+ *     the child's (or the supervised daemon's), or 128+signal.
  *
  * vsbx-agent reseed CLOCK_NS   (vsbx-setup, after a restore from a template): sets the clock
  *     to the host's CLOCK_NS (ns since the epoch), credits the 64 bytes of host entropy on
@@ -28,6 +31,7 @@
 #include <errno.h>
 #include <linux/random.h>
 #include <fcntl.h>
+#include <grp.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdio.h>
@@ -324,6 +328,25 @@ static void on_alarm(int sig) {
     timed_out = 1;
 }
 
+/* The signals an SSH "signal" request may carry that vsbx-exec passes on to its command's
+ * process group (dropbear delivers the request to vsbx-exec). KILL cannot be caught: then
+ * vsbx-exec dies and its command with it (PDEATHSIG). ALRM is vsbx-exec's own timeout. */
+static const int forwarded[] = {SIGHUP, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2, SIGTERM};
+#define NFORWARDED (sizeof forwarded / sizeof forwarded[0])
+static volatile pid_t forward_pgrp;
+
+static void on_forward(int sig, siginfo_t *si, void *ctx) {
+    (void)ctx;
+    if (sig == SIGHUP && si->si_code > 0) {
+        /* The kernel's hang-up of our terminal (dropbear is gone), not a request: end as
+         * before, so the command dies with us (PDEATHSIG) rather than run on unattended. */
+        signal(SIGHUP, SIG_DFL);
+        raise(SIGHUP);
+        return;
+    }
+    if (forward_pgrp > 0) kill(-forward_pgrp, sig);
+}
+
 /* Wait for `pid`; at the timeout kill it and the process group `pgrp` (argv's). Returns 0,
  * or -1 when `pid` is not our child. */
 static int wait_for(pid_t pid, pid_t pgrp, int *status) {
@@ -397,6 +420,126 @@ static int supervise(const char *pidfile, pid_t pgrp) {
         return 255;
     }
     return exit_code(status);
+}
+
+/* ---------------------------------------------------------------- the user (token u)
+ *
+ * `u NAME|UID[:GROUP|GID]` is resolved as runc (libcontainer/user GetExecUser) resolves an
+ * OCI image's User, from /etc/passwd and /etc/group of the root the command runs in, parsed
+ * here (the binary is static: no NSS). A name must have an entry; a numeric id needs none
+ * and always means that id (its entry, if any, still gives the gid and home). Without an
+ * explicit group the gid is the passwd entry's (0 without an entry) and the supplementary
+ * groups are the /etc/group entries that list the user's name; with one, the gid is that
+ * group's and there are no supplementary groups. HOME is the entry's home ("/" without an
+ * entry or with an empty home) unless the request set HOME. */
+
+#define MAX_GROUPS 256
+
+struct ids {
+    uid_t uid;
+    gid_t gid;
+    gid_t groups[MAX_GROUPS];
+    int ngroups;
+    char *home;
+};
+
+/* A decimal id as runc accepts it (0 to 2^31-1); -1 for anything else. */
+static long parse_id(const char *s) {
+    size_t n = strlen(s);
+    if (n == 0 || n > 10 || strspn(s, "0123456789") != n) return -1;
+    long long v = strtoll(s, NULL, 10);
+    return v <= 0x7fffffff ? (long)v : -1;
+}
+
+/* Split a line of /etc/passwd or /etc/group at ':' into at most `max` fields; the count. */
+static int fields(char *line, char **f, int max) {
+    line[strcspn(line, "\n")] = 0;
+    int n = 0;
+    f[n++] = line;
+    for (char *c = line; *c && n < max; c++) {
+        if (*c == ':') {
+            *c = 0;
+            f[n++] = c + 1;
+        }
+    }
+    return n;
+}
+
+static int is_member(char *list, const char *name) {
+    for (char *m = strtok(list, ","); m; m = strtok(NULL, ","))
+        if (strcmp(m, name) == 0) return 1;
+    return 0;
+}
+
+/* Resolve `spec` (the value of token u) into `ids`; -1, with the reason on stderr, when a
+ * name has no entry. Reads the files of the current root (call it after the chroot). */
+static int resolve_user(char *spec, struct ids *ids) {
+    char *group = strchr(spec, ':');
+    if (group) *group++ = 0;
+    long uid = parse_id(spec), gid = group ? parse_id(group) : -1;
+    char *name = NULL, *line = NULL, *f[7];
+    size_t cap = 0;
+    ids->uid = uid < 0 ? 0 : (uid_t)uid;
+    ids->gid = 0;
+    ids->ngroups = 0;
+    ids->home = "/";
+    FILE *file = fopen("/etc/passwd", "re");
+    while (file && getline(&line, &cap, file) > 0) {
+        int n = fields(line, f, 7);
+        if (n < 4) continue;
+        long id = parse_id(f[2]), pgid = parse_id(f[3]);
+        if (id < 0 || pgid < 0 || (uid >= 0 ? id != uid : strcmp(f[0], spec) != 0)) continue;
+        name = strdup(f[0]); /* first match wins, as in runc */
+        ids->uid = (uid_t)id;
+        ids->gid = (gid_t)pgid;
+        if (n >= 6 && *f[5]) ids->home = strdup(f[5]);
+        break;
+    }
+    if (file) fclose(file);
+    if (!name && uid < 0) {
+        fprintf(stderr, "vsbx-exec: no user %s in /etc/passwd\n", spec);
+        return -1;
+    }
+    if (group || name) {
+        int found = 0;
+        file = fopen("/etc/group", "re");
+        while (file && getline(&line, &cap, file) > 0) {
+            int n = fields(line, f, 4);
+            if (n < 3) continue;
+            long id = parse_id(f[2]);
+            if (id < 0) continue;
+            if (group) {
+                if (gid >= 0 ? id != gid : strcmp(f[0], group) != 0) continue;
+                ids->gid = (gid_t)id;
+                found = 1;
+                break;
+            }
+            if (n == 4 && is_member(f[3], name) && ids->ngroups < MAX_GROUPS) ids->groups[ids->ngroups++] = (gid_t)id;
+        }
+        if (file) fclose(file);
+        if (group && !found) {
+            if (gid < 0) {
+                fprintf(stderr, "vsbx-exec: no group %s in /etc/group\n", group);
+                return -1;
+            }
+            ids->gid = (gid_t)gid;
+        }
+    }
+    free(line);
+    return 0;
+}
+
+/* Become `ids` (groups, then gid, then uid); -1, reported, on failure. A credential change
+ * clears the parent-death signal (prctl(2)), so it is set again. */
+static int become(const struct ids *ids, pid_t parent) {
+    if (setgroups((size_t)ids->ngroups, ids->groups) < 0 || setgid(ids->gid) < 0 || setuid(ids->uid) < 0) {
+        fprintf(stderr, "vsbx-exec: cannot become uid %u gid %u: %s\n", (unsigned)ids->uid, (unsigned)ids->gid,
+                strerror(errno));
+        return -1;
+    }
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != parent) return -1; /* vsbx-exec died meanwhile */
+    return 0;
 }
 
 /* ---------------------------------------------------------------- console socket (y) */
@@ -634,7 +777,7 @@ static int open_append(const char *prefix, const char *suffix) {
 }
 
 static int run_supervised(char **args, char **envs, const char *cwd, int chrooted, const char *pidfile,
-                          long timeout_ms);
+                          long timeout_ms, char *user);
 
 /* In the keeper: take the lock, run argv with its output on the files, supervise, record. */
 static int keep(const char *prefix, char **args, char **envs, const char *cwd, int chrooted, const char *pidfile) {
@@ -670,7 +813,7 @@ static int keep(const char *prefix, char **args, char **envs, const char *cwd, i
     prctl(PR_SET_CHILD_SUBREAPER, 1);
     dup2(out, STDOUT_FILENO);
     dup2(err, STDERR_FILENO);
-    int code = run_supervised(args, envs, cwd, chrooted, pidfile, 0);
+    int code = run_supervised(args, envs, cwd, chrooted, pidfile, 0, NULL);
     if (write_exit(prefix, code) < 0) fprintf(stderr, "vsbx-exec: cannot write %s.exit: %s\n", prefix, strerror(errno));
     unlink(lock);
     _exit(code);
@@ -686,6 +829,7 @@ static int exec_main(int argc, char **argv) {
         return 126;
     }
     char *args[1024], *envs[1024], *cwd = NULL, *pidfile = NULL, *keep_prefix = NULL, *rejoin_prefix = NULL;
+    char *user = NULL;
     int nargs = 0, nenvs = 0, in_root = 0;
     long timeout_ms = 0;
     char *p = argv[2] + 5;
@@ -710,10 +854,16 @@ static int exec_main(int argc, char **argv) {
         case 'k': keep_prefix = val; break;
         case 'w': rejoin_prefix = val; break;
         case 'y': console = val; break;
+        case 'u': user = val; break;
         default: fprintf(stderr, "vsbx-exec: unknown token %c\n", kind); return 126;
         }
     }
     if (rejoin_prefix) return rejoin(rejoin_prefix);
+    if (user && pidfile) {
+        /* crun must run as root; a container's user is in its OCI spec. */
+        fprintf(stderr, "vsbx-exec: u (user) is not for supervised commands (p)\n");
+        return 126;
+    }
     if (keep_prefix && !pidfile) {
         fprintf(stderr, "vsbx-exec: k needs p\n");
         return 126;
@@ -735,19 +885,35 @@ static int exec_main(int argc, char **argv) {
     struct stat st;
     int chrooted = !in_root && stat("/run/vsbx/rootfs-ready", &st) == 0;
     if (keep_prefix) return keep(keep_prefix, args, envs, cwd, chrooted, pidfile);
-    return run_supervised(args, envs, cwd, chrooted, pidfile, timeout_ms);
+    return run_supervised(args, envs, cwd, chrooted, pidfile, timeout_ms, user);
 }
 
-/* Run argv (in /rootfs when chrooted) and wait for it; with a pidfile, then supervise the
- * daemon it left behind. The exit code vsbx-exec reports. */
+/* Run argv (in /rootfs when chrooted; as `user` when set) and wait for it; with a pidfile,
+ * then supervise the daemon it left behind. The exit code vsbx-exec reports. */
 static int run_supervised(char **args, char **envs, const char *cwd, int chrooted, const char *pidfile,
-                          long timeout_ms) {
+                          long timeout_ms, char *user) {
     /* The daemon argv leaves behind is reparented to us rather than to PID 1. */
     if (pidfile && prctl(PR_SET_CHILD_SUBREAPER, 1) < 0) {
         perror("vsbx-exec: PR_SET_CHILD_SUBREAPER");
         return 126;
     }
-
+    /* A plain command gets the signals sent to us (supervision keeps its semantics: a signal
+     * ends vsbx-exec, not the container). Blocked until the child's group exists, so none is
+     * lost in between. */
+    int forward = !pidfile;
+    sigset_t fwd, old;
+    sigemptyset(&fwd);
+    for (size_t i = 0; i < NFORWARDED; i++) sigaddset(&fwd, forwarded[i]);
+    if (forward) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = on_forward;
+        sa.sa_flags = SA_SIGINFO;
+        sigfillset(&sa.sa_mask);
+        sigprocmask(SIG_BLOCK, &fwd, &old);
+        for (size_t i = 0; i < NFORWARDED; i++) sigaction(forwarded[i], &sa, NULL);
+    }
+    pid_t parent = getpid();
     pid_t pid = fork();
     if (pid < 0) {
         perror("vsbx-exec: fork");
@@ -758,8 +924,14 @@ static int run_supervised(char **args, char **envs, const char *cwd, int chroote
         /* Die with vsbx-exec: if the session is torn down (host gone, dropbear killed), the
          * command must not run on unsupervised, past its timeout. */
         prctl(PR_SET_PDEATHSIG, SIGKILL);
-        if (getppid() == 1) _exit(126); /* the parent already died */
+        if (getppid() != parent) _exit(126); /* the parent already died */
         signal(SIGPIPE, SIG_DFL);
+        if (forward) {
+            /* Default dispositions (a shell cannot trap a signal ignored at its start), then
+             * the mask the session gave us. */
+            for (size_t i = 0; i < NFORWARDED; i++) signal(forwarded[i], SIG_DFL);
+            sigprocmask(SIG_SETMASK, &old, NULL);
+        }
         if (!console && isatty(STDIN_FILENO)) {
             /* On a pty (the host asked for a tty) our group must be the foreground one, or
              * the command stops at its first tty read (SIGTTIN) and never sees SIGWINCH. */
@@ -771,16 +943,33 @@ static int run_supervised(char **args, char **envs, const char *cwd, int chroote
             perror("vsbx-exec: chroot /rootfs");
             _exit(126);
         }
-        if (chdir(cwd ? cwd : "/") < 0) {
-            fprintf(stderr, "vsbx-exec: chdir %s: %s\n", cwd ? cwd : "/", strerror(errno));
+        struct ids ids;
+        if (user && resolve_user(user, &ids) < 0) _exit(126);
+        /* The cwd is entered as root, and again as the user only when root may not (as runc
+         * does: a directory only the user can enter, on a file system that denies root). */
+        const char *dir = cwd ? cwd : "/";
+        int cd = chdir(dir);
+        if (cd < 0 && !(user && (errno == EACCES || errno == EPERM))) {
+            fprintf(stderr, "vsbx-exec: chdir %s: %s\n", dir, strerror(errno));
+            _exit(126);
+        }
+        if (user && become(&ids, parent) < 0) _exit(126);
+        if (cd < 0 && chdir(dir) < 0) {
+            fprintf(stderr, "vsbx-exec: chdir %s: %s\n", dir, strerror(errno));
             _exit(126);
         }
         clearenv();
         for (char **e = envs; *e; e++) putenv(*e);
+        if (user && !getenv("HOME")) setenv("HOME", ids.home, 1);
         execvp(args[0], args);
         int e = errno;
         fprintf(stderr, "vsbx-exec: %s: %s\n", args[0], strerror(e));
         _exit(e == ENOENT ? 127 : 126);
+    }
+    if (forward) {
+        setpgid(pid, pid); /* the child's own call may not have run yet */
+        forward_pgrp = pid;
+        sigprocmask(SIG_SETMASK, &old, NULL);
     }
     if (timeout_ms > 0) {
         struct sigaction sa;

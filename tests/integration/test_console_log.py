@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import unique
-from vmsandbox import LibvirtController, Sandbox
+from vmsandbox import LibvirtController, SandboxMetadata
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +27,7 @@ FLOOD = 5 * MiB
 def boot(controller: LibvirtController, sandbox_ids: list[str], name: str) -> str:
     sid = unique(name)
     sandbox_ids.append(sid)
-    controller.create(Sandbox(sid))
+    controller.create(SandboxMetadata(sid))
     controller.start(sid)
     return sid
 

@@ -33,7 +33,7 @@ from vmsandbox import (
     NotFound,
     Phase,
     Platform,
-    Sandbox,
+    SandboxMetadata,
     SandboxState,
     Unavailable,
 )
@@ -175,7 +175,7 @@ def boot(controller: LibvirtController, sandbox_ids: list[str], name: str, **cre
     """Create and start a sandbox (registered for cleanup first); returns its id."""
     sid = unique(name)
     sandbox_ids.append(sid)
-    controller.create(Sandbox(sid), **create)
+    controller.create(SandboxMetadata(sid), **create)
     controller.start(sid)
     return sid
 
@@ -192,7 +192,7 @@ def guest(controller: LibvirtController, test_root: Path, rootfs_image: Path) ->
     shutil.copyfile(rootfs_image, img)
     sock = None
     try:
-        controller.create(Sandbox(sid), rootfs=[Mount("ext4", str(img))], annotations={VCPUS: "2", MEMORY: "384"})
+        controller.create(SandboxMetadata(sid), rootfs=[Mount("ext4", str(img))], annotations={VCPUS: "2", MEMORY: "384"})
         controller.start(sid)
         sock = agent_socket(sid)
         yield sid
@@ -370,7 +370,7 @@ def test_duplicate_create_leaves_the_first_sandbox_alone(controller: LibvirtCont
     pid = controller.status(guest).pid
     before = footprint(controller)
     with pytest.raises(AlreadyExists):
-        controller.create(Sandbox(guest))
+        controller.create(SandboxMetadata(guest))
     assert footprint(controller) == before
     st = controller.status(guest)
     assert (st.state, st.pid) == (READY, pid)
@@ -383,7 +383,7 @@ def test_duplicate_create_leaves_the_first_sandbox_alone(controller: LibvirtCont
 def test_lifecycle_created_running_stopped_removed(controller: LibvirtController, sandbox_ids: list[str]) -> None:
     sid = unique("cycle")
     sandbox_ids.append(sid)
-    controller.create(Sandbox(sid))
+    controller.create(SandboxMetadata(sid))
     st = controller.status(sid)
     assert (st.state, st.pid, st.exited_at) == (NOTREADY, 0, None)
     assert st.info["phase"] == "created"
@@ -488,7 +488,7 @@ def test_operations_on_an_unknown_sandbox(controller: LibvirtController) -> None
         lambda: controller.exec(sid, ["true"]),
         lambda: controller.platform(sid),
         lambda: controller.metrics(sid),
-        lambda: controller.update(sid, Sandbox(sid)),
+        lambda: controller.update(sid, SandboxMetadata(sid)),
     ):
         with pytest.raises(NotFound) as err:
             call()
@@ -502,7 +502,7 @@ def test_operations_on_an_unknown_sandbox(controller: LibvirtController) -> None
 def test_bad_ids_are_refused_and_leave_nothing(controller: LibvirtController, bad_id: str) -> None:
     before = footprint(controller)
     with pytest.raises(InvalidArgument):
-        controller.create(Sandbox(bad_id))
+        controller.create(SandboxMetadata(bad_id))
     assert footprint(controller) == before
     assert not (controller.config.state_dir / "sandboxes" / "a").exists()
 
@@ -518,7 +518,7 @@ def test_bad_resource_annotations_are_refused_and_leave_nothing(
     sandbox_ids.append(sid)
     before = footprint(controller)
     with pytest.raises(InvalidArgument, match="annotation"):
-        controller.create(Sandbox(sid), annotations=annotations)
+        controller.create(SandboxMetadata(sid), annotations=annotations)
     assert footprint(controller) == before
     with pytest.raises(NotFound):
         controller.status(sid)
@@ -544,7 +544,7 @@ def test_create_leaves_a_foreign_domain_of_the_same_name_alone(
         conn.defineXML(xml)
         before = footprint(controller)
         with pytest.raises(AlreadyExists):
-            controller.create(Sandbox(sid))
+            controller.create(SandboxMetadata(sid))
         assert footprint(controller) == before
         theirs = domain_xml(sid)
         assert theirs is not None, "create's rollback removed another controller's domain"

@@ -23,7 +23,7 @@ from tests.integration.test_controller_lifecycle import (
     footprint,
     qemu_dir,
 )
-from vmsandbox import InvalidArgument, LibvirtController, Mount, NotFound, Sandbox
+from vmsandbox import InvalidArgument, LibvirtController, Mount, NotFound, SandboxMetadata
 
 pytestmark = pytest.mark.integration
 
@@ -81,7 +81,7 @@ def mounted(
     mkfs_from(data_tree, data)
     sock = None
     try:
-        controller.create(Sandbox(sid), rootfs=[
+        controller.create(SandboxMetadata(sid), rootfs=[
             Mount("ext4", str(root)),
             Mount("ext4", str(data), "/data", ("ro",)),
             Mount("bind", str(host_tree), "/srv/host", ("rbind", "rw")),
@@ -156,7 +156,7 @@ def test_rootfs_writes_persist_in_the_image_after_stop_and_shutdown(
 ) -> None:
     sid = unique("persist")
     sandbox_ids.append(sid)
-    controller.create(Sandbox(sid), rootfs=[Mount("ext4", str(rootfs_copy))])
+    controller.create(SandboxMetadata(sid), rootfs=[Mount("ext4", str(rootfs_copy))])
     controller.start(sid)
     code, _, err = run(controller, sid, "sh", "-c",
                        "echo kept > /root/note.txt && mkdir -p /var/lib/app && echo 42 > /var/lib/app/state"
@@ -179,7 +179,7 @@ def test_a_folder_can_be_the_root(controller: LibvirtController, sandbox_ids: li
     busybox_tree(tree, "dirroot")
     sid = unique("dirroot")
     sandbox_ids.append(sid)
-    controller.create(Sandbox(sid), rootfs=[Mount("bind", str(tree))])
+    controller.create(SandboxMetadata(sid), rootfs=[Mount("bind", str(tree))])
     controller.start(sid)
     assert run(controller, sid, "cat", "/etc/os-release")[1] == "ID=dirroot\n"
     assert mounts_of(controller, sid)["/"][1] == "ext4"
@@ -219,7 +219,7 @@ def test_bad_mounts_are_refused_and_leave_nothing(
     sandbox_ids.append(sid)
     before = footprint(controller)
     with pytest.raises(InvalidArgument):
-        controller.create(Sandbox(sid), rootfs=make(spare_image))  # type: ignore[operator]
+        controller.create(SandboxMetadata(sid), rootfs=make(spare_image))  # type: ignore[operator]
     assert footprint(controller) == before
     with pytest.raises(NotFound):
         controller.status(sid)

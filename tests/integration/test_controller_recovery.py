@@ -33,7 +33,7 @@ from tests.integration.test_controller_lifecycle import (
     qemu_pids,
     wait_until,
 )
-from vmsandbox import Config, ExitStatus, FailedPrecondition, LibvirtController, NotFound, Phase, Sandbox, SandboxState
+from vmsandbox import Config, ExitStatus, FailedPrecondition, LibvirtController, NotFound, Phase, SandboxMetadata, SandboxState
 from vmsandbox.model import utcnow
 
 pytestmark = pytest.mark.integration
@@ -78,7 +78,7 @@ def test_a_running_sandbox_is_taken_over(fresh: tuple[list[str], object]) -> Non
     first: LibvirtController = new()  # type: ignore[operator]
     sid = unique("takeover")
     ids.append(sid)
-    first.create(Sandbox(sid, labels={"app": "kept"}))
+    first.create(SandboxMetadata(sid, labels={"app": "kept"}))
     pid = first.start(sid).pid
     assert first.exec(sid, ["sh", "-c", "echo before-restart > /tmp/marker"]).exit_code == 0
     sock = agent_socket(sid)
@@ -140,7 +140,7 @@ def test_after_each_restart_the_first_exec_reconnects_promptly_and_the_idle_agen
     first: LibvirtController = new()  # type: ignore[operator]
     sid = unique("reconnect")
     ids.append(sid)
-    first.create(Sandbox(sid))
+    first.create(SandboxMetadata(sid))
     first.start(sid)
     before = _pid1_wakeups(first, sid)
     config = first.config
@@ -176,7 +176,7 @@ def test_a_sandbox_that_stopped_while_no_controller_ran(
     first: LibvirtController = new()  # type: ignore[operator]
     sid = unique("whiledown")
     ids.append(sid)
-    first.create(Sandbox(sid))
+    first.create(SandboxMetadata(sid))
     started = first.start(sid).created_at
     before = utcnow()
     if how == "powered-off":
@@ -216,7 +216,7 @@ def test_a_created_sandbox_stays_created_and_can_be_removed(fresh: tuple[list[st
     first: LibvirtController = new()  # type: ignore[operator]
     sid = unique("created")
     ids.append(sid)
-    first.create(Sandbox(sid))
+    first.create(SandboxMetadata(sid))
     first.close()
     second: LibvirtController = new()  # type: ignore[operator]
     st = second.status(sid)
@@ -243,7 +243,7 @@ def test_a_domain_of_ours_without_a_record_is_removed(fresh: tuple[list[str], ob
     ids, new = fresh
     first: LibvirtController = new()  # type: ignore[operator]
     sid = unique("orphan")
-    first.create(Sandbox(sid))
+    first.create(SandboxMetadata(sid))
     first.close()
     # The sandbox's folder is lost (e.g. wiped by hand); only the libvirt domain remains.
     shutil.rmtree(first.config.state_dir / "sandboxes" / sid)
@@ -266,8 +266,8 @@ def test_an_unreadable_record_is_quarantined_and_everything_else_recovers(fresh:
     first: LibvirtController = new()  # type: ignore[operator]
     good, bad = unique("good"), unique("damaged")
     ids.append(good)
-    first.create(Sandbox(good))
-    first.create(Sandbox(bad))
+    first.create(SandboxMetadata(good))
+    first.create(SandboxMetadata(bad))
     first.close()
     sd = first.config.state_dir
     (sd / "sandboxes" / bad / "record.json").write_text("{truncated")

@@ -1,11 +1,13 @@
 """Streaming guest processes (GuestChannel.spawn) on a real guest: output as it comes, stdin,
-exit statuses, a pty and its resize, abort, and vsbx-exec's supervision of a daemon.
+exit statuses, a pty and its resize, abort, signals, the user a command runs as, and
+vsbx-exec's supervision of a daemon.
 
 One sandbox without a rootfs (commands run in the guest's busybox root) serves the module.
 """
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -14,7 +16,7 @@ from contextlib import contextmanager
 import pytest
 
 from tests.conftest import unique
-from vmsandbox import LibvirtController, Sandbox, Unavailable
+from vmsandbox import LibvirtController, SandboxMetadata, Unavailable
 from vmsandbox.model import PtySize
 from vmsandbox.sandbox.ports import GuestChannel
 
@@ -59,7 +61,7 @@ def running_guest(controller: LibvirtController, name: str) -> Iterator[GuestCha
     connection QEMU serves, and hands it out as it does to the task engine)."""
     sid = unique(name)
     try:
-        controller.create(Sandbox(sid))
+        controller.create(SandboxMetadata(sid))
         controller.start(sid)
         yield controller.guest_channel(sid)
     finally:
@@ -186,3 +188,70 @@ def test_channels_opened_while_others_end_all_start(channel: GuestChannel) -> No
         t.join(60)
     assert not failures, f"{len(failures)} failures in {rounds[0]} rounds: {failures}"
     assert rounds[0] >= 10
+
+
+# ---------------------------------------------------------------- user (token u) and signals
+# The guest root's /etc/passwd has root and nobody (images/build.sh).
+
+IDS = ["sh", "-c", 'id -u; id -g; id -G; echo "$HOME"']
+
+
+@pytest.mark.parametrize(("user", "expected"), [
+    ("nobody", b"65534\n65534\n65534\n/nonexistent\n"),  # by name: its entry's gid and home
+    ("1000:1000", b"1000\n1000\n1000\n/\n"),  # numeric ids need no entry; HOME / without one
+    ("nobody:0", b"65534\n0\n0\n/nonexistent\n"),
+    (None, b"0\n0\n0\n/root\n"),
+])
+def test_exec_and_spawn_run_as_the_user(channel: GuestChannel, user: str | None, expected: bytes) -> None:
+    r = channel.exec(IDS, in_guest_root=True, timeout=20, user=user)
+    assert (r.exit_code, r.stdout) == (0, expected), r.stderr
+    p, out, _ = spawn(channel, IDS, user=user)
+    assert p.wait(30) == 0  # type: ignore[attr-defined]
+    assert out.data == expected
+
+
+def test_an_unknown_user_is_126_with_a_message(channel: GuestChannel) -> None:
+    r = channel.exec(["id"], in_guest_root=True, timeout=20, user="nosuchuser")
+    assert (r.exit_code, r.stdout, r.stderr) == (126, b"", b"vsbx-exec: no user nosuchuser in /etc/passwd\n")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+def test_a_signal_reaches_the_command_which_ends_with_its_own_status(channel: GuestChannel,
+                                                                     sig: signal.Signals) -> None:
+    name = sig.name[3:]
+    script = f'trap "echo got {name}; exit 3" {name}; echo ready; while :; do sleep 0.1; done'
+    p, out, _ = spawn(channel, ["sh", "-c", script])
+    out.until(b"ready\n")
+    p.signal(sig)  # type: ignore[attr-defined]
+    assert p.wait(30) == 3  # type: ignore[attr-defined]
+    assert out.data == f"ready\ngot {name}\n".encode()
+
+
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGTERM, 128 + 15), (signal.SIGKILL, 128 + 9)], ids=["TERM", "KILL"])
+def test_a_signalled_sleep_ends_with_128_plus_n(channel: GuestChannel, sig: signal.Signals, status: int) -> None:
+    p, out, _ = spawn(channel, ["sh", "-c", "echo $$; exec sleep 100"])
+    out.until(b"\n")
+    pid = int(out.data.split()[0])
+    p.signal(sig)  # type: ignore[attr-defined]
+    assert p.wait(30) == status  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 15  # after KILL: PDEATHSIG, then PID 1 reaps it
+    while channel.exec(["kill", "-0", str(pid)], in_guest_root=True, timeout=10).exit_code == 0:
+        assert time.monotonic() < deadline, f"guest process {pid} outlived the signal"
+        time.sleep(0.2)
+
+
+def test_a_signal_reaches_a_user_command(channel: GuestChannel) -> None:
+    p, out, _ = spawn(channel, ["sh", "-c", 'trap "id -u; exit 4" TERM; echo ready; while :; do sleep 0.1; done'],
+                      user="nobody")
+    out.until(b"ready\n")
+    p.signal(signal.SIGTERM)  # type: ignore[attr-defined]
+    assert p.wait(30) == 4  # type: ignore[attr-defined]
+    assert out.data == b"ready\n65534\n"
+
+
+def test_a_signal_reaches_a_tty_command(channel: GuestChannel) -> None:
+    p, out, _ = spawn(channel, ["sh", "-c", 'trap "echo got TERM; exit 3" TERM; echo ready; read x'], tty=True)
+    out.until(b"ready")
+    p.signal(signal.SIGTERM)  # type: ignore[attr-defined]
+    assert p.wait(30) == 3  # type: ignore[attr-defined]
+    out.until(b"got TERM")

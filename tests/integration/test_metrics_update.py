@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import unique
-from vmsandbox import AnyMessage, FailedPrecondition, InvalidArgument, Mount, NotFound, Sandbox
+from vmsandbox import AnyMessage, FailedPrecondition, InvalidArgument, Mount, NotFound, SandboxMetadata
 from vmsandbox.proto.cgroups.v2 import metrics_pb2
 
 pytestmark = pytest.mark.integration
@@ -48,7 +48,7 @@ def running(controller, rootfs_image, test_root) -> Iterator[str]:  # type: igno
     img = test_root / f"{sid}.img"
     shutil.copyfile(rootfs_image, img)
     try:
-        controller.create(Sandbox(sid), rootfs=[Mount("ext4", str(img))])
+        controller.create(SandboxMetadata(sid), rootfs=[Mount("ext4", str(img))])
         controller.start(sid)
         yield sid
     finally:
@@ -96,7 +96,7 @@ def test_memory_update_reaches_the_guest(controller, running):  # type: ignore[n
     sid = running
     total_before = meminfo_kib(controller, sid)
     # Below the boot size: the balloon takes memory back.
-    controller.update(sid, Sandbox(sid, labels={"vmsandbox.io/memory-mib": "160"}), "labels")
+    controller.update(sid, SandboxMetadata(sid, labels={"vmsandbox.io/memory-mib": "160"}), "labels")
     deadline = time.monotonic() + 30
     while meminfo_kib(controller, sid) > total_before - 24 * 1024 and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -108,7 +108,7 @@ def test_memory_update_reaches_the_guest(controller, running):  # type: ignore[n
     # shape containerd's UpdatePodSandboxResources writes (Go's JSON of UpdatedResources).
     ext = AnyMessage("io.containerd.cri.v1/UpdatedResources",
                      json.dumps({"Overhead": None, "Resources": {"memory_limit_in_bytes": 320 * 1024 * 1024}}).encode())
-    controller.update(sid, Sandbox(sid, extensions={"updated-resources": ext}), "extensions")
+    controller.update(sid, SandboxMetadata(sid, extensions={"updated-resources": ext}), "extensions")
     # The guest kernel keeps ~40 MiB for itself, so compare growth, not the absolute figure.
     deadline = time.monotonic() + 30
     while meminfo_kib(controller, sid) - total < 150 * 1024 and time.monotonic() < deadline:
@@ -125,7 +125,7 @@ def test_the_guest_boots_with_its_size_and_grows_by_plugging_memory(controller, 
     down; growing past it plugs virtio-mem blocks the guest onlines, and shrinking gives them back."""
     sid = unique("memboot")
     try:
-        controller.create(Sandbox(sid), annotations={"vmsandbox.io/memory-mib": "192"})
+        controller.create(SandboxMetadata(sid), annotations={"vmsandbox.io/memory-mib": "192"})
         controller.start(sid)
         dmesg = controller.exec(sid, ["dmesg"]).stdout.decode()
         line = next(x for x in dmesg.splitlines() if "Memory:" in x and "available" in x)
@@ -137,7 +137,7 @@ def test_the_guest_boots_with_its_size_and_grows_by_plugging_memory(controller, 
         free_at_boot = meminfo_kib(controller, sid, "MemAvailable")
         assert free_at_boot < 150 * 1024  # so the 150 MiB buffer below needs the plugged memory
 
-        controller.update(sid, Sandbox(sid, labels={"vmsandbox.io/memory-mib": "320"}), "labels")
+        controller.update(sid, SandboxMetadata(sid, labels={"vmsandbox.io/memory-mib": "320"}), "labels")
         deadline = time.monotonic() + 30
         while meminfo_kib(controller, sid) - total < 120 * 1024 and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -149,7 +149,7 @@ def test_the_guest_boots_with_its_size_and_grows_by_plugging_memory(controller, 
         r = controller.exec(sid, ["dd", "if=/dev/zero", "of=/dev/null", "bs=150M", "count=1"], timeout=120)
         assert r.exit_code == 0 and b"1+0 records out" in r.stderr, (r, free_at_boot)
 
-        controller.update(sid, Sandbox(sid, labels={"vmsandbox.io/memory-mib": "192"}), "labels")
+        controller.update(sid, SandboxMetadata(sid, labels={"vmsandbox.io/memory-mib": "192"}), "labels")
         deadline = time.monotonic() + 30
         while meminfo_kib(controller, sid) > total + 8 * 1024 and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -162,15 +162,15 @@ def test_update_rejects_what_it_cannot_do(controller, running):  # type: ignore[
     sid = running
     labels_before = controller.status(sid, verbose=True).info["labels"]
     with pytest.raises(InvalidArgument):
-        controller.update(sid, Sandbox(sid, labels={"a": "b"}), "labels", "bogus")
+        controller.update(sid, SandboxMetadata(sid, labels={"a": "b"}), "labels", "bogus")
     with pytest.raises(FailedPrecondition):
-        controller.update(sid, Sandbox(sid, labels={"vmsandbox.io/vcpus": "2"}), "labels")
+        controller.update(sid, SandboxMetadata(sid, labels={"vmsandbox.io/vcpus": "2"}), "labels")
     with pytest.raises(FailedPrecondition):
-        controller.update(sid, Sandbox(sid, labels={"vmsandbox.io/memory-mib": "4096"}), "labels")
+        controller.update(sid, SandboxMetadata(sid, labels={"vmsandbox.io/memory-mib": "4096"}), "labels")
     with pytest.raises(InvalidArgument):
-        controller.update(sid, Sandbox(sid, labels={"vmsandbox.io/memory-mib": "lots"}), "labels")
+        controller.update(sid, SandboxMetadata(sid, labels={"vmsandbox.io/memory-mib": "lots"}), "labels")
     with pytest.raises(NotFound):
-        controller.update(unique("missing"), Sandbox("x"), "labels")
+        controller.update(unique("missing"), SandboxMetadata("x"), "labels")
     # Nothing changed by the failed updates.
     assert controller.status(sid, verbose=True).info["labels"] == labels_before
 
@@ -179,7 +179,7 @@ def test_update_stores_metadata_and_verbose_status_parses(controller, running): 
     sid = running
     spec = AnyMessage("types.containerd.io/opencontainers/runtime-spec/1/Spec",
                json.dumps({"ociVersion": "1.1.0", "annotations": {"team": "infra"}}).encode())
-    controller.update(sid, Sandbox(sid, labels={"app": "web"}, spec=spec), "labels", "spec")
+    controller.update(sid, SandboxMetadata(sid, labels={"app": "web"}, spec=spec), "labels", "spec")
     st = controller.status(sid, verbose=True)
     assert json.loads(st.info["labels"]) == {"app": "web"}
     assert json.loads(st.info["annotations"])["team"] == "infra"
@@ -205,7 +205,7 @@ def test_memory_the_guest_frees_goes_back_to_the_host(controller, sandbox_ids): 
     leave the VMM's resident guest RAM within 16 MiB of where it was."""
     sid = unique("pagerep")
     sandbox_ids.append(sid)
-    controller.create(Sandbox(sid))  # no rootfs: the guest's own tmpfs /run
+    controller.create(SandboxMetadata(sid))  # no rootfs: the guest's own tmpfs /run
     pid = controller.start(sid).pid
     assert controller.exec(sid, ["cat", "/sys/module/page_reporting/parameters/page_reporting_order"],
                            timeout=30).stdout.strip() == b"0"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.conftest import unique
-from vmsandbox import InvalidArgument, NotFound, Sandbox
+from vmsandbox import InvalidArgument, NotFound, SandboxMetadata
 
 pytestmark = pytest.mark.integration
 
@@ -102,7 +102,7 @@ def test_peer_and_guest_reach_each_other(controller, sandbox_ids, podnet):  # ty
     sid = unique("net")
     sandbox_ids.append(sid)
     taps_before = host_taps()
-    controller.create(Sandbox(sid), netns_path=podnet.path)
+    controller.create(SandboxMetadata(sid), netns_path=podnet.path)
     controller.start(sid)
 
     # The guest took over eth0: same MAC, MTU, addresses and routes; eth0 lost its addresses.
@@ -171,7 +171,7 @@ def test_two_sandboxes_on_one_bridge_reach_each_other(controller, sandbox_ids): 
             sid = unique(f"br{i}")
             sandbox_ids.append(sid)
             ids.append(sid)
-            controller.create(Sandbox(sid), netns_path=f"/var/run/netns/{pod}")
+            controller.create(SandboxMetadata(sid), netns_path=f"/var/run/netns/{pod}")
         for sid in ids:
             controller.start(sid)
         r = controller.exec(ids[0], ["ping", "-c", "3", "-W", "5", "10.78.0.3"])
@@ -197,7 +197,7 @@ def test_bad_netns_fails_cleanly(controller, sandbox_ids, tmp_path):  # type: ig
     try:
         for path in ("/var/run/netns/does-not-exist-" + sid, str(regular), f"/var/run/netns/{empty}"):
             with pytest.raises(InvalidArgument) as exc:
-                controller.create(Sandbox(sid), netns_path=path)
+                controller.create(SandboxMetadata(sid), netns_path=path)
             assert path in str(exc.value)
             assert not (controller.config.state_dir / "sandboxes" / sid).exists()
             assert sid not in [r.id for r in controller.list()]
@@ -220,7 +220,7 @@ def test_a_failed_start_removes_the_sandbox_and_gives_the_netns_back(podnet, qem
     taps_before = host_taps()
     with LibvirtController(config=cfg) as c:
         sid = unique("fail")
-        c.create(Sandbox(sid), netns_path=podnet.path)
+        c.create(SandboxMetadata(sid), netns_path=podnet.path)
         if failure == "qemu-refuses":
             # A sandbox too big for the host is refused at create now (memfd RAM would not be
             # refused by QEMU): a config disk gone missing makes QEMU refuse instead.

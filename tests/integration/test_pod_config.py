@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import unique
-from vmsandbox import AnyMessage, Sandbox
+from vmsandbox import AnyMessage, SandboxMetadata
 from vmsandbox.proto.k8s.runtime.v1 import api_pb2 as cri
 from vmsandbox.sandbox.cgroups import CGROUP_ROOT
 
@@ -19,7 +19,7 @@ def _start_in_cgroup(controller, sid: str, cgroup_parent: str) -> int:  # type: 
     """Create and start ``sid`` as CRI would for a pod with that cgroup parent; the VMM pid."""
     cfg = cri.PodSandboxConfig(metadata=cri.PodSandboxMetadata(name=sid),
                                linux=cri.LinuxPodSandboxConfig(cgroup_parent=cgroup_parent))
-    controller.create(Sandbox(sid), options=AnyMessage("runtime.v1.PodSandboxConfig", cfg.SerializeToString()))
+    controller.create(SandboxMetadata(sid), options=AnyMessage("runtime.v1.PodSandboxConfig", cfg.SerializeToString()))
     return int(controller.start(sid).pid)
 
 
@@ -55,7 +55,7 @@ def test_pod_annotations_and_resources_size_the_guest(controller, sandbox_ids): 
         annotations={"vmsandbox.io/vcpus": "2", "team": "infra"},
         linux=cri.LinuxPodSandboxConfig(resources=cri.LinuxContainerResources(memory_limit_in_bytes=300 << 20)),
     )
-    controller.create(Sandbox(sid), options=AnyMessage("type.googleapis.com/runtime.v1.PodSandboxConfig",
+    controller.create(SandboxMetadata(sid), options=AnyMessage("type.googleapis.com/runtime.v1.PodSandboxConfig",
                                                 cfg.SerializeToString()))
     st = controller.status(sid, verbose=True)
     assert st.info["vcpus"] == "2" and st.info["memory_mib"] == "300"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import unique
-from vmsandbox import ExecResult, Sandbox
+from vmsandbox import ExecResult, SandboxMetadata
 from vmsandbox.hostmount import mount_points, under
 
 pytestmark = pytest.mark.integration
@@ -62,7 +62,7 @@ def mounts_under(path: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def booted(controller) -> Iterator[str]:  # type: ignore[no-untyped-def]
     sid = unique("share")
-    controller.create(Sandbox(sid))
+    controller.create(SandboxMetadata(sid))
     try:
         controller.start(sid)
         yield sid
@@ -182,7 +182,7 @@ def test_crun_runs_a_busybox_bundle_from_the_share_on_the_guest_kernel(controlle
 
 def test_shutdown_leaves_no_mount_and_no_virtiofsd(controller, host_dir: Path) -> None:  # type: ignore[no-untyped-def]
     sid = unique("share-off")
-    controller.create(Sandbox(sid))
+    controller.create(SandboxMetadata(sid))
     try:
         controller.start(sid)
         assert len(virtiofsd_pids(share_of(controller, sid))) >= 1

@@ -24,7 +24,7 @@ import pytest
 from tests.conftest import unique
 from tests.integration.test_guest_process import running_guest
 from tests.unit.task_rig import Fifo, fifos
-from vmsandbox import LibvirtController, NotFound, Sandbox
+from vmsandbox import LibvirtController, NotFound, SandboxMetadata
 from vmsandbox.proto.containerd.task.v3 import shim_pb2 as pb
 from vmsandbox.sandbox.ports import GuestChannel
 from vmsandbox.task import SERVICE_NAME, IoSpec, StagedBundle, Status, TaskEngine
@@ -189,7 +189,7 @@ def test_start_serves_the_task_api_and_a_container_runs_through_it(controller: L
     ctl = TaskServingController(controller, sockets)
     sid, cid = unique("sock"), unique("c")
     try:
-        ctl.create(Sandbox(sid))
+        ctl.create(SandboxMetadata(sid))
         t0 = time.monotonic()
         inst = ctl.start(sid)
         booted = time.monotonic() - t0

@@ -21,7 +21,7 @@ import pytest
 from tests.conftest import unique
 from tests.integration.test_controller_lifecycle import assert_left_nothing
 from tests.integration.test_network_guest import PodNet, gtext, in_ns, podnet  # noqa: F401 - a fixture
-from vmsandbox import Config, FailedPrecondition, LibvirtController, Mount, Sandbox
+from vmsandbox import Config, FailedPrecondition, LibvirtController, Mount, SandboxMetadata
 from vmsandbox.guest.agent import GuestAgent
 
 pytestmark = pytest.mark.integration
@@ -35,7 +35,7 @@ def test_a_template_started_sandbox_has_its_own_rootfs_address_and_hostname(  # 
         controller: LibvirtController, sandbox_ids: list[str], podnet: PodNet, rootfs_copy: Path) -> None:
     sid = unique("tpl")
     sandbox_ids.append(sid)
-    controller.create(Sandbox(sid), rootfs=[Mount("ext4", str(rootfs_copy))], netns_path=podnet.path,
+    controller.create(SandboxMetadata(sid), rootfs=[Mount("ext4", str(rootfs_copy))], netns_path=podnet.path,
                       annotations={"vmsandbox.io/hostname": "tpl-own-name"})
     controller.start(sid)
     assert start_path(controller, sid) == "template"
@@ -63,7 +63,7 @@ def test_two_sandboxes_from_one_template_share_no_keys_or_random_stream_and_keep
     ids = [unique("twin"), unique("twin")]
     for sid in ids:
         sandbox_ids.append(sid)
-        controller.create(Sandbox(sid))
+        controller.create(SandboxMetadata(sid))
     tpl = controller.warm_template().path
     # A template's clock stops at its save: let it fall behind, so that a guest that did not
     # take the host's time would show it.
@@ -138,7 +138,7 @@ def test_a_template_made_stale_by_a_changed_image_is_rebuilt_not_used(
     second = LibvirtController(config=config)
     made.append(second)
     sid = unique("stale")
-    second.create(Sandbox(sid))
+    second.create(SandboxMetadata(sid))
     second.start(sid)
     assert start_path(second, sid) == "template"
     new = _template_of(second)
@@ -153,7 +153,7 @@ def test_a_controller_restart_takes_template_started_sandboxes_back(
     first = LibvirtController(config=config)
     made.append(first)
     sid = unique("back")
-    first.create(Sandbox(sid), annotations={"vmsandbox.io/hostname": "came-back"})
+    first.create(SandboxMetadata(sid), annotations={"vmsandbox.io/hostname": "came-back"})
     first.start(sid)
     assert start_path(first, sid) == "template"
     pid = first.status(sid).pid

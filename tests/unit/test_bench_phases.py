@@ -9,7 +9,7 @@ import pytest
 from vsbench.bare import config_disk_of, host_key_line_from_config
 from vsbench.phases import PHASES, EventLog, Start, phase_durations, stamps_from_events
 
-from vmsandbox import Sandbox
+from vmsandbox import SandboxMetadata
 from vmsandbox.errors import DeadlineExceeded
 from vmsandbox.sandbox.events import LifecycleEvent, Step
 
@@ -114,7 +114,7 @@ class _Tee(list[LifecycleEvent]):
 
 def test_a_controller_start_gives_every_event_stamp_in_order(rig: Rig) -> None:
     log = _observe(rig)
-    rig.ctl.create(Sandbox(id="b1"))
+    rig.ctl.create(SandboxMetadata(id="b1"))
     rig.ctl.start("b1")
     stamps = stamps_from_events(log.take("b1"))
     order = ["creating", "defined", "created", "starting", "booted", "agent_ready", "running"]
@@ -128,7 +128,7 @@ def test_a_controller_start_gives_every_event_stamp_in_order(rig: Rig) -> None:
 def test_a_failed_controller_start_is_stamped(quick_rig: Rig) -> None:
     log = _observe(quick_rig)
     quick_rig.guests.fp.fail("connect", DeadlineExceeded("no agent"))
-    quick_rig.ctl.create(Sandbox(id="b2"))
+    quick_rig.ctl.create(SandboxMetadata(id="b2"))
     with pytest.raises(DeadlineExceeded):
         quick_rig.ctl.start("b2")
     stamps = stamps_from_events(log.take("b2"))
@@ -137,7 +137,7 @@ def test_a_failed_controller_start_is_stamped(quick_rig: Rig) -> None:
 
 def test_the_template_gives_the_bare_baseline_its_xml_config_disk_and_host_key(rig: Rig) -> None:
     # What Bench.setup takes from the public API: the verbose status of a created sandbox.
-    rig.ctl.create(Sandbox(id="tmpl"))
+    rig.ctl.create(SandboxMetadata(id="tmpl"))
     info = rig.ctl.status("tmpl", verbose=True).info
     disk = Path(config_disk_of(info["domain_xml"]))
     sdir = Path(info["console_log"]).parent

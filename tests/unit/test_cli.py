@@ -27,7 +27,7 @@ from tests.unit.rig import Rig
 from vmsandbox import errors
 from vmsandbox.cli import main
 from vmsandbox.guest.fake import ExecCall, FakeGuests, FakeProcess
-from vmsandbox.model import ExecResult, Phase, Sandbox
+from vmsandbox.model import ExecResult, Phase, SandboxMetadata
 from vmsandbox.sandbox.controller import LOCK_FILE, SandboxController
 from vmsandbox.server import ControllerServer, serve
 
@@ -100,7 +100,7 @@ def holder(cli: Cli) -> SandboxController:
     """Another controller owns the state dir (as `vmsandbox serve` would), with no admin socket."""
     ctl = cli.rig.new_controller()
     assert ctl.owner
-    ctl.create(Sandbox("held"))
+    ctl.create(SandboxMetadata("held"))
     ctl.start("held")
     return ctl
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vmsandbox import Sandbox
+from vmsandbox import SandboxMetadata
 from vmsandbox.errors import DeadlineExceeded
 from vmsandbox.sandbox.events import Emitter, LifecycleEvent, Step
 
@@ -13,7 +13,7 @@ from tests.unit.rig import Rig
 
 def test_a_sandbox_reports_each_step_of_its_life_in_order(rig: Rig) -> None:
     plan = rig.pod_netns()
-    rig.ctl.create(Sandbox(id="ev"), netns_path=plan.netns_path)
+    rig.ctl.create(SandboxMetadata(id="ev"), netns_path=plan.netns_path)
     rig.ctl.start("ev")
     rig.ctl.shutdown("ev")
     assert rig.steps("ev") == ["creating", "defined", "created", "starting", "booted", "wired", "agent-ready",
@@ -23,7 +23,7 @@ def test_a_sandbox_reports_each_step_of_its_life_in_order(rig: Rig) -> None:
 
 
 def test_a_guest_that_ends_by_itself_reports_stopped_with_the_reason(rig: Rig) -> None:
-    rig.ctl.create(Sandbox(id="ev"))
+    rig.ctl.create(SandboxMetadata(id="ev"))
     rig.ctl.start("ev")
     rig.hv.guest_poweroff(rig.domain("ev").name)
     rig.ctl.wait("ev", timeout=2)
@@ -33,7 +33,7 @@ def test_a_guest_that_ends_by_itself_reports_stopped_with_the_reason(rig: Rig) -
 
 def test_a_failed_start_reports_why_and_the_removal(quick_rig: Rig) -> None:
     quick_rig.guests.fp.fail("connect", DeadlineExceeded("no agent"))
-    quick_rig.ctl.create(Sandbox(id="ev"))
+    quick_rig.ctl.create(SandboxMetadata(id="ev"))
     with pytest.raises(DeadlineExceeded):
         quick_rig.ctl.start("ev")
     assert quick_rig.steps("ev") == ["creating", "defined", "created", "starting", "booted", "start-failed", "removed"]
@@ -48,7 +48,7 @@ def test_an_observer_that_raises_does_not_fail_the_operation(rig: Rig, caplog: p
     rig.ctl.close()
     rig.ctl = rig.new_controller()
     rig.ctl._emit = Emitter(broken)  # the emitter the controller calls
-    rig.ctl.create(Sandbox(id="ev"))
+    rig.ctl.create(SandboxMetadata(id="ev"))
     rig.ctl.start("ev")
     assert rig.ctl.exec("ev", ["true"]).exit_code == 0
     assert "lifecycle observer failed" in caplog.text

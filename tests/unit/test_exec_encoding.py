@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
@@ -54,6 +56,7 @@ class Request:
     in_root: bool = False
     pidfile: str | None = None
     console: str | None = None
+    user: str | None = None
 
 
 def decode(request: str) -> Request:
@@ -78,6 +81,8 @@ def decode(request: str) -> Request:
             out.pidfile = val
         elif kind == "y":
             out.console = val
+        elif kind == "u":
+            out.user = val
         else:
             raise AssertionError(f"unknown token {tok!r}")
     return out
@@ -125,6 +130,14 @@ def test_console_token_carries_the_socket_path_and_needs_a_pid_file() -> None:
                 {"supervise_pidfile": "/p", "console_socket": "/" + "x" * 107}):
         with pytest.raises(InvalidArgument):
             encode_exec_request(["crun"], **bad)  # type: ignore[arg-type]
+
+
+def test_home_defaults_to_root_only_without_a_user() -> None:
+    r = decode(encode_exec_request(["id"], user="alice"))
+    assert (r.user, r.env) == ("alice", [f"PATH={DEFAULT_PATH}", "TERM=dumb"])  # the guest sets HOME
+    assert "HOME=/srv" in decode(encode_exec_request(["id"], user="alice", env={"HOME": "/srv"})).env
+    with pytest.raises(InvalidArgument):
+        encode_exec_request(["crun"], user="alice", supervise_pidfile="/run/p.pid")
 
 
 def test_a_tiny_timeout_is_still_at_least_one_millisecond() -> None:
@@ -293,3 +306,187 @@ def test_signal_names_are_rfc4254_and_others_refused():
     for bad in (0, 11, 64, "TERM"):
         with pytest.raises(InvalidArgument):
             signal_name(bad)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- signals sent to vsbx-exec
+# dropbear delivers an SSH "signal" request to vsbx-exec itself with kill(2), as these do.
+
+
+def started(exe: Path, request: str) -> subprocess.Popen[bytes]:
+    """vsbx-exec running ``request``, once its command printed its first line ("ready")."""
+    p = subprocess.Popen([str(exe), "-c", request], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    assert p.stdout is not None
+    ready, _, _ = select.select([p.stdout], [], [], 20)
+    assert ready and p.stdout.readline() == b"ready\n"
+    return p
+
+
+TRAPS = [(sig, f'trap "echo got {sig.name}; exit 3" {sig.name[3:]}; echo ready; while :; do sleep 0.1; done')
+         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)]
+
+
+@pytest.mark.parametrize(("sig", "script"), TRAPS, ids=[s.name for s, _ in TRAPS])
+def test_guest_forwards_a_signal_to_its_command_and_ends_with_the_commands_status(
+        vsbx_exec: Path, sig: signal.Signals, script: str) -> None:
+    p = started(vsbx_exec, req(["sh", "-c", script]))
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=20)
+    assert (p.returncode, out) == (3, f"got {sig.name}\n".encode()), err
+
+
+def test_guest_command_killed_by_a_forwarded_signal_is_128_plus_n(vsbx_exec: Path) -> None:
+    p = started(vsbx_exec, req(["sh", "-c", "echo ready; exec sleep 100"]))
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(20) == 128 + signal.SIGTERM
+
+
+def test_guest_forwards_to_the_whole_process_group(vsbx_exec: Path) -> None:
+    p = started(vsbx_exec, req(["sh", "-c", "sleep 100 & echo ready; wait"]))
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(20) == 128 + signal.SIGTERM
+    assert time.monotonic() - t0 < 10
+
+
+def test_guest_killed_takes_its_command_along(vsbx_exec: Path) -> None:
+    p = started(vsbx_exec, req(["sh", "-c", "echo ready; echo $$; exec sleep 100"]))
+    assert p.stdout is not None
+    pid = int(p.stdout.readline())
+    p.kill()
+    assert p.wait(20) == -signal.SIGKILL
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]:
+        assert time.monotonic() < deadline, "the command outlived its killed vsbx-exec"
+        time.sleep(0.05)
+
+
+def test_a_supervising_guest_still_ends_on_a_signal(vsbx_exec: Path, tmp_path: Path) -> None:
+    """Token p keeps its semantics: a signal ends vsbx-exec, not the daemon."""
+    pidfile = tmp_path / "init.pid"
+    script = 'sh -c "sleep 30" & echo $! > "$0"; echo ready'
+    p = started(vsbx_exec, req(["sh", "-c", script, str(pidfile)], supervise_pidfile=str(pidfile)))
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "init.pid.ready").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(20) == -signal.SIGTERM
+    daemon = int(pidfile.read_text())
+    try:
+        assert Path(f"/proc/{daemon}").exists(), "the daemon went with its supervisor"
+    finally:
+        os.kill(daemon, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------- the user (token u), in a chroot
+# The guest resolves the user in the root the command runs in; a chroot with a static
+# vsbx-exec and busybox stands in for it (root only: chroot(2) and setuid(2)).
+
+PASSWD = """root:x:0:0:root:/root:/sbin/vsbx-exec
+alice:x:1000:1000:Alice:/home/alice:/bin/sh
+bob:x:1001:1001::/home/bob:/bin/sh
+nohome:x:1002:1002::::
+"""
+GROUP = """root:x:0:
+alice:x:1000:
+staff:x:50:bob,alice
+audio:x:29:alice
+bob:x:1001:
+"""
+
+
+@pytest.fixture(scope="module")
+def user_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to chroot and to change ids")
+    busybox = Path("/bin/busybox")
+    if shutil.which("gcc") is None or not busybox.exists():
+        pytest.skip("needs gcc and a static /bin/busybox")
+    root = tmp_path_factory.mktemp("guestroot")
+    root.chmod(0o755)  # pytest's are 0700: no user but root could reach /bin
+    for d in ("sbin", "bin", "etc", "home/alice", "tmp"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    subprocess.run(["gcc", "-static", "-O1", "-o", str(root / "sbin" / "vsbx-agent"),
+                    str(REPO / "images" / "agent" / "agent.c")], check=True, capture_output=True)
+    (root / "sbin" / "vsbx-exec").symlink_to("vsbx-agent")
+    shutil.copy(busybox, root / "bin" / "busybox")
+    for applet in ("sh", "id", "pwd", "sleep"):
+        (root / "bin" / applet).symlink_to("busybox")
+    (root / "etc" / "passwd").write_text(PASSWD)
+    (root / "etc" / "group").write_text(GROUP)
+    os.chown(root / "home" / "alice", 1000, 1000)
+    os.chmod(root / "home" / "alice", 0o700)
+    return root
+
+
+SHOW_IDS = ["sh", "-c", 'id -u; id -g; id -G; echo "$HOME"; pwd']
+
+
+def as_user(root: Path, user: str | None, argv: Sequence[str] = SHOW_IDS, **kw: object) -> tuple[int, list[str], str]:
+    p = subprocess.run(["chroot", str(root), "/sbin/vsbx-exec", "-c", req(argv, user=user, **kw)],
+                       capture_output=True, timeout=20)
+    lines = p.stdout.decode().splitlines()
+    return p.returncode, lines, p.stderr.decode()
+
+
+@pytest.mark.parametrize(("user", "uid", "gid", "groups", "home"), [
+    ("alice", "1000", "1000", {"1000", "50", "29"}, "/home/alice"),  # + the groups that list alice
+    ("1000", "1000", "1000", {"1000", "50", "29"}, "/home/alice"),  # a uid with an entry is that entry
+    ("alice:staff", "1000", "50", {"50"}, "/home/alice"),  # an explicit group: no supplementary ones
+    ("1000:29", "1000", "29", {"29"}, "/home/alice"),
+    ("alice:4343", "1000", "4343", {"4343"}, "/home/alice"),  # a numeric group needs no entry
+    ("4242", "4242", "0", {"0"}, "/"),  # no entry: gid 0, HOME / (runc's defaults)
+    ("4242:4343", "4242", "4343", {"4343"}, "/"),
+    ("nohome", "1002", "1002", {"1002"}, "/"),
+    ("root", "0", "0", {"0"}, "/root"),
+])
+def test_guest_user_ids_groups_and_home(user_root: Path, user: str, uid: str, gid: str, groups: set[str],
+                                        home: str) -> None:
+    code, lines, err = as_user(user_root, user)
+    assert code == 0, err
+    assert (lines[0], lines[1], set(lines[2].split()), lines[3], lines[4]) == (uid, gid, groups, home, "/")
+
+
+def test_guest_user_keeps_an_explicit_home_and_runs_in_its_cwd(user_root: Path) -> None:
+    code, lines, err = as_user(user_root, "alice", env={"HOME": "/tmp"}, cwd="/home/alice")
+    assert code == 0, err
+    assert lines[3:] == ["/tmp", "/home/alice"]
+
+
+def test_guest_without_a_user_is_root_with_home_root(user_root: Path) -> None:
+    code, lines, err = as_user(user_root, None)
+    assert (code, lines[0], lines[1], lines[3]) == (0, "0", "0", "/root"), err
+
+
+@pytest.mark.parametrize(("user", "message"), [
+    ("nosuch", "vsbx-exec: no user nosuch in /etc/passwd"),
+    ("nosuch:staff", "vsbx-exec: no user nosuch in /etc/passwd"),
+    ("alice:nosuch", "vsbx-exec: no group nosuch in /etc/group"),
+])
+def test_guest_unknown_user_or_group_is_126_with_a_message(user_root: Path, user: str, message: str) -> None:
+    code, lines, err = as_user(user_root, user)
+    assert (code, lines, err.strip()) == (126, [], message)
+
+
+def test_guest_refuses_a_user_for_a_supervised_command(user_root: Path) -> None:
+    request = req(["true"], supervise_pidfile="/tmp/p.pid") + " u" + b"alice".hex()
+    p = subprocess.run(["chroot", str(user_root), "/sbin/vsbx-exec", "-c", request], capture_output=True, timeout=20)
+    assert p.returncode == 126 and b"not for supervised" in p.stderr
+
+
+def test_guest_user_command_still_dies_with_vsbx_exec(user_root: Path) -> None:
+    """setuid(2) clears the parent-death signal; vsbx-exec sets it again."""
+    p = subprocess.Popen(["chroot", str(user_root), "/sbin/vsbx-exec", "-c",
+                          req(["sh", "-c", "echo ready; echo $$; exec sleep 100"], user="alice")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None
+    assert select.select([p.stdout], [], [], 20)[0] and p.stdout.readline() == b"ready\n"
+    pid = int(p.stdout.readline())
+    assert Path(f"/proc/{pid}/status").read_text().count("\t1000\t") >= 1  # Uid: line, as alice
+    p.kill()  # chroot exec()s vsbx-exec: this is vsbx-exec
+    p.wait(20)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]:
+        assert time.monotonic() < deadline, "the user's command outlived its killed vsbx-exec"
+        time.sleep(0.05)

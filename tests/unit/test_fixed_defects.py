@@ -13,7 +13,7 @@ import pytest
 
 from tests.unit.rig import Rig
 from vmsandbox import errors
-from vmsandbox.model import Sandbox
+from vmsandbox.model import SandboxMetadata
 from vmsandbox.sandbox.controller import DOMAIN_PREFIX
 from vmsandbox.sandbox.ports import DomainState
 from vmsandbox.sandbox.store import Store
@@ -22,7 +22,7 @@ from vmsandbox.sandbox.store import Store
 def test_a_domain_left_paused_by_an_interrupted_start_is_powered_off(rig: Rig) -> None:
     """libvirt holds a new domain paused while QEMU starts; a controller killed then left it
     to boot as an orphan (recovery only destroyed RUNNING domains)."""
-    rig.ctl.create(Sandbox("a"))
+    rig.ctl.create(SandboxMetadata("a"))
     rig.hv.domains[DOMAIN_PREFIX + "a"].state = DomainState.PAUSED
     ctl = rig.restart()
     assert rig.hv.domains[DOMAIN_PREFIX + "a"].state is DomainState.SHUTOFF
@@ -50,7 +50,7 @@ def test_an_existing_state_dir_keeps_its_mode(tmp_path: Path) -> None:
 
 
 def test_update_saves_the_record_before_the_guest_changes_and_restores_it_on_failure(rig: Rig) -> None:
-    rig.ctl.create(Sandbox("a"), annotations={"vmsandbox.io/memory-mib": "256"})
+    rig.ctl.create(SandboxMetadata("a"), annotations={"vmsandbox.io/memory-mib": "256"})
     rig.ctl.start("a")
     store = Store(rig.config.state_dir)
 
@@ -60,7 +60,7 @@ def test_update_saves_the_record_before_the_guest_changes_and_restores_it_on_fai
 
     release = threading.Event()
     rig.hv.fp.hang("set_memory", release)
-    t = threading.Thread(target=rig.ctl.update, args=("a", Sandbox("a", labels={"vmsandbox.io/memory-mib": "384"}),
+    t = threading.Thread(target=rig.ctl.update, args=("a", SandboxMetadata("a", labels={"vmsandbox.io/memory-mib": "384"}),
                                                       "labels"))
     t.start()
     try:
@@ -76,7 +76,7 @@ def test_update_saves_the_record_before_the_guest_changes_and_restores_it_on_fai
 
     rig.hv.fp.fail("set_memory", errors.Unavailable("libvirtd went away"))
     with pytest.raises(errors.Unavailable):
-        rig.ctl.update("a", Sandbox("a", labels={"vmsandbox.io/memory-mib": "320"}), "labels")
+        rig.ctl.update("a", SandboxMetadata("a", labels={"vmsandbox.io/memory-mib": "320"}), "labels")
     assert on_disk() == 384 and rig.ctl.status("a", verbose=True).info["memory_mib"] == "384"
 
 
@@ -85,6 +85,6 @@ def test_a_failing_rollback_step_does_not_replace_the_error_that_caused_it(rig: 
     rig.hv.fp.fail("define", errors.InvalidArgument("the domain XML was refused"))
     rig.net.fp.fail("detach", errors.Unavailable("netlink busy"))
     with pytest.raises(errors.InvalidArgument, match="refused"):
-        rig.ctl.create(Sandbox("a"), netns_path=plan.netns_path)
+        rig.ctl.create(SandboxMetadata("a"), netns_path=plan.netns_path)
     assert not (rig.config.state_dir / "sandboxes" / "a").exists()
-    rig.ctl.create(Sandbox("a"), netns_path=plan.netns_path)  # the id is free again
+    rig.ctl.create(SandboxMetadata("a"), netns_path=plan.netns_path)  # the id is free again

@@ -19,7 +19,7 @@ import paramiko
 import pytest
 
 from tests.unit.rig import Rig
-from vmsandbox import Sandbox
+from vmsandbox import SandboxMetadata
 from vmsandbox.guest.agent import GuestAgent
 from vmsandbox.guest.keys import generate_keypair
 
@@ -129,7 +129,7 @@ def test_a_booting_guest_gets_one_long_banner_wait_not_reconnects(server) -> Non
 
 
 def test_only_the_starts_first_contact_is_a_boot_wait(rig: Rig) -> None:
-    rig.ctl.create(Sandbox("a"))
+    rig.ctl.create(SandboxMetadata("a"))
     rig.ctl.start("a")
     rig.guests.channels[-1].close()  # the connection dropped
     assert rig.ctl.exec("a", ["true"]).exit_code == 0

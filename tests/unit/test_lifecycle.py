@@ -25,7 +25,7 @@ from tests.unit.rig import Rig, command_on_path
 from vmsandbox import errors
 from vmsandbox.payloads.cgroupsv2 import from_any
 from vmsandbox.guest.fake import POWEROFF, ExecCall
-from vmsandbox.model import AnyMessage, ExecResult, ExitStatus, Mount, Phase, Platform, Runtime, Sandbox, SandboxState, utcnow
+from vmsandbox.model import AnyMessage, ExecResult, ExitStatus, Mount, Phase, Platform, Runtime, SandboxMetadata, SandboxState, utcnow
 from vmsandbox.proto.k8s.runtime.v1 import api_pb2
 from vmsandbox.sandbox.controller import EXIT_CLEAN, EXIT_FAILED, EXIT_KILLED, SandboxController, state_dir_owner
 from vmsandbox.sandbox.ports import DomainState, StopReason
@@ -60,7 +60,7 @@ def spec_with_annotations(**annotations: str) -> AnyMessage:
 def created(rig: Rig, sid: str = "a", *, netns: bool = False, **kwargs: object) -> str:
     if netns:
         kwargs["netns_path"] = rig.pod_netns(sid).netns_path
-    rig.ctl.create(Sandbox(sid), **kwargs)  # type: ignore[arg-type]
+    rig.ctl.create(SandboxMetadata(sid), **kwargs)  # type: ignore[arg-type]
     return sid
 
 
@@ -105,7 +105,7 @@ def fake_mkfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 # =========================================================================== the happy path
 def test_create_start_stop_wait_shutdown(rig: Rig) -> None:
     plan = rig.pod_netns()
-    rig.ctl.create(Sandbox("a"), netns_path=plan.netns_path)
+    rig.ctl.create(SandboxMetadata("a"), netns_path=plan.netns_path)
     assert rig.ctl.status("a").state == NOTREADY
     inst = rig.ctl.start("a")
     assert inst.pid > 0 and rig.ctl.status("a").state == READY
@@ -134,12 +134,12 @@ def test_create_defines_a_domain_that_does_not_run(rig: Rig) -> None:
 
 
 def test_create_sizes_the_guest_from_defaults_annotations_and_the_pod(rig: Rig) -> None:
-    rig.ctl.create(Sandbox("plain"))
-    rig.ctl.create(Sandbox("annotated"), annotations={"vmsandbox.io/vcpus": "3", "vmsandbox.io/memory-mib": "384"})
-    rig.ctl.create(Sandbox("pod"), options=pod_options(cpu_quota=150_000, cpu_period=100_000, memory_bytes=300 * MiB))
-    rig.ctl.create(Sandbox("tiny"), options=pod_options(memory_bytes=1 * MiB))
+    rig.ctl.create(SandboxMetadata("plain"))
+    rig.ctl.create(SandboxMetadata("annotated"), annotations={"vmsandbox.io/vcpus": "3", "vmsandbox.io/memory-mib": "384"})
+    rig.ctl.create(SandboxMetadata("pod"), options=pod_options(cpu_quota=150_000, cpu_period=100_000, memory_bytes=300 * MiB))
+    rig.ctl.create(SandboxMetadata("tiny"), options=pod_options(memory_bytes=1 * MiB))
     # Explicit annotations win over the pod's own annotations and its limits.
-    rig.ctl.create(Sandbox("both"), options=pod_options(cpu_quota=400_000, cpu_period=100_000,
+    rig.ctl.create(SandboxMetadata("both"), options=pod_options(cpu_quota=400_000, cpu_period=100_000,
                                                          annotations={"vmsandbox.io/memory-mib": "128"}),
                    annotations={"vmsandbox.io/vcpus": "1"})
     sizes = {sid: (verbose(rig, sid)["vcpus"], verbose(rig, sid)["memory_mib"])
@@ -158,7 +158,7 @@ def _config_disk(rig: Rig, sid: str) -> dict[str, str]:
 
 def test_the_guest_is_told_its_hostname_dns_network_and_disks(rig: Rig, tmp_path: Path) -> None:
     plan = rig.pod_netns()
-    rig.ctl.create(Sandbox("a", labels={"name": "My_Pod"}), netns_path=plan.netns_path,
+    rig.ctl.create(SandboxMetadata("a", labels={"name": "My_Pod"}), netns_path=plan.netns_path,
                    rootfs=[Mount("ext4", str(rootfs_file(tmp_path)), "", ("ro", "noatime"))],
                    annotations={"vmsandbox.io/dns-servers": "10.96.0.10, fd00::a",
                                 "vmsandbox.io/dns-searches": "svc.cluster.local",
@@ -169,7 +169,7 @@ def test_the_guest_is_told_its_hostname_dns_network_and_disks(rig: Rig, tmp_path
     assert files["mounts"] == "vsbx-m0 ext4 ro / noatime\n"
     assert "addr 0a:58:0a:f4:01:05 10.244.1.5/24" in files["network"]
     assert files["authorized_keys"].startswith("ssh-ed25519 ")
-    rig.ctl.create(Sandbox("b"), options=pod_options(), annotations={"vmsandbox.io/hostname": "custom"})
+    rig.ctl.create(SandboxMetadata("b"), options=pod_options(), annotations={"vmsandbox.io/hostname": "custom"})
     files = _config_disk(rig, "b")
     assert files["hostname"] == "custom\n" and "resolv.conf" not in files and "network" not in files
 
@@ -188,7 +188,7 @@ def _boot_memory_mib(xml: str) -> int:
 
 
 def test_the_guest_boots_with_exactly_the_requested_memory(rig: Rig) -> None:
-    rig.ctl.create(Sandbox("a"), options=pod_options(memory_bytes=192 * MiB))
+    rig.ctl.create(SandboxMetadata("a"), options=pod_options(memory_bytes=192 * MiB))
     xml = rig.domain("a").xml
     assert _boot_memory_mib(xml) == 192
     # What it may grow to is hot-pluggable (virtio-mem), not booted and ballooned away.
@@ -198,24 +198,24 @@ def test_the_guest_boots_with_exactly_the_requested_memory(rig: Rig) -> None:
 
 
 @pytest.mark.parametrize("sandbox, kwargs", [
-    pytest.param(Sandbox("../etc"), {}, id="id-with-dotdot"),
-    pytest.param(Sandbox(""), {}, id="empty-id"),
-    pytest.param(Sandbox("-a"), {}, id="id-starting-with-dash"),
-    pytest.param(Sandbox("a" * 129), {}, id="id-too-long"),
-    pytest.param(Sandbox("a/b"), {}, id="id-with-slash"),
+    pytest.param(SandboxMetadata("../etc"), {}, id="id-with-dotdot"),
+    pytest.param(SandboxMetadata(""), {}, id="empty-id"),
+    pytest.param(SandboxMetadata("-a"), {}, id="id-starting-with-dash"),
+    pytest.param(SandboxMetadata("a" * 129), {}, id="id-too-long"),
+    pytest.param(SandboxMetadata("a/b"), {}, id="id-with-slash"),
     pytest.param("a", {}, id="not-a-Sandbox"),
-    pytest.param(Sandbox("a"), {"annotations": {"vmsandbox.io/vcpus": "0"}}, id="zero-vcpus"),
-    pytest.param(Sandbox("a"), {"annotations": {"vmsandbox.io/vcpus": "many"}}, id="vcpus-not-a-number"),
-    pytest.param(Sandbox("a"), {"annotations": {"vmsandbox.io/vcpus": "65"}}, id="vcpus-over-max"),
-    pytest.param(Sandbox("a"), {"annotations": {"vmsandbox.io/memory-mib": "16"}}, id="memory-too-small"),
+    pytest.param(SandboxMetadata("a"), {"annotations": {"vmsandbox.io/vcpus": "0"}}, id="zero-vcpus"),
+    pytest.param(SandboxMetadata("a"), {"annotations": {"vmsandbox.io/vcpus": "many"}}, id="vcpus-not-a-number"),
+    pytest.param(SandboxMetadata("a"), {"annotations": {"vmsandbox.io/vcpus": "65"}}, id="vcpus-over-max"),
+    pytest.param(SandboxMetadata("a"), {"annotations": {"vmsandbox.io/memory-mib": "16"}}, id="memory-too-small"),
     # The fake host has 64 GiB: shared memfd RAM would not be refused by QEMU at start.
-    pytest.param(Sandbox("a"), {"annotations": {"vmsandbox.io/memory-mib": str(65 * 1024)}}, id="more-than-the-host"),
-    pytest.param(Sandbox("a"), {"annotations": {"vmsandbox.io/dns-servers": "not-an-ip"}}, id="bad-dns-server"),
-    pytest.param(Sandbox("a"), {"rootfs": [Mount("ext4", "/nonexistent/rootfs.img")]}, id="missing-mount-source"),
-    pytest.param(Sandbox("a"), {"rootfs": ["/rootfs.img"]}, id="mount-not-a-Mount"),
-    pytest.param(Sandbox("a"), {"netns_path": "/nonexistent/netns"}, id="missing-netns"),
-    pytest.param(Sandbox("a"), {"options": AnyMessage("runtime.v1.PodSandboxConfig", b"\xff\xff\xff")}, id="undecodable-pod"),
-    pytest.param(Sandbox("a"), {"options": pod_options(cgroup_parent="/kubepods/../../etc")}, id="unsafe-cgroup"),
+    pytest.param(SandboxMetadata("a"), {"annotations": {"vmsandbox.io/memory-mib": str(65 * 1024)}}, id="more-than-the-host"),
+    pytest.param(SandboxMetadata("a"), {"annotations": {"vmsandbox.io/dns-servers": "not-an-ip"}}, id="bad-dns-server"),
+    pytest.param(SandboxMetadata("a"), {"rootfs": [Mount("ext4", "/nonexistent/rootfs.img")]}, id="missing-mount-source"),
+    pytest.param(SandboxMetadata("a"), {"rootfs": ["/rootfs.img"]}, id="mount-not-a-Mount"),
+    pytest.param(SandboxMetadata("a"), {"netns_path": "/nonexistent/netns"}, id="missing-netns"),
+    pytest.param(SandboxMetadata("a"), {"options": AnyMessage("runtime.v1.PodSandboxConfig", b"\xff\xff\xff")}, id="undecodable-pod"),
+    pytest.param(SandboxMetadata("a"), {"options": pod_options(cgroup_parent="/kubepods/../../etc")}, id="unsafe-cgroup"),
 ])
 def test_a_bad_create_is_invalid_argument_and_leaves_nothing(rig: Rig, sandbox: object, kwargs: dict[str, object]) -> None:
     rig.pod_netns()
@@ -233,32 +233,32 @@ def test_a_bad_create_is_invalid_argument_and_leaves_nothing(rig: Rig, sandbox: 
 ])
 def test_a_bad_rootfs_is_invalid_argument(rig: Rig, tmp_path: Path, mount: Callable[[Path], Mount]) -> None:
     with pytest.raises(errors.InvalidArgument):
-        rig.ctl.create(Sandbox("a"), rootfs=[mount(rootfs_file(tmp_path))])
+        rig.ctl.create(SandboxMetadata("a"), rootfs=[mount(rootfs_file(tmp_path))])
     assert_gone(rig, "a")
 
 
 def test_a_second_mount_with_an_unsafe_target_is_refused(rig: Rig, tmp_path: Path) -> None:
     root, data = rootfs_file(tmp_path), rootfs_file(tmp_path, "data.img")
     with pytest.raises(errors.InvalidArgument):
-        rig.ctl.create(Sandbox("a"), rootfs=[Mount("ext4", str(root)), Mount("ext4", str(data), "/da ta")])
+        rig.ctl.create(SandboxMetadata("a"), rootfs=[Mount("ext4", str(root)), Mount("ext4", str(data), "/da ta")])
     assert_gone(rig, "a")
 
 
 def test_a_mount_target_that_climbs_out_is_refused(rig: Rig, tmp_path: Path) -> None:
     root, data = rootfs_file(tmp_path), rootfs_file(tmp_path, "data.img")
     with pytest.raises(errors.InvalidArgument):
-        rig.ctl.create(Sandbox("a"), rootfs=[Mount("ext4", str(root)), Mount("ext4", str(data), "/data/../../etc")])
+        rig.ctl.create(SandboxMetadata("a"), rootfs=[Mount("ext4", str(root)), Mount("ext4", str(data), "/data/../../etc")])
     assert_gone(rig, "a")
 
 
 def test_a_taken_id_is_already_exists_and_the_first_sandbox_is_untouched(rig: Rig) -> None:
     running(rig, netns=True)
     with pytest.raises(errors.AlreadyExists):
-        rig.ctl.create(Sandbox("a"))
+        rig.ctl.create(SandboxMetadata("a"))
     assert rig.ctl.status("a").state == READY and rig.domain("a").state is DomainState.RUNNING
     rig.ctl.stop("a")
     with pytest.raises(errors.AlreadyExists):  # a stopped sandbox still holds its id
-        rig.ctl.create(Sandbox("a"))
+        rig.ctl.create(SandboxMetadata("a"))
     rig.ctl.shutdown("a")
     created(rig)  # the id is free again once shut down
 
@@ -268,7 +268,7 @@ def test_a_foreign_domain_with_the_same_name_is_already_exists(rig: Rig, tmp_pat
     foreign = rig.tagged_domain("a", tmp_path / "other-state", running=True)
     xml = foreign.xml
     with pytest.raises(errors.AlreadyExists, match="vmsandbox-a"):
-        rig.ctl.create(Sandbox("a"), netns_path=plan.netns_path)
+        rig.ctl.create(SandboxMetadata("a"), netns_path=plan.netns_path)
     assert rig.leftovers("a") == ["domain vmsandbox-a"]  # only the other state dir's domain
     assert rig.domain("a").xml == xml and rig.domain("a").state is DomainState.RUNNING
     assert rig.ctl.list() == [] and rig.net.all_taps() == set()
@@ -298,11 +298,11 @@ def test_a_create_step_failing_rolls_everything_back(rig: Rig, fail: Callable[[R
     plan = rig.pod_netns()
     fail(rig)
     with pytest.raises(cls):
-        rig.ctl.create(Sandbox("a"), netns_path=plan.netns_path)
+        rig.ctl.create(SandboxMetadata("a"), netns_path=plan.netns_path)
     assert_gone(rig, "a")
     assert rig.net.all_taps() == set() and rig.hv.domains == {}
     # Safe to retry: the failpoint fired once, the same create now succeeds and boots.
-    rig.ctl.create(Sandbox("a"), netns_path=plan.netns_path)
+    rig.ctl.create(SandboxMetadata("a"), netns_path=plan.netns_path)
     assert rig.ctl.start("a").pid > 0
 
 
@@ -311,7 +311,7 @@ def test_a_create_whose_tap_name_is_taken_is_refused_and_leaves_that_tap_alone(r
     theirs, = rig.net.tap_names("a", 1)
     rig.net.host_taps.add(theirs)  # not made by this create: another state dir's, or a person's
     with pytest.raises(errors.AlreadyExists, match=theirs):
-        rig.ctl.create(Sandbox("a"), netns_path=plan.netns_path)
+        rig.ctl.create(SandboxMetadata("a"), netns_path=plan.netns_path)
     assert rig.net.host_taps == {theirs}  # neither adopted nor deleted by the rollback
     assert rig.hv.domains == {} and not rig.sandbox_dir("a").exists()
     assert "a" not in [r.id for r in rig.ctl.list()]
@@ -319,7 +319,7 @@ def test_a_create_whose_tap_name_is_taken_is_refused_and_leaves_that_tap_alone(r
 
 def test_a_sandbox_recorded_with_the_old_tap_names_still_starts_stops_and_is_removed(rig: Rig) -> None:
     plan = rig.pod_netns()
-    rig.ctl.create(Sandbox("a"), netns_path=plan.netns_path)
+    rig.ctl.create(SandboxMetadata("a"), netns_path=plan.netns_path)
     rig.ctl.close()
     # What an earlier version left: its record and its host tap carry the old name.
     legacy = "vsbx0ca5d9140"
@@ -346,7 +346,7 @@ def test_a_failing_record_save_undefines_the_new_domain(rig: Rig, monkeypatch: p
     plan = rig.pod_netns()
     monkeypatch.setattr(Store, "save", full_disk)
     with pytest.raises(errors.Internal):
-        rig.ctl.create(Sandbox("a"), netns_path=plan.netns_path)
+        rig.ctl.create(SandboxMetadata("a"), netns_path=plan.netns_path)
     monkeypatch.undo()
     assert_gone(rig, "a")
 
@@ -356,7 +356,7 @@ def test_a_failing_create_rollback_keeps_the_original_error(rig: Rig) -> None:
     rig.hv.fp.fail("define", errors.Unavailable("libvirtd went away"))
     rig.net.fp.fail("detach", errors.Internal("netlink failed while undoing"))
     with pytest.raises(errors.VmSandboxError) as ei:
-        rig.ctl.create(Sandbox("a"), netns_path=plan.netns_path)
+        rig.ctl.create(SandboxMetadata("a"), netns_path=plan.netns_path)
     assert type(ei.value) is errors.Unavailable
 
 
@@ -365,7 +365,7 @@ def test_directory_mounts_become_private_disk_images(rig: Rig, tmp_path: Path, f
     data = tmp_path / "data"
     data.mkdir()
     (data / "f").write_text("x")
-    rig.ctl.create(Sandbox("a"), rootfs=[Mount("ext4", str(root)), Mount("bind", str(data), "/data", ("ro",))])
+    rig.ctl.create(SandboxMetadata("a"), rootfs=[Mount("ext4", str(root)), Mount("bind", str(data), "/data", ("ro",))])
     image = rig.sandbox_dir("a") / "disks" / "m1.img"
     assert image.is_file() and str(data) in fake_mkfs.read_text()
     rig.ctl.shutdown("a")
@@ -379,7 +379,7 @@ def test_a_failing_mkfs_is_internal_with_its_message_and_leaves_nothing(rig: Rig
     data = tmp_path / "data"
     data.mkdir()
     with pytest.raises(errors.Internal, match="Could not allocate block group"):
-        rig.ctl.create(Sandbox("a"), rootfs=[Mount("bind", str(data))])
+        rig.ctl.create(SandboxMetadata("a"), rootfs=[Mount("bind", str(data))])
     assert_gone(rig, "a")
 
 
@@ -389,7 +389,7 @@ def test_no_state_artefact_is_readable_by_other_users(rig: Rig, tmp_path: Path, 
         data = tmp_path / "secret-volume"
         data.mkdir()
         (data / "token").write_text("s3cr3t")
-        rig.ctl.create(Sandbox("a"), rootfs=[Mount("ext4", str(rootfs_file(tmp_path))),
+        rig.ctl.create(SandboxMetadata("a"), rootfs=[Mount("ext4", str(rootfs_file(tmp_path))),
                                              Mount("bind", str(data), "/var/run/secrets", ("ro",))])
     finally:
         os.umask(old)
@@ -408,7 +408,7 @@ def test_a_clashing_create_copies_no_directory(rig: Rig, tmp_path: Path, fake_mk
     data.mkdir()
     rig.tagged_domain("a", tmp_path / "other-state")
     with pytest.raises(errors.AlreadyExists):
-        rig.ctl.create(Sandbox("a"), rootfs=[Mount("bind", str(data))])
+        rig.ctl.create(SandboxMetadata("a"), rootfs=[Mount("bind", str(data))])
     assert not fake_mkfs.exists()
 
 
@@ -421,7 +421,7 @@ def test_a_missing_mkfs_is_a_clear_error_and_leaves_nothing(rig: Rig, tmp_path: 
     monkeypatch.setenv("PATH", str(empty))
     try:
         with pytest.raises(errors.VmSandboxError, match="mkfs.ext4"):
-            rig.ctl.create(Sandbox("a"), rootfs=[Mount("bind", str(data))])
+            rig.ctl.create(SandboxMetadata("a"), rootfs=[Mount("bind", str(data))])
     finally:
         assert_gone(rig, "a")
 
@@ -431,14 +431,14 @@ def test_an_unwritable_state_dir_is_a_clear_error(rig: Rig) -> None:
     sandboxes.rmdir()
     sandboxes.write_text("not a folder")  # as a read-only or full filesystem would refuse it
     with pytest.raises(errors.VmSandboxError, match="sandboxes"):
-        rig.ctl.create(Sandbox("a"))
+        rig.ctl.create(SandboxMetadata("a"))
 
 
 def test_a_writable_image_another_sandbox_holds_is_refused_naming_the_holder(rig: Rig, tmp_path: Path) -> None:
     img = rootfs_file(tmp_path)
     running(rig, "holder-1", rootfs=[Mount("ext4", str(img))])
     with pytest.raises((errors.FailedPrecondition, errors.AlreadyExists, errors.InvalidArgument), match="holder-1"):
-        rig.ctl.create(Sandbox("second-2"), rootfs=[Mount("ext4", str(img))])
+        rig.ctl.create(SandboxMetadata("second-2"), rootfs=[Mount("ext4", str(img))])
     assert_gone(rig, "second-2")
 
 
@@ -562,7 +562,7 @@ def _mount_errors(rig: Rig) -> None:
 def test_a_start_step_failing_removes_everything_and_keeps_its_error(
         rig: Rig, tmp_path: Path, fail: Callable[[Rig], None], cls: type[errors.VmSandboxError]) -> None:
     plan = rig.pod_netns()
-    rig.ctl.create(Sandbox("a"), netns_path=plan.netns_path, rootfs=[Mount("ext4", str(rootfs_file(tmp_path)))])
+    rig.ctl.create(SandboxMetadata("a"), netns_path=plan.netns_path, rootfs=[Mount("ext4", str(rootfs_file(tmp_path)))])
     sock = Path(rig.domain("a").agent_socket)
     fail(rig)
     with pytest.raises(cls):
@@ -573,12 +573,12 @@ def test_a_start_step_failing_removes_everything_and_keeps_its_error(
     # containerd retries with a new create: that works.
     rig.guests.handler = lambda call: ExecResult(0, b"", b"")
     rig.guests.vm_running = rig._vm_running
-    rig.ctl.create(Sandbox("a"), netns_path=plan.netns_path)
+    rig.ctl.create(SandboxMetadata("a"), netns_path=plan.netns_path)
     assert rig.ctl.start("a").pid > 0
 
 
 def test_a_guest_that_cannot_mount_its_disks_says_which_and_shows_the_console(rig: Rig, tmp_path: Path) -> None:
-    rig.ctl.create(Sandbox("a"), rootfs=[Mount("ext4", str(rootfs_file(tmp_path)))])
+    rig.ctl.create(SandboxMetadata("a"), rootfs=[Mount("ext4", str(rootfs_file(tmp_path)))])
     (rig.sandbox_dir("a") / "console.log").write_text("booting\nEXT4-fs (vda): bad geometry\n\n")
     _mount_errors(rig)
     with pytest.raises(errors.FailedPrecondition, match=r"vsbx-m0.*bad geometry"):
@@ -893,7 +893,7 @@ def test_an_operation_queued_behind_a_shutdown_finds_the_sandbox_gone(quick_rig:
     with pytest.raises(errors.NotFound):
         rig.ctl.start(sid)
     with pytest.raises(errors.NotFound):
-        rig.ctl.update(sid, Sandbox(sid, labels={"x": "y"}), "labels")
+        rig.ctl.update(sid, SandboxMetadata(sid, labels={"x": "y"}), "labels")
     t.join(2)
     assert_gone(rig, sid)
 
@@ -980,12 +980,12 @@ def test_exec_recovers_from_a_half_dead_agent_connection(rig: Rig) -> None:
 def test_update_stores_the_named_fields(rig: Rig) -> None:
     sid = running(rig)
     ext = AnyMessage("example.com/Thing", b"\x01")
-    rig.ctl.update(sid, Sandbox(sid, labels={"team": "x"}, extensions={"thing": ext}, runtime=Runtime("io.vm"),
+    rig.ctl.update(sid, SandboxMetadata(sid, labels={"team": "x"}, extensions={"thing": ext}, runtime=Runtime("io.vm"),
                                 sandboxer="vmsandbox"), "labels", "extensions")
     info = verbose(rig, sid)
     assert json.loads(info["labels"]) == {"team": "x"} and info["extensions"] == "thing"
     assert rig.record(sid)["sandbox"]["runtime"]["name"] == ""  # not named: unchanged
-    rig.ctl.update(sid, Sandbox(sid, runtime=Runtime("io.vm"), labels={"team": "y"}), "runtime")
+    rig.ctl.update(sid, SandboxMetadata(sid, runtime=Runtime("io.vm"), labels={"team": "y"}), "runtime")
     rec = rig.record(sid)
     assert rec["sandbox"]["runtime"]["name"] == "io.vm" and rec["sandbox"]["labels"] == {"team": "x"}
     assert rec["sandbox"]["updated_at"] is not None
@@ -993,7 +993,7 @@ def test_update_stores_the_named_fields(rig: Rig) -> None:
 
 def test_update_with_no_fields_applies_every_updatable_one(rig: Rig) -> None:
     sid = created(rig)
-    rig.ctl.update(sid, Sandbox(sid, labels={"a": "1"}, sandboxer="other", spec=spec_with_annotations(k="v")))
+    rig.ctl.update(sid, SandboxMetadata(sid, labels={"a": "1"}, sandboxer="other", spec=spec_with_annotations(k="v")))
     info = verbose(rig, sid)
     assert json.loads(info["labels"]) == {"a": "1"} and json.loads(info["annotations"]) == {"k": "v"}
     assert rig.record(sid)["sandbox"]["sandboxer"] == "other"
@@ -1001,18 +1001,18 @@ def test_update_with_no_fields_applies_every_updatable_one(rig: Rig) -> None:
 
 def test_update_takes_annotations_from_the_oci_spec(rig: Rig) -> None:
     sid = created(rig, annotations={"old": "1"})
-    rig.ctl.update(sid, Sandbox(sid, spec=spec_with_annotations(new="2")), "spec")
+    rig.ctl.update(sid, SandboxMetadata(sid, spec=spec_with_annotations(new="2")), "spec")
     assert json.loads(verbose(rig, sid)["annotations"]) == {"old": "1", "new": "2"}
-    rig.ctl.update(sid, Sandbox(sid, spec=AnyMessage("x", b"not json")), "spec")  # not JSON: no annotations in it
+    rig.ctl.update(sid, SandboxMetadata(sid, spec=AnyMessage("x", b"not json")), "spec")  # not JSON: no annotations in it
     assert json.loads(verbose(rig, sid)["annotations"]) == {"old": "1", "new": "2"}
 
 
 def test_update_grows_and_shrinks_memory_within_the_boot_maximum(rig: Rig) -> None:
     sid = running(rig)  # 256 MiB, may grow to twice that
-    rig.ctl.update(sid, Sandbox(sid, spec=spec_with_annotations(**{"vmsandbox.io/memory-mib": "384"})), "spec")
+    rig.ctl.update(sid, SandboxMetadata(sid, spec=spec_with_annotations(**{"vmsandbox.io/memory-mib": "384"})), "spec")
     assert rig.domain(sid).memory_mib == 384 and verbose(rig, sid)["memory_mib"] == "384"
     assert from_any(rig.ctl.metrics(sid).data).memory.usage_limit == 384 * MiB
-    rig.ctl.update(sid, Sandbox(sid, labels={"vmsandbox.io/memory-mib": "192"}), "labels")
+    rig.ctl.update(sid, SandboxMetadata(sid, labels={"vmsandbox.io/memory-mib": "192"}), "labels")
     assert rig.domain(sid).memory_mib == 192 and rig.record(sid)["memory_mib"] == 192
 
 
@@ -1020,14 +1020,14 @@ def test_update_through_cri_updated_resources(rig: Rig) -> None:
     sid = running(rig, options=pod_options(memory_bytes=200 * MiB))
     # What containerd's UpdatePodSandboxResources stores: Go's JSON of UpdatedResources.
     doc = {"Overhead": None, "Resources": {"memory_limit_in_bytes": 300 * MiB, "cpu_shares": 2}}
-    rig.ctl.update(sid, Sandbox(sid, extensions={"updated-resources": AnyMessage("x", json.dumps(doc).encode())}), "extensions")
+    rig.ctl.update(sid, SandboxMetadata(sid, extensions={"updated-resources": AnyMessage("x", json.dumps(doc).encode())}), "extensions")
     assert rig.domain(sid).memory_mib == 300 and verbose(rig, sid)["memory_mib"] == "300"
 
 
-def cri_memory(sid: str, memory_bytes: int) -> Sandbox:
+def cri_memory(sid: str, memory_bytes: int) -> SandboxMetadata:
     """An update as containerd's UpdatePodSandboxResources makes it (no overhead carried)."""
     doc = {"Overhead": None, "Resources": {"memory_limit_in_bytes": memory_bytes}}
-    return Sandbox(sid, extensions={"updated-resources": AnyMessage("io.containerd.cri.v1/UpdatedResources",
+    return SandboxMetadata(sid, extensions={"updated-resources": AnyMessage("io.containerd.cri.v1/UpdatedResources",
                                                                    json.dumps(doc).encode())})
 
 
@@ -1064,8 +1064,8 @@ def test_a_record_from_before_the_typed_pod_config_is_sized_from_its_options(rig
 
 def test_update_ignores_what_it_does_not_size(rig: Rig) -> None:
     sid = running(rig)
-    rig.ctl.update(sid, Sandbox(sid, extensions={"updated-resources": AnyMessage("x", b'{"windows": {}}')}), "extensions")
-    rig.ctl.update(sid, Sandbox(sid), "spec")  # no spec at all: no annotations from it
+    rig.ctl.update(sid, SandboxMetadata(sid, extensions={"updated-resources": AnyMessage("x", b'{"windows": {}}')}), "extensions")
+    rig.ctl.update(sid, SandboxMetadata(sid), "spec")  # no spec at all: no annotations from it
     assert rig.domain(sid).memory_mib == 256 and verbose(rig, sid)["memory_mib"] == "256"
 
 
@@ -1073,32 +1073,32 @@ def test_update_beyond_the_boot_maximum_is_failed_precondition_and_changes_nothi
     sid = running(rig)
     before = rig.record(sid)
     with pytest.raises(errors.FailedPrecondition, match="512"):
-        rig.ctl.update(sid, Sandbox(sid, labels={"vmsandbox.io/memory-mib": "1024"}), "labels")
+        rig.ctl.update(sid, SandboxMetadata(sid, labels={"vmsandbox.io/memory-mib": "1024"}), "labels")
     assert rig.domain(sid).memory_mib == 256 and rig.record(sid) == before
 
 
 def test_update_of_memory_while_not_running_is_failed_precondition(rig: Rig) -> None:
     sid = created(rig)
     with pytest.raises(errors.FailedPrecondition):
-        rig.ctl.update(sid, Sandbox(sid, labels={"vmsandbox.io/memory-mib": "300"}), "labels")
+        rig.ctl.update(sid, SandboxMetadata(sid, labels={"vmsandbox.io/memory-mib": "300"}), "labels")
     assert verbose(rig, sid)["memory_mib"] == "256"
 
 
 def test_update_of_vcpus_is_failed_precondition_unless_unchanged(rig: Rig) -> None:
     sid = running(rig, annotations={"vmsandbox.io/vcpus": "2"})
     with pytest.raises(errors.FailedPrecondition):
-        rig.ctl.update(sid, Sandbox(sid, labels={"vmsandbox.io/vcpus": "4"}), "labels")
-    rig.ctl.update(sid, Sandbox(sid, labels={"vmsandbox.io/vcpus": "2", "x": "y"}), "labels")
+        rig.ctl.update(sid, SandboxMetadata(sid, labels={"vmsandbox.io/vcpus": "4"}), "labels")
+    rig.ctl.update(sid, SandboxMetadata(sid, labels={"vmsandbox.io/vcpus": "2", "x": "y"}), "labels")
     assert json.loads(verbose(rig, sid)["labels"]) == {"vmsandbox.io/vcpus": "2", "x": "y"}
 
 
 @pytest.mark.parametrize("sandbox, fields, cls", [
-    pytest.param(Sandbox("a"), ("id",), errors.InvalidArgument, id="unknown-field"),
-    pytest.param(Sandbox("a"), ("labels", "created_at"), errors.InvalidArgument, id="one-unknown-field"),
+    pytest.param(SandboxMetadata("a"), ("id",), errors.InvalidArgument, id="unknown-field"),
+    pytest.param(SandboxMetadata("a"), ("labels", "created_at"), errors.InvalidArgument, id="one-unknown-field"),
     pytest.param("a", ("labels",), errors.InvalidArgument, id="not-a-Sandbox"),
-    pytest.param(Sandbox("a", labels={"vmsandbox.io/memory-mib": "lots"}), ("labels",), errors.InvalidArgument,
+    pytest.param(SandboxMetadata("a", labels={"vmsandbox.io/memory-mib": "lots"}), ("labels",), errors.InvalidArgument,
                  id="bad-memory-label"),
-    pytest.param(Sandbox("a", extensions={"updated-resources": AnyMessage("x", b"{oops")}), ("extensions",),
+    pytest.param(SandboxMetadata("a", extensions={"updated-resources": AnyMessage("x", b"{oops")}), ("extensions",),
                  errors.InvalidArgument, id="updated-resources-not-json"),
 ])
 def test_a_bad_update_is_refused_and_changes_nothing(rig: Rig, sandbox: object, fields: tuple[str, ...],
@@ -1109,7 +1109,7 @@ def test_a_bad_update_is_refused_and_changes_nothing(rig: Rig, sandbox: object, 
         rig.ctl.update(sid, sandbox, *fields)  # type: ignore[arg-type]
     assert rig.record(sid) == before
     with pytest.raises(errors.NotFound):
-        rig.ctl.update("nope", Sandbox("nope"))
+        rig.ctl.update("nope", SandboxMetadata("nope"))
 
 
 def test_a_failing_memory_change_leaves_the_record_as_it_was(rig: Rig) -> None:
@@ -1117,7 +1117,7 @@ def test_a_failing_memory_change_leaves_the_record_as_it_was(rig: Rig) -> None:
     before = rig.record(sid)
     rig.hv.fp.fail("set_memory", errors.Unavailable("libvirtd went away"))
     with pytest.raises(errors.Unavailable):
-        rig.ctl.update(sid, Sandbox(sid, labels={"vmsandbox.io/memory-mib": "300"}), "labels")
+        rig.ctl.update(sid, SandboxMetadata(sid, labels={"vmsandbox.io/memory-mib": "300"}), "labels")
     assert rig.record(sid) == before
 
 
@@ -1131,7 +1131,7 @@ def test_a_failing_record_save_leaves_live_memory_as_it_was(rig: Rig, monkeypatc
 
     monkeypatch.setattr(Store, "save", full_disk)
     with pytest.raises(errors.Internal):
-        rig.ctl.update(sid, Sandbox(sid, labels={"vmsandbox.io/memory-mib": "300"}), "labels")
+        rig.ctl.update(sid, SandboxMetadata(sid, labels={"vmsandbox.io/memory-mib": "300"}), "labels")
     monkeypatch.undo()
     assert rig.domain(sid).memory_mib == 256
 
@@ -1354,7 +1354,7 @@ def test_a_state_dir_that_already_exists_keeps_its_mode(tmp_path: Path) -> None:
 def test_a_sandbox_being_created_is_not_visible_yet(rig: Rig) -> None:
     release = threading.Event()
     rig.hv.fp.hang("define", release)
-    t = threading.Thread(target=lambda: rig.ctl.create(Sandbox("a")))
+    t = threading.Thread(target=lambda: rig.ctl.create(SandboxMetadata("a")))
     t.start()
     try:
         deadline = time.monotonic() + 2
@@ -1364,7 +1364,7 @@ def test_a_sandbox_being_created_is_not_visible_yet(rig: Rig) -> None:
         with pytest.raises(errors.NotFound):
             rig.ctl.status("a")
         with pytest.raises(errors.AlreadyExists):
-            rig.ctl.create(Sandbox("a"))
+            rig.ctl.create(SandboxMetadata("a"))
         rig.ctl.shutdown("a")  # nothing to do yet: succeeds
     finally:
         release.set()

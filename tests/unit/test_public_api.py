@@ -91,7 +91,8 @@ def test_controller_protocol_has_the_nine_operations_and_the_implementation_sati
 def test_errors_form_one_hierarchy() -> None:
     errors = [getattr(vmsandbox, n) for n in PUBLIC if inspect.isclass(getattr(vmsandbox, n))
               and issubclass(getattr(vmsandbox, n), BaseException)]
-    assert vmsandbox.VmSandboxError in errors and len(errors) == 9
+    # containerd's errdefs classes under one base, and the SDK's CommandFailed (check=True)
+    assert vmsandbox.VmSandboxError in errors and vmsandbox.CommandFailed in errors and len(errors) == 10
     for e in errors:
         assert issubclass(e, vmsandbox.VmSandboxError)
     err = vmsandbox.NotFound("sandbox x not found", sandbox_id="x")

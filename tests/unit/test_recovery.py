@@ -16,7 +16,7 @@ import pytest
 
 from tests.unit.rig import Rig
 from vmsandbox import errors
-from vmsandbox.model import Phase, Sandbox, SandboxState
+from vmsandbox.model import Phase, SandboxMetadata, SandboxState
 from vmsandbox.sandbox.controller import EXIT_CLEAN, EXIT_FAILED, EXIT_KILLED
 from vmsandbox.sandbox.ports import DomainState
 
@@ -24,7 +24,7 @@ READY, NOTREADY = SandboxState.READY.value, SandboxState.NOTREADY.value
 
 
 def running(rig: Rig, sid: str = "a", *, netns: bool = False) -> str:
-    rig.ctl.create(Sandbox(sid), netns_path=rig.pod_netns(sid).netns_path if netns else "")
+    rig.ctl.create(SandboxMetadata(sid), netns_path=rig.pod_netns(sid).netns_path if netns else "")
     rig.ctl.start(sid)
     return sid
 
@@ -96,7 +96,7 @@ def test_a_stopped_sandbox_stays_stopped_with_its_exit_status(rig: Rig) -> None:
 
 # --------------------------------------------------------------------------- created sandboxes
 def test_a_created_sandbox_can_still_be_started(rig: Rig) -> None:
-    rig.ctl.create(Sandbox("a"))
+    rig.ctl.create(SandboxMetadata("a"))
     rig.restart()
     assert phases(rig) == {"a": Phase.CREATED}
     assert rig.ctl.start("a").pid > 0
@@ -105,7 +105,7 @@ def test_a_created_sandbox_can_still_be_started(rig: Rig) -> None:
 def _interrupted_boot(rig: Rig, sid: str) -> None:
     """What a controller killed in the middle of start() leaves: the VM up, the pod wired."""
     plan = rig.pod_netns(sid)
-    rig.ctl.create(Sandbox(sid), netns_path=plan.netns_path)
+    rig.ctl.create(SandboxMetadata(sid), netns_path=plan.netns_path)
     rig.ctl.close()
     rig.hv.start("vmsandbox-" + sid)
     rig.net.attach(plan, rig.net.tap_names(sid, 1))
@@ -131,7 +131,7 @@ def test_an_interrupted_boot_can_be_shut_down_at_once(rig: Rig) -> None:
 
 
 def test_an_interrupted_boot_left_paused_is_powered_off(rig: Rig) -> None:
-    rig.ctl.create(Sandbox("a"))
+    rig.ctl.create(SandboxMetadata("a"))
     rig.ctl.close()
     rig.hv.pause("vmsandbox-a")  # libvirt still holds the new domain paused
     rig.restart()
@@ -140,7 +140,7 @@ def test_an_interrupted_boot_left_paused_is_powered_off(rig: Rig) -> None:
 
 
 def test_a_created_sandbox_whose_domain_vanished_is_stopped(rig: Rig) -> None:
-    rig.ctl.create(Sandbox("a"), netns_path=rig.pod_netns("a").netns_path)
+    rig.ctl.create(SandboxMetadata("a"), netns_path=rig.pod_netns("a").netns_path)
     rig.ctl.close()
     del rig.hv.domains["vmsandbox-a"]
     rig.restart()
@@ -174,7 +174,7 @@ def test_the_taps_of_an_interrupted_create_are_removed_and_the_create_can_be_ret
     rig.net.host_taps.add("vsbx0a1b2c3d0")  # someone else's: not noted, so never touched
     rig.restart()
     assert rig.leftovers("half") == [] and rig.net.host_taps == {"vsbx0a1b2c3d0"}
-    rig.ctl.create(Sandbox("half"), netns_path=plan.netns_path)
+    rig.ctl.create(SandboxMetadata("half"), netns_path=plan.netns_path)
     rig.ctl.start("half")
     assert rig.netns("half").taps == set(taps)
 
@@ -184,7 +184,7 @@ def test_taps_a_failed_rollback_could_not_remove_are_removed_at_the_next_start_u
     rig.hv.fp.fail("define", errors.Unavailable("libvirtd went away"))
     rig.net.fp.fail("detach", errors.Internal("netlink failed while undoing"))
     with pytest.raises(errors.Unavailable):
-        rig.ctl.create(Sandbox("a"), netns_path=plan.netns_path)
+        rig.ctl.create(SandboxMetadata("a"), netns_path=plan.netns_path)
     assert rig.net.host_taps == set(rig.net.tap_names("a", 1))  # the rollback could not remove it
     rig.restart()
     assert rig.net.all_taps() == set() and rig.leftovers("a") == []
@@ -229,9 +229,9 @@ def test_an_unreadable_record_is_quarantined_and_its_vm_left_running(rig: Rig) -
 # --------------------------------------------------------------------------- a second controller
 def _work_in_progress(rig: Rig) -> None:
     """Things the owner's recovery would clean up, were it to run now."""
-    rig.ctl.create(Sandbox("boot"), netns_path=rig.pod_netns("boot").netns_path)
+    rig.ctl.create(SandboxMetadata("boot"), netns_path=rig.pod_netns("boot").netns_path)
     rig.hv.start("vmsandbox-boot")  # the owner is booting it right now
-    rig.ctl.create(Sandbox("gone"))
+    rig.ctl.create(SandboxMetadata("gone"))
     del rig.hv.domains["vmsandbox-gone"]
     stray = rig.sandbox_dir("half")
     stray.mkdir()  # the owner is creating it right now
@@ -271,7 +271,7 @@ def test_recovery_leaves_another_controllers_create_in_flight_alone(rig: Rig) ->
 
     def create() -> None:
         try:
-            other.create(Sandbox("x"))
+            other.create(SandboxMetadata("x"))
         except BaseException as e:  # noqa: BLE001 - reported below
             failures.append(e)
 
@@ -301,7 +301,7 @@ def test_a_libvirt_reconnect_notices_exits_whose_events_were_lost(rig: Rig) -> N
 
 
 def test_a_reconnect_with_nothing_running_changes_nothing(rig: Rig) -> None:
-    rig.ctl.create(Sandbox("a"))
+    rig.ctl.create(SandboxMetadata("a"))
     rig.hv.on_reconnect()  # type: ignore[misc]
     assert phases(rig) == {"a": Phase.CREATED}
 

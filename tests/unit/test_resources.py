@@ -6,19 +6,19 @@ import json
 
 import pytest
 
-from vmsandbox import AnyMessage, InvalidArgument, Sandbox
+from vmsandbox import AnyMessage, InvalidArgument, SandboxMetadata
 from vmsandbox.payloads.podconfig import PodConfig
 from vmsandbox.sandbox.resources import ResourceChange, resources_from_update
 
 LIMITS = {"max_vcpus": 8, "max_memory_mib": 4096}
 
 
-def cri(resources: dict[str, int] | None, overhead: dict[str, int] | None = None) -> Sandbox:
+def cri(resources: dict[str, int] | None, overhead: dict[str, int] | None = None) -> SandboxMetadata:
     """The extension as containerd's UpdatePodSandboxResources stores it: Go's encoding/json of
     ``UpdatedResources{Overhead, Resources *LinuxContainerResources}`` (a nil pointer is null)."""
     doc = {"Overhead": overhead, "Resources": resources}
     ext = AnyMessage("io.containerd.cri.v1/UpdatedResources", json.dumps(doc).encode())
-    return Sandbox("s", extensions={"updated-resources": ext})
+    return SandboxMetadata("s", extensions={"updated-resources": ext})
 
 
 def test_cri_update_is_sized_like_create_including_runtimeclass_overhead() -> None:
@@ -42,7 +42,7 @@ def test_cri_update_without_resources_changes_nothing() -> None:
 
 
 def test_only_named_fields_count_and_labels_override_annotations() -> None:
-    sb = Sandbox("s", labels={"vmsandbox.io/memory-mib": "300"})
+    sb = SandboxMetadata("s", labels={"vmsandbox.io/memory-mib": "300"})
     ann = {"vmsandbox.io/memory-mib": "200", "vmsandbox.io/vcpus": "2"}
     assert resources_from_update(sb, ann, {"labels"}, **LIMITS) == ResourceChange(None, 300)
     assert resources_from_update(sb, ann, {"spec"}, **LIMITS) == ResourceChange(2, 200)
@@ -52,9 +52,9 @@ def test_only_named_fields_count_and_labels_override_annotations() -> None:
 
 def test_bad_values_are_invalid_argument() -> None:
     with pytest.raises(InvalidArgument):
-        resources_from_update(Sandbox("s", labels={"vmsandbox.io/vcpus": "0"}), {}, {"labels"}, **LIMITS)
+        resources_from_update(SandboxMetadata("s", labels={"vmsandbox.io/vcpus": "0"}), {}, {"labels"}, **LIMITS)
     with pytest.raises(InvalidArgument):
-        resources_from_update(Sandbox(
+        resources_from_update(SandboxMetadata(
             "s", extensions={"updated-resources": AnyMessage("x", b"not json")}), {}, {"extensions"}, **LIMITS)
     with pytest.raises(InvalidArgument):
         resources_from_update(cri({"memory_limit_in_bytes": 1 << 20}), {}, {"extensions"}, **LIMITS)

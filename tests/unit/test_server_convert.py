@@ -18,7 +18,7 @@ from vmsandbox.model import (
     Mount,
     Platform,
     Runtime,
-    Sandbox,
+    SandboxMetadata,
 )
 from vmsandbox.proto.containerd.services.sandbox.v1 import sandbox_pb2 as api
 from vmsandbox.proto.containerd.types import metrics_pb2, mount_pb2, platform_pb2
@@ -89,7 +89,7 @@ def test_timestamps() -> None:
 
 
 def test_sandbox_round_trip() -> None:
-    sb = Sandbox(
+    sb = SandboxMetadata(
         id="s",
         runtime=Runtime(name="io.containerd.vmsandbox.v1", options=AnyMessage("runtimeoptions.v1.Options", b"\x01")),
         spec=AnyMessage("types.containerd.io/opencontainers/runtime-spec/1/Spec", b"{}"),
@@ -105,10 +105,10 @@ def test_sandbox_round_trip() -> None:
 
 
 def test_sandbox_unset_fields() -> None:
-    msg = convert.sandbox_to_proto(Sandbox(id="s"))
+    msg = convert.sandbox_to_proto(SandboxMetadata(id="s"))
     assert not msg.HasField("runtime") and not msg.HasField("spec") and not msg.HasField("created_at")
-    assert convert.sandbox_from_proto(msg) == Sandbox(id="s")
-    assert convert.sandbox_from_proto(types_pb2.Sandbox(), sandbox_id="fill") == Sandbox(id="fill")
+    assert convert.sandbox_from_proto(msg) == SandboxMetadata(id="s")
+    assert convert.sandbox_from_proto(types_pb2.Sandbox(), sandbox_id="fill") == SandboxMetadata(id="fill")
 
 
 def test_any_type_url_kept_verbatim() -> None:

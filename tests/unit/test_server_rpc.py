@@ -31,7 +31,7 @@ from vmsandbox.model import (
     Mount,
     Platform,
     Runtime,
-    Sandbox,
+    SandboxMetadata,
 )
 from vmsandbox.proto.containerd.services.sandbox.v1 import sandbox_pb2 as api
 from vmsandbox.proto.containerd.services.sandbox.v1 import sandbox_pb2_grpc
@@ -54,7 +54,7 @@ def new_stub(ch: grpc.Channel) -> sandbox_pb2_grpc.ControllerStub:
 
 @dataclass
 class _Record:
-    sandbox: Sandbox
+    sandbox: SandboxMetadata
     rootfs: tuple[Mount, ...]
     options: AnyMessage | None
     netns_path: str
@@ -88,7 +88,7 @@ class FakeController:
 
     def create(
         self,
-        sandbox: Sandbox,
+        sandbox: SandboxMetadata,
         *,
         rootfs: Iterable[Mount] = (),
         options: AnyMessage | None = None,
@@ -164,14 +164,14 @@ class FakeController:
         data = cgroupsv2.to_any(cgroupsv2.CgroupV2Metrics(cpu=cgroupsv2.CPUStat(usage_usec=77)))
         return Metric(timestamp=T0, id=sandbox_id, data=data)
 
-    def update(self, sandbox_id: str, sandbox: Sandbox, *fields: str) -> None:
+    def update(self, sandbox_id: str, sandbox: SandboxMetadata, *fields: str) -> None:
         self._enter("update", sandbox_id, sandbox, fields)
         self._get(sandbox_id)
 
     # test helpers
     def add(self, sandbox_id: str, phase: str = "running") -> None:
         with self.cond:
-            self.records[sandbox_id] = _Record(Sandbox(id=sandbox_id), (), None, "", {}, phase=phase)
+            self.records[sandbox_id] = _Record(SandboxMetadata(id=sandbox_id), (), None, "", {}, phase=phase)
 
     def exit(self, sandbox_id: str, code: int, at: datetime = T0 + timedelta(minutes=5)) -> None:
         with self.cond:
@@ -263,7 +263,7 @@ def test_create_passes_everything(stub: sandbox_pb2_grpc.ControllerStub, fake: F
     )
     assert stub.Create(req).sandbox_id == "sb1"
     rec = fake.records["sb1"]
-    assert rec.sandbox == Sandbox(
+    assert rec.sandbox == SandboxMetadata(
         id="sb1",
         runtime=Runtime(name="io.containerd.vmsandbox.v1", options=AnyMessage("runtimeoptions.v1.Options", b"\x0a\x01x")),
         spec=None,
@@ -280,10 +280,10 @@ def test_create_passes_everything(stub: sandbox_pb2_grpc.ControllerStub, fake: F
 
 
 def test_create_minimal_request(stub: sandbox_pb2_grpc.ControllerStub, fake: FakeController) -> None:
-    """No sandbox object, no options: a bare Sandbox, sandboxer from the request, times None."""
+    """No sandbox object, no options: a bare SandboxMetadata, sandboxer from the request, times None."""
     stub.Create(api.ControllerCreateRequest(sandbox_id="sb2", sandboxer="vmsandbox"))
     rec = fake.records["sb2"]
-    assert rec.sandbox == Sandbox(id="sb2", sandboxer="vmsandbox")
+    assert rec.sandbox == SandboxMetadata(id="sb2", sandboxer="vmsandbox")
     assert rec.options is None and rec.rootfs == () and rec.annotations == {} and rec.netns_path == ""
 
 
@@ -393,7 +393,7 @@ def test_update(stub: sandbox_pb2_grpc.ControllerStub, fake: FakeController) -> 
     stub.Update(api.ControllerUpdateRequest(sandbox_id="sb", sandboxer="vmsandbox", sandbox=sb, fields=["extensions"]))
     sandbox_id, sandbox, fields = fake.last("update")
     assert sandbox_id == "sb" and fields == ("extensions",)
-    assert sandbox == Sandbox(
+    assert sandbox == SandboxMetadata(
         id="sb", extensions={"updated-resources": AnyMessage("io.containerd.cri.v1/UpdatedResources", b"{}")}
     )
 
@@ -401,7 +401,7 @@ def test_update(stub: sandbox_pb2_grpc.ControllerStub, fake: FakeController) -> 
 def test_update_without_fields_or_sandbox(stub: sandbox_pb2_grpc.ControllerStub, fake: FakeController) -> None:
     fake.add("sb")
     stub.Update(api.ControllerUpdateRequest(sandbox_id="sb"))
-    assert fake.last("update") == ("sb", Sandbox(id="sb"), ())
+    assert fake.last("update") == ("sb", SandboxMetadata(id="sb"), ())
 
 
 def test_update_mismatched_ids_invalid(stub: sandbox_pb2_grpc.ControllerStub, fake: FakeController) -> None:

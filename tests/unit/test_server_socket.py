@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 from vmsandbox import errors
-from vmsandbox.model import AnyMessage, ControllerInstance, ControllerStatus, ExitStatus, Metric, Mount, Platform, Sandbox
+from vmsandbox.model import AnyMessage, ControllerInstance, ControllerStatus, ExitStatus, Metric, Mount, Platform, SandboxMetadata
 from vmsandbox.proto.containerd.services.sandbox.v1 import sandbox_pb2 as api
 from vmsandbox.proto.containerd.services.sandbox.v1 import sandbox_pb2_grpc
 from vmsandbox.server import ControllerServer, serve
@@ -38,7 +38,7 @@ class TinyController:
 
     def create(
         self,
-        sandbox: Sandbox,
+        sandbox: SandboxMetadata,
         *,
         rootfs: Iterable[Mount] = (),
         options: AnyMessage | None = None,
@@ -70,7 +70,7 @@ class TinyController:
     def metrics(self, sandbox_id: str) -> Metric:
         raise errors.Unimplemented("no metrics")
 
-    def update(self, sandbox_id: str, sandbox: Sandbox, *fields: str) -> None:
+    def update(self, sandbox_id: str, sandbox: SandboxMetadata, *fields: str) -> None:
         raise errors.Unimplemented("no update")
 
 

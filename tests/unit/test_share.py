@@ -14,7 +14,7 @@ import pytest
 from tests.unit.rig import Rig, command_on_path
 from vmsandbox import errors
 from vmsandbox.hostmount import SystemHostMounts, mount_points, under
-from vmsandbox.model import Sandbox
+from vmsandbox.model import SandboxMetadata
 
 
 def share_of(rig: Rig, sid: str) -> str:
@@ -22,7 +22,7 @@ def share_of(rig: Rig, sid: str) -> str:
 
 
 def test_create_makes_a_private_share_folder_that_the_domain_serves_over_virtiofs(rig: Rig) -> None:
-    rig.ctl.create(Sandbox("a"))
+    rig.ctl.create(SandboxMetadata("a"))
     share = Path(share_of(rig, "a"))
     assert stat.S_IMODE(share.stat().st_mode) == 0o700
     fs = ET.fromstring(rig.domain("a").xml).find("devices/filesystem")
@@ -43,7 +43,7 @@ def test_the_domain_runs_the_configured_virtiofsd_with_announce_submounts(tmp_pa
     real.chmod(0o755)
     rig = Rig(tmp_path, virtiofsd=str(real))
     try:
-        rig.ctl.create(Sandbox("a"))
+        rig.ctl.create(SandboxMetadata("a"))
         binary = ET.fromstring(rig.domain("a").xml).find("devices/filesystem/binary")
         assert binary is not None
         wrapper = Path(binary.get("path") or "")
@@ -53,14 +53,14 @@ def test_the_domain_runs_the_configured_virtiofsd_with_announce_submounts(tmp_pa
                              text=True, check=True).stdout
         assert out.split("\n")[:-1] == ["[--fd=3]", "[-o]", "[source=/x y,cache=auto]", "[-o]", "[announce_submounts]"]
         before = wrapper.stat().st_mtime_ns
-        rig.ctl.create(Sandbox("b"))
+        rig.ctl.create(SandboxMetadata("b"))
         assert wrapper.stat().st_mtime_ns == before  # unchanged: not rewritten under a starting domain
     finally:
         rig.close()
 
 
 def test_start_makes_the_share_a_shared_mount_before_the_domain_boots(rig: Rig) -> None:
-    rig.ctl.create(Sandbox("a"))
+    rig.ctl.create(SandboxMetadata("a"))
     seen: list[bool] = []
     real_start = rig.hv.start
 
@@ -75,7 +75,7 @@ def test_start_makes_the_share_a_shared_mount_before_the_domain_boots(rig: Rig) 
 
 
 def test_shutdown_unmounts_the_share_and_what_was_mounted_under_it(rig: Rig) -> None:
-    rig.ctl.create(Sandbox("a"))
+    rig.ctl.create(SandboxMetadata("a"))
     rig.ctl.start("a")
     rig.mounts.mount(share_of(rig, "a") + "/c1/rootfs")  # as a container's rootfs bind will be
     rig.ctl.shutdown("a")
@@ -83,7 +83,7 @@ def test_shutdown_unmounts_the_share_and_what_was_mounted_under_it(rig: Rig) -> 
 
 
 def test_a_failed_start_leaves_no_mount(rig: Rig) -> None:
-    rig.ctl.create(Sandbox("a"))
+    rig.ctl.create(SandboxMetadata("a"))
     rig.hv.fp.fail("start", errors.FailedPrecondition("QEMU: virtiofsd failed"))
     with pytest.raises(errors.FailedPrecondition):
         rig.ctl.start("a")
@@ -91,7 +91,7 @@ def test_a_failed_start_leaves_no_mount(rig: Rig) -> None:
 
 
 def test_a_share_that_cannot_be_mounted_fails_the_start_and_leaves_nothing(rig: Rig) -> None:
-    rig.ctl.create(Sandbox("a"))
+    rig.ctl.create(SandboxMetadata("a"))
     rig.mounts.fp.fail("share", errors.Internal("mount --make-shared failed"))
     with pytest.raises(errors.Internal, match="make-shared"):
         rig.ctl.start("a")
@@ -100,7 +100,7 @@ def test_a_share_that_cannot_be_mounted_fails_the_start_and_leaves_nothing(rig: 
 
 
 def test_a_mount_that_stays_keeps_the_folder_and_the_record_until_a_later_shutdown(rig: Rig) -> None:
-    rig.ctl.create(Sandbox("a"))
+    rig.ctl.create(SandboxMetadata("a"))
     rig.ctl.start("a")
     (Path(share_of(rig, "a")) / "data").write_text("someone's volume")
     rig.mounts.fp.fail("release", errors.Internal("umount: target is busy"))
@@ -124,7 +124,7 @@ def test_recovery_unmounts_and_removes_the_folder_of_a_create_that_was_cut_short
 
 
 def test_recovery_unmounts_strays_of_a_removed_sandbox_and_keeps_those_of_known_ones(rig: Rig) -> None:
-    rig.ctl.create(Sandbox("a"))
+    rig.ctl.create(SandboxMetadata("a"))
     rig.ctl.start("a")
     rig.mounts.mount(share_of(rig, "a") + "/c1")
     gone = share_of(rig, "gone")  # a folder already removed, its mount left (a lazy detach in flight)
@@ -136,7 +136,7 @@ def test_recovery_unmounts_strays_of_a_removed_sandbox_and_keeps_those_of_known_
 
 
 def test_a_sandbox_recorded_before_shares_existed_gets_its_folder_at_start(rig: Rig) -> None:
-    rig.ctl.create(Sandbox("a"))
+    rig.ctl.create(SandboxMetadata("a"))
     os.rmdir(share_of(rig, "a"))
     rig.ctl.start("a")
     assert stat.S_IMODE(Path(share_of(rig, "a")).stat().st_mode) == 0o700

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vmsandbox import AnyMessage, Mount, Phase, Platform, Runtime, Sandbox
+from vmsandbox import AnyMessage, Mount, Phase, Platform, Runtime, SandboxMetadata
 from vmsandbox.network import Address, Interface, NetworkPlan, Route
 from vmsandbox.payloads.podconfig import POD_SANDBOX_CONFIG_TYPE, PodConfig, PortMapping, parse_pod_config
 from vmsandbox.proto.k8s.runtime.v1 import api_pb2
@@ -37,7 +37,7 @@ def pod_options() -> AnyMessage:
 
 def full_record(sid: str = "sb-1") -> SandboxRecord:
     """A record with every field set to something non-default."""
-    sandbox = Sandbox(
+    sandbox = SandboxMetadata(
         id=sid,
         runtime=Runtime("io.containerd.vmsandbox.v1", AnyMessage("type.googleapis.com/runtimeoptions.v1.Options", b"\x0a\x01x")),
         spec=AnyMessage("types.containerd.io/opencontainers/runtime-spec/1/Spec", b'{"ociVersion":"1.1.0"}'),
@@ -77,7 +77,7 @@ def full_record(sid: str = "sb-1") -> SandboxRecord:
 
 
 def minimal_record(sid: str = "sb-min") -> SandboxRecord:
-    return SandboxRecord(id=sid, domain=f"vmsandbox-{sid}", phase=Phase.CREATED, created_at=T0, sandbox=Sandbox(sid),
+    return SandboxRecord(id=sid, domain=f"vmsandbox-{sid}", phase=Phase.CREATED, created_at=T0, sandbox=SandboxMetadata(sid),
                          vcpus=1, memory_mib=256, image_dir="/i", agent_socket="/s", host_key="k")
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.unit.rig import Rig
-from vmsandbox import Config, FailedPrecondition, InvalidArgument, NotFound, Sandbox
+from vmsandbox import Config, FailedPrecondition, InvalidArgument, NotFound, SandboxMetadata
 from vmsandbox.config import MAX_RUN_DIR
 from vmsandbox.proto.containerd.task.v3 import shim_pb2 as pb
 from vmsandbox.task import SERVICE_NAME
@@ -94,7 +94,7 @@ def answers(address: str) -> bool:
 def test_start_serves_the_task_api_and_returns_it_version_3(served: tuple[Rig, TaskServingController],
                                                              run_dir: Path) -> None:
     rig, ctl = served
-    ctl.create(Sandbox("sb1"))
+    ctl.create(SandboxMetadata("sb1"))
     assert ctl.status("sb1").address == ""  # created, not running: nothing served
     inst = ctl.start("sb1")
     assert (inst.address, inst.version) == (f"ttrpc+unix://{run_dir}/sb1/task.sock", TASK_API_VERSION)
@@ -110,7 +110,7 @@ def test_start_serves_the_task_api_and_returns_it_version_3(served: tuple[Rig, T
 def test_a_removal_by_another_path_closes_the_socket(served: tuple[Rig, TaskServingController],
                                                     run_dir: Path) -> None:
     rig, ctl = served
-    ctl.create(Sandbox("sb2"))
+    ctl.create(SandboxMetadata("sb2"))
     ctl.start("sb2")
     rig.ctl.shutdown("sb2")  # the CLI's admin socket talks to the controller itself
     assert not (run_dir / "sb2").exists()
@@ -118,7 +118,7 @@ def test_a_removal_by_another_path_closes_the_socket(served: tuple[Rig, TaskServ
 
 def test_a_stopped_sandbox_reports_no_endpoint(served: tuple[Rig, TaskServingController]) -> None:
     _, ctl = served
-    ctl.create(Sandbox("sb3"))
+    ctl.create(SandboxMetadata("sb3"))
     ctl.start("sb3")
     ctl.stop("sb3", timeout=0)
     st = ctl.status("sb3")
@@ -129,7 +129,7 @@ def test_recovery_serves_the_running_sandboxes_again(tmp_path: Path, run_dir: Pa
     rig = Rig(tmp_path, run_dir=run_dir)
     try:
         first = TaskSockets(run_dir, lambda sid: rig.ctl.guest_channel(sid), allowed_uids=(os.getuid(),))
-        rig.ctl.create(Sandbox("sb4"))
+        rig.ctl.create(SandboxMetadata("sb4"))
         address = TaskServingController(rig.ctl, first).start("sb4").address
         first.close_all()  # `vmsandbox serve` exits; the sandbox runs on
         path = task_socket_path(run_dir, "sb4")
@@ -152,7 +152,7 @@ def test_a_start_whose_socket_cannot_be_served_removes_the_sandbox(tmp_path: Pat
         (run_dir / "sb5").write_text("not a folder")
         sockets = TaskSockets(run_dir, lambda sid: rig.ctl.guest_channel(sid))
         ctl = TaskServingController(rig.ctl, sockets)
-        ctl.create(Sandbox("sb5"))
+        ctl.create(SandboxMetadata("sb5"))
         with pytest.raises(FailedPrecondition, match="task socket folder"):
             ctl.start("sb5")
         with pytest.raises(NotFound):
@@ -169,7 +169,7 @@ def test_with_a_relay_the_socket_and_its_connections_outlive_serve(tmp_path: Pat
     uids = (os.getuid(),)
     try:
         first = TaskSockets(run_dir, lambda sid: rig.ctl.guest_channel(sid), allowed_uids=uids, relay=True)
-        rig.ctl.create(Sandbox("sb6"))
+        rig.ctl.create(SandboxMetadata("sb6"))
         address = TaskServingController(rig.ctl, first).start("sb6").address
         path = task_socket_path(run_dir, "sb6")
         pid = _relay_pid(path)

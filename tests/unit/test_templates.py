@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vmsandbox import Sandbox
+from vmsandbox import SandboxMetadata
 from vmsandbox.errors import FailedPrecondition, InvalidArgument
 from vmsandbox.guest.fake import ExecCall
 from vmsandbox.model import ExecResult
@@ -44,7 +44,7 @@ def setup_calls(rig: Rig) -> list[ExecCall]:
 
 
 def start(rig: Rig, sid: str, **annotations: str) -> str:
-    rig.ctl.create(Sandbox(id=sid), annotations={f"vmsandbox.io/{k}": v for k, v in annotations.items()})
+    rig.ctl.create(SandboxMetadata(id=sid), annotations={f"vmsandbox.io/{k}": v for k, v in annotations.items()})
     rig.ctl.start(sid)
     return rig.ctl.status(sid, verbose=True).info["start"]
 
@@ -88,7 +88,7 @@ def test_cold_by_annotation_or_config_and_bad_values_refused(rig: Rig, tmp_path:
     assert rig.hv.domains[DOMAIN_PREFIX + "c"].starts == 1
     assert templates(rig) == []  # nothing was built for it
     with pytest.raises(InvalidArgument):
-        rig.ctl.create(Sandbox(id="d"), annotations={"vmsandbox.io/start": "warm"})
+        rig.ctl.create(SandboxMetadata(id="d"), annotations={"vmsandbox.io/start": "warm"})
     assert not (rig.config.state_dir / "sandboxes" / "d").exists()
 
 
@@ -123,7 +123,7 @@ def test_a_new_image_makes_a_new_template_and_the_stale_one_goes(rig: Rig) -> No
     (rig.images.dir / "manifest.json").write_text(json.dumps(rig.images.manifest))
     rig.ctl.shutdown("a")
     rig.restart()
-    rig.ctl.create(Sandbox(id="b"))
+    rig.ctl.create(SandboxMetadata(id="b"))
     rig.ctl.start("b")
     assert rig.ctl.status("b", verbose=True).info["start"] == "template"
     (new,) = templates(rig)
@@ -147,7 +147,7 @@ def test_a_failed_personalization_fails_the_start_and_leaves_nothing(rig: Rig) -
         return ExecResult(0, b"", b"")
 
     rig.guests.handler = handler
-    rig.ctl.create(Sandbox(id="a"))
+    rig.ctl.create(SandboxMetadata(id="a"))
     with pytest.raises(FailedPrecondition, match="set-up failed"):
         rig.ctl.start("a")
     assert rig.leftovers("a") == []
@@ -166,7 +166,7 @@ def test_a_controller_restart_recovers_a_template_started_sandbox(rig: Rig) -> N
 
 def test_a_template_builder_left_by_a_crash_and_partial_folders_are_removed(rig: Rig) -> None:
     rig.hv.fp.fail("save", KeyboardInterrupt())
-    rig.ctl.create(Sandbox(id="a"))
+    rig.ctl.create(SandboxMetadata(id="a"))
     with pytest.raises(KeyboardInterrupt):
         rig.ctl.start("a")
     partial = rig.config.state_dir / "templates" / ".x.partial"
@@ -222,7 +222,7 @@ def test_starts_past_the_limit_wait_for_a_slot(tmp_path: Path) -> None:
 
         rig.hv.start = slow_start  # type: ignore[method-assign]
         for sid in ("a", "b", "c"):
-            rig.ctl.create(Sandbox(id=sid))
+            rig.ctl.create(SandboxMetadata(id=sid))
         threads = [threading.Thread(target=rig.ctl.start, args=(sid,)) for sid in ("a", "b", "c")]
         for t in threads:
             t.start()

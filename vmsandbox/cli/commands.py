@@ -13,7 +13,7 @@ import sys
 from typing import Any as _Any
 
 from ..errors import InvalidArgument, VmSandboxError
-from ..model import Mount, Sandbox
+from ..model import Mount, SandboxMetadata
 from . import wiring
 from .output import Output, jsonable
 from .stream import parse_env_file, stream_command
@@ -51,9 +51,11 @@ def _create_kwargs(args: argparse.Namespace) -> dict[str, _Any]:
     mounts = []
     if args.rootfs:
         mounts.append(_parse_mount(args.rootfs, True))
+    elif args.image:
+        mounts.append(Mount("oci", os.path.abspath(args.image)))
     mounts += [_parse_mount(m, False) for m in args.mount]
-    if args.mount and not args.rootfs:
-        raise VmSandboxError("--mount needs --rootfs (the first mount is the sandbox root)")
+    if args.mount and not (args.rootfs or args.image):
+        raise VmSandboxError("--mount needs --rootfs or --image (the first mount is the sandbox root)")
     return {"rootfs": mounts, "netns_path": args.netns or "", "annotations": annotations}
 
 
@@ -74,7 +76,7 @@ def image_warm(args: argparse.Namespace, out: Output) -> int:
 
 def create(args: argparse.Namespace, out: Output) -> int:
     with wiring.own_controller(wiring.config_from(args), out.progress.line) as c:
-        c.create(Sandbox(args.id, labels={"name": args.id}), **_create_kwargs(args))
+        c.create(SandboxMetadata(args.id, labels={"name": args.id}), **_create_kwargs(args))
     out.emit({"id": args.id}, f"created {args.id}")
     return 0
 
@@ -88,18 +90,22 @@ def start(args: argparse.Namespace, out: Output) -> int:
 
 
 def run(args: argparse.Namespace, out: Output) -> int:
-    """create + start (+ exec, exiting with its code) (+ shutdown with ``--rm``, even after a failure)."""
+    """create + start (+ exec, exiting with its code) (+ shutdown with ``--rm``, even after a failure).
+    With ``--image`` the command is the image's: its Entrypoint followed by CMD (or by its Cmd)."""
     code = 0
     with wiring.own_controller(wiring.config_from(args), out.progress.line) as c:
-        c.create(Sandbox(args.id, labels={"name": args.id}), **_create_kwargs(args))
+        c.create(SandboxMetadata(args.id, labels={"name": args.id}), **_create_kwargs(args))
         try:
             with out.progress.during(f"booting {args.id}"):
                 inst = c.start(args.id)
             out.note(f"started {args.id} (VMM pid {inst.pid})")
-            if args.argv and not out.json:
-                code = stream_command(c, args.id, args.argv, timeout=args.timeout)
-            elif args.argv:
-                res = c.exec(args.id, args.argv, timeout=args.timeout)
+            argv = list(args.argv)
+            if args.image and (cfg := c.image_config(args.id)) is not None and (argv or cfg.entrypoint or cfg.cmd):
+                argv = cfg.command(argv)
+            if argv and not out.json:
+                code = stream_command(c, args.id, argv, timeout=args.timeout)
+            elif argv:
+                res = c.exec(args.id, argv, timeout=args.timeout)
                 out.emit({"instance": inst, "exec": res})
                 code = res.exit_code
             else:

@@ -28,7 +28,9 @@ def split_command(words: Sequence[str]) -> tuple[list[str], list[str] | None]:
 
 def _create_options(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("id")
-    sp.add_argument("--rootfs", help="root disk: an ext4 image file, block device or a folder (SOURCE[:ro])")
+    root = sp.add_mutually_exclusive_group()
+    root.add_argument("--rootfs", help="root disk: an ext4 image file, block device or a folder (SOURCE[:ro])")
+    root.add_argument("--image", help="root from an OCI image: a layout folder, an oci-archive or docker-save tarball")
     sp.add_argument("--mount", action="append", default=[], help="extra disk SOURCE:TARGET[:ro] (repeatable)")
     sp.add_argument("--netns", help="network namespace path to wire the guest into")
     sp.add_argument("--vcpus", type=int)

@@ -23,7 +23,7 @@ from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
 from ..errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
 from ..model import ExecResult, PtySize
-from .process import OutputSink, SshProcess, spawn_on
+from .process import OutputSink, SshProcess, exit_status, record_exit_signals, spawn_on
 
 __all__ = ["GuestAgent", "encode_exec_request", "EXEC_TIMEOUT_EXIT"]
 
@@ -68,7 +68,10 @@ def encode_exec_request(
     in ``<keep>.out``/``.err`` and its exit code in ``<keep>.exit``; ``rejoin`` (no argv):
     wait for the keeper of that prefix and end with its code (images/README.md, tokens k, w).
     ``user``: ``NAME|UID[:GROUP|GID]`` to run as, resolved in the root the command runs in
-    (token u); None runs as root."""
+    (token u, as runc resolves an image's User; not with ``supervise_pidfile``: crun runs as
+    root and a container's user is in its OCI spec); None runs as root. The default
+    ``HOME=/root`` is sent only without ``user``: with one the guest sets HOME from the
+    user's passwd entry unless ``env`` has HOME."""
     for what, path in (("keep", keep), ("rejoin", rejoin)):
         if path is not None and (not path.startswith("/") or "\0" in path):
             raise InvalidArgument(f"the {what} prefix must be an absolute path, not {path!r}")
@@ -83,6 +86,8 @@ def encode_exec_request(
     if len(argv) > 1000:
         raise InvalidArgument("argv has more than 1000 elements")
     environ = {"PATH": DEFAULT_PATH, "HOME": "/root", "TERM": "dumb"}
+    if user is not None:
+        del environ["HOME"]
     environ.update(env or {})
     for k, v in environ.items():
         if not k or "=" in k or "\0" in k or "\0" in v:
@@ -100,6 +105,8 @@ def encode_exec_request(
     if user is not None and (not user or any(c in user for c in "\0\n") or user.count(":") > 1
                              or "" in user.split(":")):
         raise InvalidArgument(f"user must be NAME, UID, NAME:GROUP or UID:GID, not {user!r}")
+    if user is not None and supervise_pidfile is not None:
+        raise InvalidArgument("user is not for a supervised command: the OCI spec carries a container's user")
 
     def hx(text: str) -> str:
         return text.encode("utf-8", "surrogateescape").hex()
@@ -166,6 +173,7 @@ class GuestAgent:
             sock.settimeout(timeout)
             sock.connect(self.socket_path)
             t = paramiko.Transport(sock)
+            record_exit_signals(t)
             t.banner_timeout = banner_timeout
             t.handshake_timeout = timeout
             t.auth_timeout = timeout
@@ -320,8 +328,8 @@ class GuestAgent:
                     raise DeadlineExceeded(f"exec of {argv[0]!r} exceeded {timeout}s", sandbox_id=self.sandbox_id)
                 if not t.is_active():
                     raise Unavailable("the guest agent connection dropped during exec", sandbox_id=self.sandbox_id)
-            code = chan.recv_exit_status() if chan.exit_status_ready() else -1
-            if code < 0:  # paramiko's "closed without an exit status"
+            status = exit_status(chan)
+            if status is None:  # closed without an exit status
                 raise Unavailable("the connection to the guest closed before the command finished",
                                   sandbox_id=self.sandbox_id)
             if feeder is not None:
@@ -330,9 +338,9 @@ class GuestAgent:
             raise Unavailable(f"exec failed on the guest connection: {e}", sandbox_id=self.sandbox_id) from e
         finally:
             chan.close()
-        if timeout is not None and code == EXEC_TIMEOUT_EXIT and time.monotonic() - started >= timeout:
+        if timeout is not None and status == EXEC_TIMEOUT_EXIT and time.monotonic() - started >= timeout:
             raise DeadlineExceeded(f"exec of {argv[0]!r} exceeded {timeout}s", sandbox_id=self.sandbox_id)
-        return ExecResult(code, bytes(out), bytes(err))
+        return ExecResult(status, bytes(out), bytes(err))
 
     # ------------------------------------------------------------------ streaming processes
     def spawn(
@@ -364,4 +372,5 @@ class GuestAgent:
             raise Unavailable("no connection to the guest agent", sandbox_id=self.sandbox_id)
         return spawn_on(t, cmd, stdout=stdout, stderr=stderr, tty=tty, size=size,
                         term=environ.get("TERM", "xterm"), sandbox_id=self.sandbox_id,
-                        what=argv[0] if argv else f"rejoin {rejoin}")
+                        what=argv[0] if argv else f"rejoin {rejoin}",
+                        supervised=supervise_pidfile is not None or rejoin is not None)

@@ -134,10 +134,13 @@ class FakeProcess:
         return self._done
 
     def signal(self, signum: int) -> None:
-        """Recorded in ``signals``; the test plays what the process does with it."""
+        """Recorded in ``signals``; the test plays what the process does with it, except that
+        SIGKILL ends it (137), as it would in a guest."""
         signal_name(signum)
         if not self._done:
             self.signals.append(signum)
+            if signum == 9:
+                self._end(137)
 
     def abort(self) -> None:
         self.aborted = True

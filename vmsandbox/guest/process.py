@@ -19,7 +19,7 @@ import paramiko
 from ..errors import DeadlineExceeded, FailedPrecondition, Unavailable
 from ..model import PtySize, signal_name
 
-__all__ = ["SshProcess", "spawn_on"]
+__all__ = ["SshProcess", "spawn_on", "record_exit_signals", "exit_status", "exit_signal"]
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +27,57 @@ OutputSink = Callable[[bytes], None]
 
 _TRANSIENT = (paramiko.SSHException, OSError, EOFError)
 _CHUNK = 65536
+# The names dropbear sends in "exit-signal" (its signames table), by their Linux number.
+_EXIT_SIGNALS = {"HUP": 1, "INT": 2, "QUIT": 3, "ILL": 4, "ABRT": 6, "FPE": 8, "KILL": 9, "USR1": 10,
+                 "SEGV": 11, "USR2": 12, "PIPE": 13, "ALRM": 14, "TERM": 15}
+_EXIT_SIGNAL_ATTR = "_vsbx_exit_signal"
+
+
+def _handle_request(chan: paramiko.Channel, m: paramiko.Message) -> None:
+    start = m.packet.tell()
+    if m.get_text() == "exit-signal":
+        m.get_boolean()  # want-reply: always false for exit-signal (RFC 4254 6.10)
+        setattr(chan, _EXIT_SIGNAL_ATTR, m.get_text())
+        return
+    m.packet.seek(start)
+    getattr(paramiko.Channel, "_handle_request")(chan, m)
+
+
+def record_exit_signals(transport: paramiko.Transport) -> None:
+    """Make ``transport`` keep each channel's RFC 4254 "exit-signal" for :func:`exit_signal`.
+
+    dropbear reports a session whose process (vsbx-exec) was killed by a signal (an SSH
+    "signal" KILL) with exit-signal instead of exit-status; paramiko drops that request
+    ("Unhandled channel request"). Its transport dispatches channel messages through a
+    class-level table, so this transport gets its own copy with our handler in front.
+    Call it before the transport opens channels."""
+    table = dict(getattr(transport, "_channel_handler_table"))
+    table[paramiko.common.MSG_CHANNEL_REQUEST] = _handle_request
+    setattr(transport, "_channel_handler_table", table)
+
+
+def exit_signal(chan: paramiko.Channel) -> int | None:
+    """128+N when the guest reported that the session's process was killed by signal N."""
+    num = _EXIT_SIGNALS.get(getattr(chan, _EXIT_SIGNAL_ATTR, None) or "")
+    return None if num is None else 128 + num
+
+
+def exit_status(chan: paramiko.Channel) -> int | None:
+    """The channel's exit status, else 128+N for an exit-signal N; None when neither came."""
+    if chan.exit_status_ready():
+        code = chan.recv_exit_status()
+        if code >= 0:
+            return code
+    return exit_signal(chan)
 
 
 def spawn_on(transport: paramiko.Transport, command: str, *, stdout: OutputSink, stderr: OutputSink,
-             tty: bool, size: PtySize | None, term: str, sandbox_id: str, what: str) -> SshProcess:
-    """Open a channel on ``transport`` and run ``command`` (an encoded vsbx-exec request)."""
+             tty: bool, size: PtySize | None, term: str, sandbox_id: str, what: str,
+             supervised: bool = False) -> SshProcess:
+    """Open a channel on ``transport`` and run ``command`` (an encoded vsbx-exec request).
+
+    ``supervised``: the request supervises a daemon (or rejoins a keeper); vsbx-exec killed
+    by a signal then tells nothing of the daemon's status, so wait() raises Unavailable."""
     try:
         chan = transport.open_session(timeout=30)
     except _TRANSIENT as e:
@@ -44,14 +90,15 @@ def spawn_on(transport: paramiko.Transport, command: str, *, stdout: OutputSink,
     except _TRANSIENT as e:
         chan.close()
         raise Unavailable(f"cannot start {what!r} in the guest: {e}", sandbox_id=sandbox_id) from e
-    return SshProcess(chan, transport, stdout=stdout, stderr=stderr, tty=tty, sandbox_id=sandbox_id, what=what)
+    return SshProcess(chan, transport, stdout=stdout, stderr=stderr, tty=tty, sandbox_id=sandbox_id, what=what,
+                      supervised=supervised)
 
 
 class SshProcess:
     """The GuestProcess port over one paramiko channel (see :class:`vmsandbox.sandbox.ports.GuestProcess`)."""
 
     def __init__(self, chan: paramiko.Channel, transport: paramiko.Transport, *, stdout: OutputSink,
-                 stderr: OutputSink, tty: bool, sandbox_id: str, what: str) -> None:
+                 stderr: OutputSink, tty: bool, sandbox_id: str, what: str, supervised: bool = False) -> None:
         self._chan, self._t = chan, transport
         self._sinks: list[OutputSink | None] = [stdout, stderr]
         self._tty, self.sandbox_id, self._what = tty, sandbox_id, what
@@ -59,6 +106,8 @@ class SshProcess:
         self._stdin_closed = False
         self._status: int | None = None
         self._lost: str | None = None
+        self._aborted = False
+        self._supervised = supervised
         self._done = threading.Event()
         self._reader = threading.Thread(target=self._pump, daemon=True, name=f"vsbx-proc-{sandbox_id}")
         self._reader.start()
@@ -93,10 +142,11 @@ class SshProcess:
                     break
                 if chan.closed or not self._t.is_active():
                     break
-            if chan.exit_status_ready():
-                code = chan.recv_exit_status()
-                if code >= 0:
-                    self._status = code
+            code = exit_status(chan)
+            # A signal that killed vsbx-exec is the command's status (it dies with it), but
+            # not after our own abort, nor of a supervised daemon, which runs on.
+            if code is not None and not ((self._aborted or self._supervised) and exit_signal(chan) is not None):
+                self._status = code
             if self._status is None:
                 self._lost = "the connection to the guest closed before the process ended"
         except _TRANSIENT as e:
@@ -161,6 +211,7 @@ class SshProcess:
 
     def abort(self) -> None:
         if not self._done.is_set():
+            self._aborted = True
             self._signal("KILL")
             # Let dropbear report the exit and close the channel itself first: a close from
             # us racing the child's exit made a later exec's new channel come back closed
@@ -170,8 +221,8 @@ class SshProcess:
         self._done.wait(5)
 
     def _signal(self, name: str) -> None:
-        # RFC 4254 6.9 "signal"; dropbear delivers it to vsbx-exec, whose child dies with it
-        # (PDEATHSIG). A bare channel close is not enough: dropbear closes the pipes but lets
+        # RFC 4254 6.9 "signal"; dropbear delivers it to vsbx-exec, which passes it on to its
+        # command's group (KILL: vsbx-exec dies, and its command with it, PDEATHSIG). A bare channel close is not enough: dropbear closes the pipes but lets
         # a process that never writes (sleep) run on. paramiko has no API for this request.
         m = paramiko.Message()
         m.add_byte(paramiko.common.cMSG_CHANNEL_REQUEST)

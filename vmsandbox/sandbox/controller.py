@@ -36,7 +36,7 @@ from ..model import (
     Mount,
     Phase,
     Platform,
-    Sandbox,
+    SandboxMetadata,
     SandboxSummary,
     utcnow,
 )
@@ -53,6 +53,7 @@ from .bringup import COLD, TEMPLATE, BringUp
 from .events import Emitter, EventSink, Step
 from .exits import DOMAIN_PREFIX, EXIT_CLEAN, EXIT_FAILED, EXIT_KILLED, Exits
 from .netsteps import NetSteps
+from .ocimount import OciRoots
 from .recovery import Recovery
 from .registry import Entry, Registry
 from .share import Shares
@@ -103,6 +104,7 @@ class SandboxController(GuestOps):
         self._netsteps = NetSteps(network, self._store)
         self._shares = Shares(mounts, self._store, self.config.virtiofsd)
         self._registry = Registry(self._store)
+        self._oci = OciRoots(config.state_dir, self._store.root, progress)
         self._exits = Exits(self._registry, self._emit)
         self._image: GuestImage | None = None
         self._image_lock = threading.Lock()
@@ -164,7 +166,7 @@ class SandboxController(GuestOps):
     # ------------------------------------------------------------------ create
     def create(
         self,
-        sandbox: Sandbox,
+        sandbox: SandboxMetadata,
         *,
         rootfs: Iterable[Mount] = (),
         options: AnyMessage | None = None,
@@ -177,7 +179,7 @@ class SandboxController(GuestOps):
         memory than the host has) and AlreadyExists for a taken id; on any failure nothing is
         left behind.
         """
-        if not isinstance(sandbox, Sandbox):
+        if not isinstance(sandbox, SandboxMetadata):
             raise InvalidArgument("sandbox must be a vmsandbox.Sandbox")
         sid = check_sandbox_id(sandbox.id)
         mounts = tuple(rootfs)
@@ -218,8 +220,12 @@ class SandboxController(GuestOps):
                 # Held until the record is written: another process's recovery waits for it.
                 lock = self._store.hold(sid)
                 undo.callback(os.close, lock)
+                image_config = None
                 for plan in plans:
-                    mountplan.materialize(plan)
+                    if plan.build_from == mountplan.OCI:
+                        image_config = self._oci.materialize(plan)
+                    else:
+                        mountplan.materialize(plan)
                 share = self._shares.make(sid)
                 taps = self._netsteps.make_taps(sid, netns_path, netplan, undo)
                 host_key = write_guest_files(sdir, settings=settings, disks=plans, network=netplan)
@@ -253,6 +259,7 @@ class SandboxController(GuestOps):
                     network=netplan,
                     pod=pod,
                     platform=image.platform,
+                    image=image_config,
                 )
                 self._store.save(record)
                 entry.record = record
@@ -401,7 +408,7 @@ class SandboxController(GuestOps):
         """The console log's last ``max_bytes`` bytes (all when 0; empty before the first boot)."""
         return self._view.read_console_log(sandbox_id, max_bytes)
 
-    def update(self, sandbox_id: str, sandbox: Sandbox, *fields: str) -> None:
+    def update(self, sandbox_id: str, sandbox: SandboxMetadata, *fields: str) -> None:
         """Apply the named fields of ``sandbox`` (all updatable ones when none are named).
 
         labels, extensions, spec, runtime and sandboxer are stored (and shown by verbose

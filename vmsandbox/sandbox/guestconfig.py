@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..errors import InvalidArgument
-from ..model import Sandbox
+from ..model import SandboxMetadata
 from ..guest.keys import dropbear_private_key, generate_keypair, write_private
 from ..network._model import NetworkPlan
 from ..payloads.podconfig import PodConfig
@@ -63,7 +63,7 @@ def _csv(value: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in value.split(",") if x.strip())
 
 
-def guest_settings(sandbox: Sandbox, annotations: Mapping[str, str], pod: PodConfig | None) -> GuestSettings:
+def guest_settings(sandbox: SandboxMetadata, annotations: Mapping[str, str], pod: PodConfig | None) -> GuestSettings:
     """Hostname and DNS: the PodSandboxConfig when given, else our annotations, else defaults."""
     if pod is not None and (pod.hostname or pod.dns_servers or pod.dns_searches or pod.dns_options):
         settings = GuestSettings(

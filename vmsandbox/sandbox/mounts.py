@@ -1,7 +1,8 @@
 """How containerd mounts become guest disks.
 
 A mount whose source is a regular file (raw or qcow2, detected) or a block device is
-attached directly as a virtio disk. A directory source (``bind``, or an ``overlay`` from a
+attached directly as a virtio disk. An ``oci`` mount (the root only) is an OCI image: a
+qcow2 overlay on its cached, shared, never-written ext4 (:mod:`.ocimount`). A directory source (``bind``, or an ``overlay`` from a
 snapshotter) is copied into an ext4 image in the sandbox's folder: the guest sees the
 content, but its writes stay in that image (no write-back to the snapshot). The first
 mount is the sandbox root; later ones are mounted at their target inside it.
@@ -20,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FailedPrecondition, Internal, InvalidArgument
+from ..ext4 import mkfs_from
 from ..model import Mount
 
-__all__ = ["DiskPlan", "plan_mounts", "materialize", "attached_disks", "check_not_shared", "GUEST_FILESYSTEMS"]
+__all__ = ["DiskPlan", "plan_mounts", "materialize", "attached_disks", "check_not_shared", "GUEST_FILESYSTEMS", "OCI"]
 
 # Filesystems the default guest kernel can mount (ext2/3 are served by the ext4 driver).
 GUEST_FILESYSTEMS = frozenset({"ext4", "ext3", "ext2"})
@@ -36,6 +38,7 @@ OVERLAY_KEYS = frozenset({"lowerdir", "upperdir", "workdir", "index", "userxattr
                           "volatile", "xino", "nfs_export"})
 _SAFE_TARGET = re.compile(r"/[A-Za-z0-9._@+=,:/-]*")
 QCOW2_MAGIC = b"QFI\xfb"
+OCI = "oci"  # an OCI image as the root: a qcow2 overlay on its cached ext4 (see .ocimount)
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,14 @@ def plan_mounts(mounts: Sequence[Mount], sandbox_dir: Path) -> list[DiskPlan]:
                 raise InvalidArgument(f"two mounts share the target {target}")
             targets.add(target)
         serial = f"vsbx-m{i}"
+        if m.type == OCI:
+            if i != 0:
+                raise InvalidArgument(f"an oci mount ({m.source}) can only be the first mount (the sandbox root)")
+            if not os.path.exists(m.source):
+                raise InvalidArgument(f"OCI image {m.source!r} does not exist")
+            plans.append(DiskPlan(i, m, serial, "ext4", target, readonly, flags,
+                                  str(sandbox_dir / "disks" / f"m{i}.qcow2"), False, "qcow2", OCI))
+            continue
         if m.type == "overlay":
             _overlay_option(kv)
             if "workdir" in kv:
@@ -199,40 +210,16 @@ def check_not_shared(mounts: Sequence[Mount], others: Sequence[tuple[str, Sequen
                     f"disk {path} is attached to sandbox {holder}; a disk one VM writes cannot be shared")
 
 
-def _tree_size(root: str) -> int:
-    total = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in filenames + dirnames:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_size + 4096
-            except OSError:
-                pass
-    return total
-
-
-def _mkfs_from(directory: str, image: str) -> None:
-    size = max(64 << 20, int(_tree_size(directory) * 1.3) + (32 << 20))
-    # 0600: the copy may be a Kubernetes secret volume (libvirt gives QEMU its own access).
-    fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.truncate(size)
-    mkfs = shutil.which("mkfs.ext4")
-    if mkfs is None:
-        raise FailedPrecondition("mkfs.ext4 is missing (package e2fsprogs): directory mounts are copied into "
-                                 "ext4 images with it")
-    r = subprocess.run([mkfs, "-q", "-F", "-E", "lazy_itable_init=1", "-d", directory, image],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        raise Internal(f"making a disk image from {directory} failed: {r.stderr.strip()}")
-
-
 def materialize(plan: DiskPlan) -> None:
-    """Create the image of a directory-backed mount (no-op for file/device mounts)."""
+    """Create the image of a directory-backed mount (no-op for file/device mounts; an
+    ``oci`` mount's overlay is made by :class:`~.ocimount.OciRoots`)."""
     if not plan.build_from:
         return
+    if plan.build_from == OCI:
+        raise Internal("an oci mount is materialized by OciRoots")
     os.makedirs(os.path.dirname(plan.source), mode=0o711, exist_ok=True)
     if plan.build_from != "overlay":
-        _mkfs_from(plan.build_from, plan.source)
+        mkfs_from(plan.build_from, plan.source)
         return
     # Merge the overlay exactly as the kernel would (whiteouts, opaque dirs) by mounting it
     # read-only on a private temporary mountpoint, then copy the merged view.
@@ -244,7 +231,7 @@ def materialize(plan: DiskPlan) -> None:
         if r.returncode != 0:
             raise Internal(f"mounting the overlay to copy it failed: {r.stderr.strip()}")
         try:
-            _mkfs_from(mnt, plan.source)
+            mkfs_from(mnt, plan.source)
         finally:
             subprocess.run(["umount", mnt], capture_output=True)
     finally:

@@ -164,17 +164,20 @@ class GuestProcess(Protocol):
 
     def wait(self, timeout: float | None = None) -> int:
         """Block until the process ended and all its output reached the sinks; its exit
-        status (128+N when killed by signal N). Unavailable when the connection dropped before
-        an exit status came, DeadlineExceeded when ``timeout`` seconds pass first."""
+        status (128+N when killed by signal N, 137 after :meth:`signal` KILL). Unavailable when
+        the connection dropped before an exit status came (or after :meth:`abort` killed
+        it, or when a supervising process was killed: its daemon runs on),
+        DeadlineExceeded when ``timeout`` seconds pass first."""
 
     @property
     def done(self) -> bool:
         """True once :meth:`wait` would return (or raise Unavailable) at once."""
 
     def signal(self, signum: int) -> None:
-        """Send signal ``signum`` (SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGKILL, SIGUSR1, SIGUSR2,
-        SIGALRM) to the process's group in the guest; its exit status then tells what it did
-        with it. A no-op once it ended; InvalidArgument for another signal."""
+        """Send signal ``signum`` (SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGKILL, SIGUSR1, SIGUSR2)
+        to the process's group in the guest; its exit status then tells what it did with it
+        (a trap's own status, or 128+N). A no-op once it ended; InvalidArgument for another
+        signal. Not for a supervised process: its vsbx-exec ends, the daemon runs on."""
 
     def abort(self) -> None:
         """Close the channel: the guest ends the process with its session. Idempotent; a
@@ -236,7 +239,8 @@ class GuestChannel(Protocol):
         ``console_socket`` (with a pid file): a guest unix socket path where argv (``crun
         --console-socket``) sends the terminal's pty master; the process's terminal is then
         pumped to and from this channel (token ``y``). ``user``: ``NAME|UID[:GROUP|GID]``, resolved
-        in the root argv runs in (its /etc/passwd and /etc/group; token ``u``); None is root.
+        in the root argv runs in (its /etc/passwd and /etc/group; token ``u``; HOME from the
+        user's entry unless ``env`` sets it; not with a pid file); None is root.
         Unavailable when there is no live connection; InvalidArgument for a bad request."""
 
     def rekey(self, client_key_pem: bytes, host_key_line: str) -> None:

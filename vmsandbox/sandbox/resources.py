@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 from ..config import Config
 from ..errors import FailedPrecondition, InvalidArgument
-from ..model import AnyMessage, Phase, Sandbox, utcnow
+from ..model import AnyMessage, Phase, SandboxMetadata, utcnow
 from ..payloads.podconfig import PodConfig, memory_mib_from, vcpus_from
 from ..payloads.updated_resources import EXTENSION as UPDATED_RESOURCES_EXTENSION
 from ..payloads.updated_resources import parse_updated_resources, resized
@@ -40,7 +40,7 @@ def _from_cri(ext: AnyMessage, pod: PodConfig | None) -> ResourceChange:
 
 
 def resources_from_update(
-    sandbox: Sandbox,
+    sandbox: SandboxMetadata,
     annotations: Mapping[str, str],
     fields: Set[str],
     *,
@@ -72,7 +72,7 @@ def resources_from_update(
 class UpdatePlan:
     """What an update leaves in the record (and memory_mib is what the guest gets)."""
 
-    sandbox: Sandbox
+    sandbox: SandboxMetadata
     annotations: dict[str, str]
     vcpus: int
     memory_mib: int
@@ -80,7 +80,7 @@ class UpdatePlan:
 
 def updated_fields(sandbox: object, fields: Sequence[str], sandbox_id: str) -> set[str]:
     """The fields an update names (all updatable ones when none). Raises InvalidArgument."""
-    if not isinstance(sandbox, Sandbox):
+    if not isinstance(sandbox, SandboxMetadata):
         raise InvalidArgument("sandbox must be a vmsandbox.Sandbox")
     unknown = set(fields) - UPDATABLE_FIELDS
     if unknown:
@@ -91,7 +91,7 @@ def updated_fields(sandbox: object, fields: Sequence[str], sandbox_id: str) -> s
     return set(fields) or set(UPDATABLE_FIELDS)
 
 
-def plan_update(rec: SandboxRecord, sandbox: Sandbox, names: Set[str], config: Config) -> UpdatePlan:
+def plan_update(rec: SandboxRecord, sandbox: SandboxMetadata, names: Set[str], config: Config) -> UpdatePlan:
     """The new record values, or FailedPrecondition for a change the guest cannot take:
     another vCPU count (no hot-plug), memory past the boot-time maximum, memory while it
     does not run. Pure: nothing is changed."""

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any as _Any
 
 from ..errors import InvalidArgument, VmSandboxError
-from ..model import AnyMessage, Mount, Phase, Platform, Runtime, Sandbox
+from ..model import AnyMessage, ImageConfig, Mount, Phase, Platform, Runtime, SandboxMetadata
 from ..network._model import NetworkPlan
+from ..oci.image import config_from_json, config_to_json
 from ..payloads.podconfig import PodConfig, parse_pod_config
 
 __all__ = ["SandboxRecord", "Store"]
@@ -40,7 +41,7 @@ class SandboxRecord:
     domain: str
     phase: Phase
     created_at: datetime
-    sandbox: Sandbox
+    sandbox: SandboxMetadata
     vcpus: int
     memory_mib: int
     image_dir: str
@@ -60,6 +61,7 @@ class SandboxRecord:
     pod: PodConfig | None = None  # ``options`` decoded at create (the raw Any stays for containerd)
     platform: Platform | None = None  # the guest image's, at create (None: a record from before)
     start_path: str = ""  # how its VM came up: "cold" (a boot) or "template" (a restore); "" before
+    image: ImageConfig | None = None  # the OCI image config of an ``oci`` root mount
 
     def evolve(self, **changes: _Any) -> SandboxRecord:
         return replace(self, **changes)
@@ -90,7 +92,7 @@ def _dt_from(s: str | None) -> datetime | None:
     return None if s is None else datetime.fromisoformat(s)
 
 
-def _sandbox_to(s: Sandbox) -> dict[str, _Any]:
+def _sandbox_to(s: SandboxMetadata) -> dict[str, _Any]:
     return {
         "id": s.id,
         "runtime": {"name": s.runtime.name, "options": _any_to(s.runtime.options)},
@@ -103,8 +105,8 @@ def _sandbox_to(s: Sandbox) -> dict[str, _Any]:
     }
 
 
-def _sandbox_from(d: dict[str, _Any]) -> Sandbox:
-    return Sandbox(
+def _sandbox_from(d: dict[str, _Any]) -> SandboxMetadata:
+    return SandboxMetadata(
         id=d["id"],
         runtime=Runtime(d["runtime"]["name"], _any_from(d["runtime"]["options"])),
         spec=_any_from(d["spec"]),
@@ -143,6 +145,7 @@ def record_to_json(r: SandboxRecord) -> dict[str, _Any]:
         "max_memory_mib": r.max_memory_mib,
         "pod": r.pod.to_json() if r.pod is not None else None,
         "platform": asdict(r.platform) if r.platform is not None else None,
+        "image": config_to_json(r.image) if r.image is not None else None,
     }
 
 
@@ -180,6 +183,7 @@ def record_from_json(d: dict[str, _Any]) -> SandboxRecord:
         pod=pod,
         platform=_platform_from(d.get("platform")),
         start_path=str(d.get("start_path", "")),
+        image=config_from_json(d["image"]) if d.get("image") is not None else None,
     )
 
 

@@ -26,7 +26,7 @@ from ..model import (
     Phase,
     Platform,
     Runtime,
-    Sandbox,
+    SandboxMetadata,
     SandboxState,
     SandboxSummary,
 )
@@ -124,10 +124,10 @@ def mount_to_proto(m: Mount) -> mount_pb2.Mount:
     return mount_pb2.Mount(type=m.type, source=m.source, target=m.target, options=list(m.options))
 
 
-def sandbox_from_proto(sb: types_sandbox_pb2.Sandbox, *, sandbox_id: str | None = None) -> Sandbox:
-    """A ``containerd.types.Sandbox`` as a model Sandbox; ``sandbox_id`` fills an empty id."""
+def sandbox_from_proto(sb: types_sandbox_pb2.Sandbox, *, sandbox_id: str | None = None) -> SandboxMetadata:
+    """A ``containerd.types.Sandbox`` as a model SandboxMetadata; ``sandbox_id`` fills an empty id."""
     runtime = Runtime(name=sb.runtime.name, options=_opt_any(sb.runtime, "options"))
-    return Sandbox(
+    return SandboxMetadata(
         id=sb.sandbox_id or (sandbox_id or ""),
         runtime=runtime,
         spec=_opt_any(sb, "spec"),
@@ -139,7 +139,7 @@ def sandbox_from_proto(sb: types_sandbox_pb2.Sandbox, *, sandbox_id: str | None 
     )
 
 
-def sandbox_to_proto(sb: Sandbox) -> types_sandbox_pb2.Sandbox:
+def sandbox_to_proto(sb: SandboxMetadata) -> types_sandbox_pb2.Sandbox:
     msg = types_sandbox_pb2.Sandbox(sandbox_id=sb.id, labels=sb.labels, sandboxer=sb.sandboxer)
     msg.runtime.name = sb.runtime.name
     _set_any(msg.runtime.options, sb.runtime.options)
@@ -181,9 +181,9 @@ def metric_from_proto(m: metrics_pb2.Metric) -> Metric:
 # --- Controller requests ----------------------------------------------------------------------
 
 
-def _request_sandbox(sandbox_id: str, has_sandbox: bool, sb: types_sandbox_pb2.Sandbox) -> Sandbox:
+def _request_sandbox(sandbox_id: str, has_sandbox: bool, sb: types_sandbox_pb2.Sandbox) -> SandboxMetadata:
     if not has_sandbox:
-        return Sandbox(id=sandbox_id)
+        return SandboxMetadata(id=sandbox_id)
     if sb.sandbox_id and sb.sandbox_id != sandbox_id:
         raise InvalidArgument(
             f"request sandbox_id {sandbox_id!r} differs from sandbox.sandbox_id {sb.sandbox_id!r}",
@@ -192,11 +192,11 @@ def _request_sandbox(sandbox_id: str, has_sandbox: bool, sb: types_sandbox_pb2.S
     return sandbox_from_proto(sb, sandbox_id=sandbox_id)
 
 
-def create_from_request(req: api.ControllerCreateRequest) -> tuple[Sandbox, CreateOptions]:
+def create_from_request(req: api.ControllerCreateRequest) -> tuple[SandboxMetadata, CreateOptions]:
     """The sandbox and options of a Create request.
 
     The request's ``sandbox_id`` is authoritative; a ``sandbox`` naming another id is
-    InvalidArgument. An absent ``sandbox`` gives a bare Sandbox; its empty ``sandboxer`` is
+    InvalidArgument. An absent ``sandbox`` gives a bare SandboxMetadata; its empty ``sandboxer`` is
     taken from the request. ``options`` stays an opaque Any (CRI's PodSandboxConfig).
     """
     sb = _request_sandbox(req.sandbox_id, req.HasField("sandbox"), req.sandbox)
@@ -211,7 +211,7 @@ def create_from_request(req: api.ControllerCreateRequest) -> tuple[Sandbox, Crea
     return sb, opts
 
 
-def update_from_request(req: api.ControllerUpdateRequest) -> tuple[Sandbox, tuple[str, ...]]:
+def update_from_request(req: api.ControllerUpdateRequest) -> tuple[SandboxMetadata, tuple[str, ...]]:
     """The sandbox and field names of an Update request (same id rule as Create)."""
     sb = _request_sandbox(req.sandbox_id, req.HasField("sandbox"), req.sandbox)
     return sb, tuple(req.fields)

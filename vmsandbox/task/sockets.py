@@ -33,7 +33,7 @@ from ..model import (
     Metric,
     Mount,
     Platform,
-    Sandbox,
+    SandboxMetadata,
     SandboxState,
 )
 from ..sandbox.events import LifecycleEvent, Step
@@ -235,7 +235,7 @@ class TaskServingController:
         addr = self.sockets.address(sandbox_id)
         return (addr, TASK_API_VERSION) if addr else ("", 0)
 
-    def create(self, sandbox: Sandbox, *, rootfs: Iterable[Mount] = (), options: AnyMessage | None = None,
+    def create(self, sandbox: SandboxMetadata, *, rootfs: Iterable[Mount] = (), options: AnyMessage | None = None,
                netns_path: str = "", annotations: Mapping[str, str] | None = None) -> None:
         self.inner.create(sandbox, rootfs=rootfs, options=options, netns_path=netns_path, annotations=annotations)
 
@@ -273,5 +273,5 @@ class TaskServingController:
     def metrics(self, sandbox_id: str) -> Metric:
         return self.inner.metrics(sandbox_id)
 
-    def update(self, sandbox_id: str, sandbox: Sandbox, *fields: str) -> None:
+    def update(self, sandbox_id: str, sandbox: SandboxMetadata, *fields: str) -> None:
         self.inner.update(sandbox_id, sandbox, *fields)
