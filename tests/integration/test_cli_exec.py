@@ -201,3 +201,32 @@ def test_a_large_output_streams_in_little_memory(box: tuple[Path, str], tmp_path
     assert total == n
     kib = int(re.search(r"VmHWM:\s+(\d+) kB", hwm.read_text()).group(1))  # type: ignore[union-attr]
     assert kib < 100 * 1024, f"peak RSS {kib} KiB"
+
+
+def test_cp_copies_files_and_folders_both_ways_keeping_modes(box: tuple[Path, str], tmp_path: Path) -> None:
+    state, sid = box
+    src = tmp_path / "proj"
+    (src / "bin").mkdir(parents=True)
+    (src / "bin" / "tool").write_bytes(os.urandom(5 << 20))
+    (src / "bin" / "tool").chmod(0o750)
+    (src / "README").write_text("hi\n")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(cli(state, *args), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    run("exec", sid, "--", "mkdir", "-p", "/tmp/dst")
+    run("cp", str(src), f"{sid}:/tmp/dst")  # an existing folder receives proj under its name
+    got = run("exec", sid, "--", "stat", "-c", "%a %s", "/tmp/dst/proj/bin/tool").stdout.split()
+    assert got == ["750", str(5 << 20)]
+    run("cp", str(src / "README"), f"{sid}:/tmp/one.txt")  # a new name
+    assert run("exec", sid, "--", "cat", "/tmp/one.txt").stdout == "hi\n"
+    back = tmp_path / "back"
+    back.mkdir()
+    run("cp", f"{sid}:/tmp/dst/proj", str(back))
+    assert (back / "proj/bin/tool").read_bytes() == (src / "bin/tool").read_bytes()
+    assert (back / "proj/bin/tool").stat().st_mode & 0o777 == 0o750
+    missing = subprocess.run(cli(state, "cp", f"{sid}:/nope", str(back)), cwd=REPO, env=ENV, capture_output=True,
+                             text=True, timeout=120)
+    assert missing.returncode != 0 and "no such file" in missing.stderr

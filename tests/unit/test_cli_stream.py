@@ -230,3 +230,16 @@ def test_the_stdin_pump_ends_with_the_command_though_our_stdin_stays_open() -> N
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_cp_targets_follow_dockers_rule() -> None:
+    from vmsandbox.cli.copy import _into, split_target
+
+    assert split_target("box:/tmp/x") == ("box", "/tmp/x")
+    assert split_target("box:") == ("box", ".")
+    assert split_target("/host/a:b") == (None, "/host/a:b")
+    assert split_target("./a:b") == (None, "./a:b")
+    assert split_target("plain") == (None, "plain")
+    assert _into("/tmp/dst", "proj", True) == ("/tmp/dst/proj", False)
+    assert _into("/tmp/dst", "proj/.", True) == ("/tmp/dst", True)
+    assert _into("/tmp/new", "proj", False) == ("/tmp/new", False)

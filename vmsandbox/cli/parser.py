@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from . import commands as cmd
+from .copy import cp as copy_cmd
 from .doctor import doctor
 
 __all__ = ["build_parser", "split_command", "parse_args"]
@@ -100,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give it a terminal: ours (stdin must be one), raw while it runs")
     e.add_argument("argv", nargs="*")
     e.set_defaults(func=cmd.exec_)
+    cpp = sub.add_parser("cp", help="copy files or folders: cp SRC ID:DST, cp ID:SRC DST (modes kept; via virtio-fs)")
+    cpp.add_argument("src")
+    cpp.add_argument("dst")
+    cpp.set_defaults(func=copy_cmd)
     ls = sub.add_parser("list", help="all sandboxes")
     ls.set_defaults(func=cmd.list_)
     d = sub.add_parser("doctor", help="what this host lacks")

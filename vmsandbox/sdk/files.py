@@ -127,7 +127,7 @@ if [ -d "$p" ] && [ ! -L "$p" ]; then
 else exec "$0" rm -f -- "$p"; fi
 '''
 _STAT = r'''
-[ -e "$1" ] || [ -L "$1" ] || exit 44
+[ -e "$1" ] || [ -L "$1" ] || { echo "no such file or directory: $1" >&2; exit 44; }
 exec "$0" stat -c '%f %s %Y %u %g' -- "$1"
 '''
 _MKDIR = r'''
