@@ -54,7 +54,10 @@ def cp(args: argparse.Namespace, out: Output) -> int:
             local = Path(src)
             if not local.exists() and not local.is_symlink():
                 raise NotFound(f"{src} does not exist on the host")
-            dest_is_dir = files.exists(dst) and files.stat(dst).type == "dir"
+            try:
+                dest_is_dir = files.stat(dst).type == "dir"  # one command in the sandbox, not two
+            except NotFound:
+                dest_is_dir = False
             target, _ = _into(dst, src, dest_is_dir)
             with out.progress.during(f"copying {src} to {sandbox_id}:{target}"):
                 files.upload(local, target)

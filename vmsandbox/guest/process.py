@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import paramiko
 
+from .._sinks import Sinks
 from ..errors import DeadlineExceeded, FailedPrecondition, Unavailable
 from ..model import PtySize, signal_name
 
@@ -100,7 +101,7 @@ class SshProcess:
     def __init__(self, chan: paramiko.Channel, transport: paramiko.Transport, *, stdout: OutputSink,
                  stderr: OutputSink, tty: bool, sandbox_id: str, what: str, supervised: bool = False) -> None:
         self._chan, self._t = chan, transport
-        self._sinks: list[OutputSink | None] = [stdout, stderr]
+        self._sinks = Sinks(stdout, stderr, sandbox_id=sandbox_id, what=what)
         self._tty, self.sandbox_id, self._what = tty, sandbox_id, what
         self._stdin_lock = threading.Lock()
         self._stdin_closed = False
@@ -113,17 +114,6 @@ class SshProcess:
         self._reader.start()
 
     # ------------------------------------------------------------------ output
-    def _deliver(self, i: int, data: bytes) -> None:
-        sink = self._sinks[i]
-        if sink is None:
-            return
-        try:
-            sink(data)
-        except Exception:  # noqa: BLE001 - a sink's failure must not stop the pump
-            log.warning("sandbox %s: the %s sink of %r failed; discarding that stream", self.sandbox_id,
-                        ("stdout", "stderr")[i], self._what, exc_info=True)
-            self._sinks[i] = None
-
     def _pump(self) -> None:
         chan = self._chan
         try:
@@ -131,10 +121,10 @@ class SshProcess:
                 select.select([chan], [], [], 0.5)
                 moved = False
                 while chan.recv_ready():
-                    self._deliver(0, chan.recv(_CHUNK))
+                    self._sinks.deliver(0, chan.recv(_CHUNK))
                     moved = True
                 while chan.recv_stderr_ready():
-                    self._deliver(1, chan.recv_stderr(_CHUNK))
+                    self._sinks.deliver(1, chan.recv_stderr(_CHUNK))
                     moved = True
                 if moved:
                     continue
@@ -152,8 +142,8 @@ class SshProcess:
         except _TRANSIENT as e:
             self._lost = f"the guest connection failed: {e}"
         finally:
-            self._deliver(0, b"")
-            self._deliver(1, b"")
+            self._sinks.deliver(0, b"")
+            self._sinks.deliver(1, b"")
             chan.close()
             self._done.set()
 

@@ -19,6 +19,7 @@ from typing import Any as _Any
 import grpc
 
 from .. import errors
+from .._sinks import Sinks
 from ..model import (ControllerStatus, ExecResult, ExitStatus, ImageConfig, Metric, Platform, PtySize,
                      SandboxSummary, signal_name)
 from ..proto.containerd.services.sandbox.v1 import sandbox_pb2 as api
@@ -174,7 +175,7 @@ class RemoteProcess:
                  stderr: OutputSink, address: str) -> None:
         self._what, self.sandbox_id, self._tty = list(start.argv), start.sandbox_id, start.tty
         self._address = address
-        self._sinks: list[OutputSink | None] = [stdout, stderr]
+        self._sinks = Sinks(stdout, stderr, sandbox_id=start.sandbox_id, what=" ".join(start.argv))
         self._inputs: queue.Queue[pb.SpawnInput | None] = queue.Queue(_INPUT_CHUNKS)
         self._inputs.put(pb.SpawnInput(start=start))
         self._lock = threading.Lock()
@@ -208,25 +209,14 @@ class RemoteProcess:
                 pass
         raise errors.Unavailable(f"{self._what!r} has ended; its input is gone", sandbox_id=self.sandbox_id)
 
-    def _deliver(self, i: int, data: bytes) -> None:
-        sink = self._sinks[i]
-        if sink is None:
-            return
-        try:
-            sink(data)
-        except Exception:  # noqa: BLE001 - a sink's failure must not stop the pump
-            log.warning("sandbox %s: the %s sink of %r failed; discarding that stream", self.sandbox_id,
-                        ("stdout", "stderr")[i], self._what, exc_info=True)
-            self._sinks[i] = None
-
     def _pump(self) -> None:
         try:
             for msg in self._call:
                 what = msg.WhichOneof("output")
                 if what == "stdout":
-                    self._deliver(0, msg.stdout)
+                    self._sinks.deliver(0, msg.stdout)
                 elif what == "stderr":
-                    self._deliver(1, msg.stderr)
+                    self._sinks.deliver(1, msg.stderr)
                 elif what == "exit_status":
                     self._status = msg.exit_status
             if self._status is None:
@@ -238,8 +228,8 @@ class RemoteProcess:
             else:
                 self._error = error_from_rpc(e, what="spawn", address=self._address)
         finally:
-            self._deliver(0, b"")
-            self._deliver(1, b"")
+            self._sinks.deliver(0, b"")
+            self._sinks.deliver(1, b"")
             self._done.set()
             try:
                 self._inputs.put_nowait(None)  # ends the request iterator grpc reads
